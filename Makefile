@@ -1,0 +1,35 @@
+# setpoint developer entry points. `make run` and `make test` are the README's Quickstart.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= examples/config.yaml
+STATE := .setpoint
+
+.PHONY: venv run stop test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+## Start the daemon on embedded etcd with the example config, apply the example
+## resources, wait until they converge and show their status. The daemon keeps
+## running in the background; `make stop` stops it.
+run: venv
+	$(PY) examples/run_demo.py --config $(CONFIG) --resources examples/resources.yaml
+
+stop: venv
+	$(PY) examples/run_demo.py --config $(CONFIG) --stop
+
+## Unit tests, layer contracts, type and lint checks, then integration tests against a real etcd.
+test: venv
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(STATE) build dist *.egg-info

@@ -1,0 +1,81 @@
+"""The agent protocol and the registry that maps kinds to agents.
+
+Besides the seed interface (`reconcile`, `heal`, `plan`, `tools`) an agent
+implements `retire`, called when a desired resource is deleted, with the last
+desired value it had: that is the only place the agent can learn what to tear
+down, since the desired key itself is gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
+
+from pydantic import JsonValue
+
+from plans import ExecutionPlan, Issue, Observed, Resource
+from tools import Tool
+
+
+class Agent(Protocol):
+    name: str
+    kinds: frozenset[str]
+
+    async def reconcile(self, desired: Resource, actual: Observed | None) -> ExecutionPlan:
+        """A plan that moves actual to desired; an empty plan when they already match."""
+        ...
+
+    async def retire(self, last: Resource, actual: Observed | None) -> ExecutionPlan:
+        """A plan that removes what `last` (the deleted desired value) had created."""
+        ...
+
+    async def heal(self, issue: Issue, desired: Resource | None, actual: Observed | None) -> ExecutionPlan:
+        """A plan that addresses a reported issue."""
+        ...
+
+    async def plan(self, desired: Resource, actual: Observed | None) -> ExecutionPlan:
+        """What `reconcile` would do; never executes anything."""
+        ...
+
+    def tools(self) -> Sequence[Tool]: ...
+
+
+@runtime_checkable
+class ObservingAgent(Protocol):
+    """An agent that can observe the actual state of its resources itself."""
+
+    async def observe(self, desired: Resource) -> dict[str, JsonValue]:
+        """The current actual state of `desired`, as stored under `actual/<kind>/<name>` `state`."""
+        ...
+
+
+class AgentRegistry:
+    """Agents by the kinds they own; each kind has exactly one owner."""
+
+    def __init__(self, agents: Iterable[Agent] = ()) -> None:
+        self._by_kind: dict[str, Agent] = {}
+        self._agents: list[Agent] = []
+        for agent in agents:
+            self.register(agent)
+
+    def register(self, agent: Agent) -> None:
+        for kind in agent.kinds:
+            owner = self._by_kind.get(kind)
+            if owner is not None:
+                raise ValueError(f"kind {kind!r} is owned by both agent {owner.name!r} and {agent.name!r}")
+        for kind in agent.kinds:
+            self._by_kind[kind] = agent
+        self._agents.append(agent)
+
+    def for_kind(self, kind: str) -> Agent | None:
+        return self._by_kind.get(kind)
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset(self._by_kind)
+
+    def __iter__(self) -> Iterator[Agent]:
+        return iter(self._agents)
+
+    def tools(self) -> list[Tool]:
+        return [tool for agent in self._agents for tool in agent.tools()]

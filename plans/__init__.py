@@ -1,0 +1,47 @@
+"""The shared vocabulary of setpoint: risk, resources, steps, plans and their journal.
+
+Every other package builds on these models and this package imports nothing of
+ours, so the models stay small, frozen and serialisable: a plan written to etcd
+and read back is equal to the one that was written.
+"""
+
+from plans.errors import (
+    InvalidResourceError,
+    PermanentError,
+    PlanValidationError,
+    SetpointError,
+    TemporaryError,
+)
+from plans.journal import PlanRecord, PlanState, StepRecord, StepState
+from plans.model import ExecutionPlan, Step, new_plan_id
+from plans.resources import (
+    NAME_PATTERN,
+    Issue,
+    Observed,
+    Resource,
+    ResourceKey,
+    validate_name,
+)
+from plans.risk import RiskLevel
+
+__all__ = [
+    "NAME_PATTERN",
+    "ExecutionPlan",
+    "InvalidResourceError",
+    "Issue",
+    "Observed",
+    "PermanentError",
+    "PlanRecord",
+    "PlanState",
+    "PlanValidationError",
+    "Resource",
+    "ResourceKey",
+    "RiskLevel",
+    "SetpointError",
+    "Step",
+    "StepRecord",
+    "StepState",
+    "TemporaryError",
+    "new_plan_id",
+    "validate_name",
+]

