@@ -1,0 +1,213 @@
+"""The in-memory cache of desired and actual state, fed only by the reflector.
+
+Values are parsed once, on arrival, and a value that cannot be parsed is
+kept as an entry with an `error` instead of a resource: the worker turns it
+into phase `Invalid` and nothing else is affected. Parsing never raises.
+
+A deleted desired resource leaves a tombstone holding its last valid value,
+because that value is the only record of what must be torn down. Events
+older than what the cache already holds for a key are dropped, so a replayed
+or reordered event can never move a key backwards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from plans import Observed, Resource, ResourceKey
+from reconciler.keys import KeySpace, ParsedKey, Section
+from reconciler.store import KeyValue
+
+MAX_ERROR_CHARS = 300
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredEntry:
+    key: ResourceKey
+    mod_revision: int
+    resource: Resource | None
+    error: str | None = None
+    deleted: bool = False
+
+    @property
+    def valid(self) -> bool:
+        return self.resource is not None and self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class ActualEntry:
+    key: ResourceKey
+    mod_revision: int
+    observed: Observed | None
+    error: str | None = None
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def _validation_message(error: ValidationError) -> str:
+    item = error.errors()[0]
+    where = ".".join(str(p) for p in item["loc"]) or "value"
+    if item["type"] == "missing":
+        return f"field {where!r} is required"
+    if item["type"] == "extra_forbidden":
+        return f"field {where!r} is not allowed"
+    return f"field {where!r}: {item['msg']}"
+
+
+def _decode(value: bytes) -> tuple[object | None, str | None]:
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"value is not valid UTF-8 (byte {e.start})"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"value is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    except RecursionError:
+        return None, "value is not valid JSON: nested too deeply"
+
+
+def parse_desired(key: ResourceKey, kv: KeyValue) -> DesiredEntry:
+    data, error = _decode(kv.value)
+    if error is None and not isinstance(data, dict):
+        error = "value must be a JSON object with kind, name and spec"
+    if error is None:
+        assert isinstance(data, dict)
+        try:
+            resource = Resource.model_validate(data)
+        except (ValidationError, RecursionError) as e:
+            message = _validation_message(e) if isinstance(e, ValidationError) else "value is nested too deeply"
+            error = f"invalid desired value: {message}"
+        else:
+            if resource.key != key:
+                error = f"value names {resource.key} but is stored under {key}"
+            else:
+                return DesiredEntry(key=key, mod_revision=kv.mod_revision, resource=resource)
+    return DesiredEntry(key=key, mod_revision=kv.mod_revision, resource=None, error=_truncate(error))
+
+
+def parse_actual(key: ResourceKey, kv: KeyValue) -> ActualEntry:
+    data, error = _decode(kv.value)
+    if error is None:
+        try:
+            observed = Observed.model_validate(data)
+        except (ValidationError, RecursionError) as e:
+            message = _validation_message(e) if isinstance(e, ValidationError) else "value is nested too deeply"
+            error = f"invalid actual value: {message}"
+        else:
+            if observed.key != key:
+                error = f"value names {observed.key} but is stored under {key}"
+            else:
+                return ActualEntry(key=key, mod_revision=kv.mod_revision, observed=observed)
+    assert error is not None
+    return ActualEntry(key=key, mod_revision=kv.mod_revision, observed=None, error=_truncate(error))
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one applied event did: the resource it concerns, or a key that could not be mapped to one."""
+
+    resource: ResourceKey | None
+    rejected_key: str | None = None
+    reason: str | None = None
+
+
+class Cache:
+    def __init__(self, keys: KeySpace) -> None:
+        self._keys = keys
+        self.desired: dict[ResourceKey, DesiredEntry] = {}
+        self.actual: dict[ResourceKey, ActualEntry] = {}
+        self.revision = 0
+
+    def resource_keys(self) -> Iterator[ResourceKey]:
+        yield from list(self.desired)
+
+    def apply_put(self, kv: KeyValue) -> Change | None:
+        parsed = self._keys.parse(kv.key)
+        if parsed is None:
+            return None
+        if parsed.resource is None:
+            return self._rejected(kv.key, parsed)
+        key = parsed.resource
+        if parsed.section is Section.DESIRED:
+            current = self.desired.get(key)
+            if current is not None and current.mod_revision >= kv.mod_revision:
+                return None
+            self.desired[key] = parse_desired(key, kv)
+        elif parsed.section is Section.ACTUAL:
+            current_actual = self.actual.get(key)
+            if current_actual is not None and current_actual.mod_revision >= kv.mod_revision:
+                return None
+            self.actual[key] = parse_actual(key, kv)
+        else:
+            return None
+        return Change(resource=key)
+
+    def apply_delete(self, key_bytes: bytes, revision: int) -> Change | None:
+        parsed = self._keys.parse(key_bytes)
+        if parsed is None or parsed.resource is None:
+            return None
+        key = parsed.resource
+        if parsed.section is Section.DESIRED:
+            current = self.desired.get(key)
+            if current is None or current.mod_revision >= revision:
+                return None
+            if current.deleted:
+                return None
+            if current.resource is not None and current.error is None:
+                self.desired[key] = DesiredEntry(
+                    key=key, mod_revision=revision, resource=current.resource, deleted=True
+                )
+            else:
+                del self.desired[key]
+        elif parsed.section is Section.ACTUAL:
+            current_actual = self.actual.get(key)
+            if current_actual is None or current_actual.mod_revision >= revision:
+                return None
+            del self.actual[key]
+        else:
+            return None
+        return Change(resource=key)
+
+    def forget_tombstone(self, key: ResourceKey, revision: int) -> None:
+        """Drop the tombstone for `key` once its teardown is done, unless the key was re-created."""
+        entry = self.desired.get(key)
+        if entry is not None and entry.deleted and entry.mod_revision == revision:
+            del self.desired[key]
+
+    def replace(self, kvs: list[KeyValue], revision: int) -> list[Change]:
+        """Reconcile the cache with a full list at `revision`: puts for what is new or changed,
+        synthesised deletes for what vanished. Returns every change."""
+        changes: list[Change] = []
+        seen_desired: set[ResourceKey] = set()
+        seen_actual: set[ResourceKey] = set()
+        for kv in kvs:
+            parsed = self._keys.parse(kv.key)
+            if parsed is not None and parsed.resource is not None:
+                if parsed.section is Section.DESIRED:
+                    seen_desired.add(parsed.resource)
+                elif parsed.section is Section.ACTUAL:
+                    seen_actual.add(parsed.resource)
+            change = self.apply_put(kv)
+            if change is not None:
+                changes.append(change)
+        for key in [k for k, e in self.desired.items() if k not in seen_desired and not e.deleted]:
+            change = self.apply_delete(self._keys.desired(key).encode(), revision)
+            if change is not None:
+                changes.append(change)
+        for key in [k for k in self.actual if k not in seen_actual]:
+            change = self.apply_delete(self._keys.actual(key).encode(), revision)
+            if change is not None:
+                changes.append(change)
+        self.revision = max(self.revision, revision)
+        return changes
+
+    @staticmethod
+    def _rejected(key: bytes, parsed: ParsedKey) -> Change:
+        return Change(resource=None, rejected_key=key.decode("utf-8", "replace")[:200], reason=parsed.error)

@@ -1,0 +1,181 @@
+"""The `setpoint` command line.
+
+Errors are one sentence on stderr and exit code 1; `--debug` adds the
+traceback. Commands other than `run` find etcd through `etcd.endpoints` in
+the settings, or else through the endpoint file a daemon running the
+embedded default leaves in its state directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from plans import ResourceKey
+from reconciler.documents import DocumentError, load_resources
+from reconciler.embedded import EmbeddedEtcdError, read_endpoint_file
+from reconciler.keys import KeySpace, Section
+from reconciler.settings import Settings, SettingsError, load_settings
+from reconciler.store import MAX_TXN_OPS, EtcdStore, StoreError, StoreUnavailableError
+
+
+class CliError(Exception):
+    pass
+
+
+def _endpoints(settings: Settings) -> list[str]:
+    if settings.etcd.endpoints:
+        return list(settings.etcd.endpoints)
+    state_dir = settings.resolved_state_dir()
+    endpoint = read_endpoint_file(state_dir)
+    if endpoint is None:
+        raise CliError(
+            f"no etcd to talk to: set etcd.endpoints in the settings, or start `setpoint run` "
+            f"(embedded etcd) with state directory {state_dir}"
+        )
+    return [endpoint]
+
+
+# -- run ------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from reconciler.daemon import Daemon
+    from reconciler.logs import configure_logging
+
+    configure_logging(settings.log.level)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await Daemon(settings).run(stop)
+
+    return asyncio.run(main())
+
+
+# -- apply ----------------------------------------------------------------------
+
+
+def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
+    resources = load_resources(Path(args.file))
+    keys = KeySpace(settings.etcd.prefix)
+    items = [
+        (keys.desired(r.key), json.dumps(r.model_dump(mode="json"), sort_keys=True).encode()) for r in resources
+    ]
+
+    async def main() -> None:
+        async with EtcdStore(_endpoints(settings), timeout=settings.etcd.request_timeout_seconds) as store:
+            for i in range(0, len(items), MAX_TXN_OPS):
+                await store.put_all(items[i : i + MAX_TXN_OPS])
+
+    asyncio.run(main())
+    for r in resources:
+        print(f"{r.key} applied")
+    return 0
+
+
+# -- status ---------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    keys = KeySpace(settings.etcd.prefix)
+    wanted = ResourceKey.parse(args.resource) if args.resource else None
+
+    async def main() -> list[dict[str, object]]:
+        async with EtcdStore(_endpoints(settings), timeout=settings.etcd.request_timeout_seconds) as store:
+            if wanted is not None:
+                kv = await store.get(keys.status(wanted))
+                kvs = [kv] if kv is not None else []
+            else:
+                kvs, _ = await store.get_prefix(keys.section(Section.STATUS))
+        rows = []
+        for kv in kvs:
+            parsed = keys.parse(kv.key)
+            if parsed is None or parsed.resource is None:
+                continue
+            try:
+                value = json.loads(kv.value)
+            except ValueError:
+                value = {"phase": "?", "message": "status value is not valid JSON"}
+            if not isinstance(value, dict):
+                value = {"phase": "?", "message": "status value is not a JSON object"}
+            rows.append({"resource": str(parsed.resource), **value})
+        return rows
+
+    rows = asyncio.run(main())
+    if wanted is not None and not rows:
+        raise CliError(f"no status for {wanted}: it has not been reconciled, or does not exist")
+    if args.output == "json":
+        print(json.dumps(rows if wanted is None else rows[0], indent=2, sort_keys=True))
+    else:
+        _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[dict[str, object]]) -> None:
+    header = ("RESOURCE", "PHASE", "REVISION", "PLAN", "MESSAGE")
+    table = [header] + [
+        (
+            str(r.get("resource", "")),
+            str(r.get("phase", "")),
+            str(r.get("observed_revision", "")),
+            str(r.get("plan_id") or "-"),
+            str(r.get("message", ""))[:100],
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+
+
+# -- entry point ----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="setpoint", description="Keep infrastructure at its desired state.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", help="settings file (YAML); defaults apply when omitted")
+        return p
+
+    run = with_config(sub.add_parser("run", help="run the daemon"))
+    run.set_defaults(func=cmd_run)
+    apply = with_config(sub.add_parser("apply", help="write desired resources from a YAML or JSON file"))
+    apply.add_argument("-f", "--file", required=True, help="file of resources (YAML or JSON)")
+    apply.set_defaults(func=cmd_apply)
+    status = with_config(sub.add_parser("status", help="show resource phases"))
+    status.add_argument("resource", nargs="?", help="KIND/NAME; all resources when omitted")
+    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        code: int = args.func(args, settings)
+        return code
+    except (CliError, SettingsError, DocumentError, EmbeddedEtcdError, StoreError, StoreUnavailableError,
+            ValueError) as e:  # fmt: skip
+        if args.debug:
+            traceback.print_exc()
+        print(f"setpoint: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Prometheus metrics, on a registry owned by the daemon (no import-time global registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events = Counter(
+            "setpoint_events", "etcd watch events applied to the cache, by section and type.",
+            ["section", "type"], registry=r,
+        )  # fmt: skip
+        self.reconciles = Counter(
+            "setpoint_reconcile", "Reconciles by kind and outcome.", ["kind", "result"], registry=r
+        )
+        self.reconcile_duration = Histogram(
+            "setpoint_reconcile_duration_seconds", "Time to reconcile one key.", ["kind"],
+            buckets=_DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.workqueue_depth = Gauge("setpoint_workqueue_depth", "Keys waiting in the work queue.", registry=r)
+        self.steps = Counter(
+            "setpoint_plan_steps", "Executed plan steps by tool and result.", ["tool", "result"], registry=r
+        )
+        self.plans = Counter(
+            "setpoint_plans", "Plans by policy decision (auto, approve, deny).", ["decision"], registry=r
+        )
+        self.invalid_keys = Counter(
+            "setpoint_invalid_keys", "Keys under desired/ or actual/ that do not fit the key layout.", registry=r
+        )
+        self.etcd_revision = Gauge("setpoint_etcd_revision", "Last etcd revision seen by the watch.", registry=r)
+        self.watch_restarts = Counter(
+            "setpoint_etcd_watch_restarts", "Watch restarts by reason.", ["reason"], registry=r
+        )
+        self.ready = Gauge("setpoint_ready", "1 once the initial list is cached.", registry=r)
