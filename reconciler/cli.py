@@ -22,7 +22,7 @@ from reconciler.documents import DocumentError, load_resources
 from reconciler.embedded import EmbeddedEtcdError, read_endpoint_file
 from reconciler.keys import KeySpace, Section
 from reconciler.settings import Settings, SettingsError, load_settings
-from reconciler.store import MAX_TXN_OPS, EtcdStore, StoreError, StoreUnavailableError
+from reconciler.store import MAX_REQUEST_BYTES, MAX_TXN_OPS, EtcdStore, StoreError, StoreUnavailableError
 
 
 class CliError(Exception):
@@ -71,15 +71,37 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
         (keys.desired(r.key), json.dumps(r.model_dump(mode="json"), sort_keys=True).encode()) for r in resources
     ]
 
+    for index, (key, value) in enumerate(items, start=1):
+        if len(key) + len(value) > MAX_REQUEST_BYTES - 1024:
+            raise CliError(
+                f"{args.file} document {index}: {len(value)} bytes is more than etcd accepts in one request "
+                f"({MAX_REQUEST_BYTES} bytes)"
+            )
+
     async def main() -> None:
         async with EtcdStore(_endpoints(settings), timeout=settings.etcd.request_timeout_seconds) as store:
-            for i in range(0, len(items), MAX_TXN_OPS):
-                await store.put_all(items[i : i + MAX_TXN_OPS])
+            for batch in _batches(items):
+                await store.put_all(batch)
 
     asyncio.run(main())
     for r in resources:
         print(f"{r.key} applied")
     return 0
+
+
+def _batches(items: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
+    """Split writes into transactions etcd accepts: at most MAX_TXN_OPS each and under its request size."""
+    batches: list[list[tuple[str, bytes]]] = [[]]
+    size = 0
+    budget = MAX_REQUEST_BYTES - 64 * 1024  # headroom for the transaction's own framing
+    for key, value in items:
+        item_size = len(key) + len(value) + 64
+        if batches[-1] and (len(batches[-1]) >= MAX_TXN_OPS or size + item_size > budget):
+            batches.append([])
+            size = 0
+        batches[-1].append((key, value))
+        size += item_size
+    return batches
 
 
 # -- status ---------------------------------------------------------------------

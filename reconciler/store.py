@@ -25,7 +25,11 @@ from etcd3aio._protobuf import Compare, WatchCreateRequest, WatchRequest, WatchS
 from plans import TemporaryError
 
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
-_PAGE = 1000
+MAX_REQUEST_BYTES = 1_500_000  # etcd's default --max-request-bytes (1.5 MiB)
+_PAGE = 500
+# A page or watch response may carry many values of up to 1.5 MiB each; gRPC's
+# default 4 MiB receive limit would turn a large but valid key space into an error.
+MAX_RECEIVE_BYTES = 256 * 1024 * 1024
 
 
 class StoreError(Exception):
@@ -91,6 +95,8 @@ class EtcdStore:
         self.endpoints = list(endpoints)
         self._timeout = timeout
         self._client = Etcd3Client(self.endpoints, rpc_max_attempts=3)
+        # etcd3aio builds its channel from these options and offers no parameter for the limit.
+        self._client._manager.grpc_options.append(("grpc.max_receive_message_length", MAX_RECEIVE_BYTES))
         self._connected = False
 
     async def __aenter__(self) -> EtcdStore:

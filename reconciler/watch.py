@@ -20,7 +20,7 @@ from plans import ResourceKey
 from reconciler.cache import Cache, Change
 from reconciler.keys import KeySpace, Section
 from reconciler.metrics import Metrics
-from reconciler.store import EtcdStore, StoreUnavailableError, WatchCompactedError, range_end
+from reconciler.store import EtcdStore, StoreError, StoreUnavailableError, WatchCompactedError, range_end
 
 log = structlog.get_logger("setpoint.watch")
 
@@ -48,8 +48,8 @@ class Reflector:
         self.synced = asyncio.Event()
 
     async def run(self) -> None:
-        """List, then watch until cancelled."""
-        need_list = True
+        """List (unless an earlier run already did), then watch until cancelled."""
+        need_list = not self.synced.is_set()
         failures = 0
         while True:
             try:
@@ -62,11 +62,14 @@ class Reflector:
                 self._metrics.watch_restarts.labels(reason="compacted").inc()
                 need_list = True
                 failures = 0
-            except StoreUnavailableError as e:
+            except (StoreUnavailableError, StoreError) as e:
+                # A refusal (not just an outage) is retried too: the watch must outlive
+                # anything etcd says, and the log line makes a persistent refusal visible.
                 failures += 1
                 delay = self._delay(failures)
-                log.warning("watch.disconnected", error=str(e), retry_in=round(delay, 3))
-                self._metrics.watch_restarts.labels(reason="unavailable").inc()
+                reason = "unavailable" if isinstance(e, StoreUnavailableError) else "error"
+                log.warning("watch.disconnected", reason=reason, error=str(e)[:500], retry_in=round(delay, 3))
+                self._metrics.watch_restarts.labels(reason=reason).inc()
                 await asyncio.sleep(delay)
             else:
                 failures = 0
