@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 
-class Tier(str, Enum):
+class Tier(StrEnum):
     SMALL = "small"
     STANDARD = "standard"
     LARGE = "large"

@@ -8,7 +8,7 @@ crash the record says exactly which steps completed and which one was cut off.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
@@ -19,7 +19,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class StepState(str, Enum):
+class StepState(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -27,7 +27,7 @@ class StepState(str, Enum):
     SKIPPED = "skipped"
 
 
-class PlanState(str, Enum):
+class PlanState(StrEnum):
     PENDING = "pending"
     EXECUTING = "executing"
     SUCCEEDED = "succeeded"

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import time
-
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, computed_field, model_validator

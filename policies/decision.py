@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from plans import ExecutionPlan, RiskLevel
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     AUTO = "auto"
     APPROVE = "approve"
     DENY = "deny"

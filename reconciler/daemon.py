@@ -174,7 +174,7 @@ class Daemon:
         stopper = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait([stopper, *supervised], return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
-        crashed = [task for task in done if task is not stopper]
+        crashed = [task for task in supervised if task in done]
         for task in crashed:
             self._report_crash(task)
         return 1 if crashed else 0

@@ -8,12 +8,12 @@ is reported as such and the caller decides what to do with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from plans import NAME_PATTERN, ResourceKey
 
 
-class Section(str, Enum):
+class Section(StrEnum):
     DESIRED = "desired"
     ACTUAL = "actual"
     ISSUES = "issues"

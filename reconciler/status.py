@@ -12,7 +12,7 @@ for that resource, so `setpoint status` always shows what was last done.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
@@ -21,7 +21,7 @@ from reconciler.keys import KeySpace
 from reconciler.store import EtcdStore
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     PENDING = "Pending"
     PLANNING = "Planning"
     AWAITING_APPROVAL = "AwaitingApproval"

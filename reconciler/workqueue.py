@@ -41,7 +41,7 @@ class ExponentialBackoff(Generic[K]):
         self._failures[key] = failures + 1
         if failures >= 64:
             return self.cap
-        return min(self.cap, self.base * (2**failures))
+        return min(self.cap, self.base * float(1 << failures))
 
     def failures(self, key: K) -> int:
         return self._failures.get(key, 0)

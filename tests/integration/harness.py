@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,6 @@ from plans import ResourceKey
 from reconciler.daemon import Daemon
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.keys import KeySpace
-from reconciler.logs import configure_logging
 from reconciler.settings import Settings
 from reconciler.store import EtcdStore
 
@@ -98,7 +95,8 @@ class Harness:
         done, _ = await asyncio.wait({ready, self._task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
         if ready not in done:
             ready.cancel()
-            raise AssertionError(f"daemon did not become ready: {self._task.result() if self._task.done() else 'timeout'}")
+            outcome = self._task.result() if self._task.done() else "timeout"
+            raise AssertionError(f"daemon did not become ready: {outcome}")
         return self.daemon
 
     async def stop(self) -> int:

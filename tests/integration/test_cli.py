@@ -79,8 +79,8 @@ def test_apply_status_and_sigterm(daemon: subprocess.Popen[bytes], config: Path,
     root = tmp_path / "root"
     resources = tmp_path / "resources.yaml"
     resources.write_text(
-        "kind: file\nname: a\nspec: {path: %s, content: \"A\\n\"}\n---\n"
-        "- {kind: file, name: b, spec: {path: %s, content: \"B\\n\", mode: \"0600\"}}\n" % (root / "a", root / "b")
+        f"kind: file\nname: a\nspec: {{path: {root / 'a'}, content: \"A\\n\"}}\n---\n"
+        f"- {{kind: file, name: b, spec: {{path: {root / 'b'}, content: \"B\\n\", mode: \"0600\"}}}}\n"
     )
 
     applied = run_cli("apply", "-f", str(resources), "-c", str(config))
