@@ -141,6 +141,9 @@ class Controller:
     async def reconcile(self, key: ResourceKey) -> Outcome:
         entry = self._cache.desired.get(key)
         if entry is None:
+            # Nothing desired and nothing to tear down (say, an invalid value was
+            # deleted): a status left behind would describe a resource that is gone.
+            await self._status.delete(key)
             return Outcome("absent")
         if entry.error is not None or entry.resource is None:
             await self._invalid(entry, entry.error or "value could not be read")
@@ -178,9 +181,7 @@ class Controller:
             raise
         if plan.is_empty:
             if entry.deleted:
-                await self._status.delete(key)
-                self._cache.forget_tombstone(key, entry.mod_revision)
-                return Outcome("removed")
+                return await self._removed(entry)
             await self._write(entry, Phase.CONVERGED, plan.reasoning)
             return Outcome("converged")
         decision = self._policies.evaluate(plan)
@@ -210,9 +211,7 @@ class Controller:
         if state is PlanState.SUCCEEDED:
             log.info("plan.succeeded")
             if entry.deleted:
-                await self._status.delete(key)
-                self._cache.forget_tombstone(key, entry.mod_revision)
-                return Outcome("removed")
+                return await self._removed(entry)
             await self._write(entry, Phase.CONVERGED, plan.reasoning, plan_id=plan.id)
             return Outcome("converged")
         if state is PlanState.SUPERSEDED:
@@ -222,6 +221,15 @@ class Controller:
             return Outcome("interrupted")
         await self._write(entry, Phase.FAILED, message, plan_id=plan.id)
         raise TemporaryError(message)
+
+    async def _removed(self, entry: DesiredEntry) -> Outcome:
+        """The deleted resource is torn down: forget it, with the status and observation setpoint wrote for it."""
+        await self._status.delete(entry.key)
+        if self._observer.observing_agent(entry.key.kind) is not None:
+            await self._observer.forget(entry.key)
+        self._cache.forget_tombstone(entry.key, entry.mod_revision)
+        log.info("resource.removed")
+        return Outcome("removed")
 
     def _revision(self, key: ResourceKey) -> int | None:
         entry = self._cache.desired.get(key)

@@ -11,17 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 ENDPOINT_FILE = "endpoint"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM etcd when the thread that started it exits.
+
+    Without it, a SIGKILLed daemon would leave its etcd running, holding the
+    data directory, and the next start would fail.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EmbeddedEtcdError(RuntimeError):
@@ -105,6 +118,11 @@ class EmbeddedEtcd:
         return cmd
 
     def start(self, *, timeout: float = 30.0) -> None:
+        """Spawn etcd and wait until it is healthy. Call from the main thread (see `_die_with_parent`)."""
+        self.spawn()
+        self._wait_healthy(timeout)
+
+    def spawn(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -113,11 +131,10 @@ class EmbeddedEtcd:
         try:
             self._proc = subprocess.Popen(
                 self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )  # fmt: skip
         finally:
             log.close()
-        self._wait_healthy(timeout)
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -138,7 +155,8 @@ class EmbeddedEtcd:
             time.sleep(0.02)
 
     async def astart(self, *, timeout: float = 30.0) -> None:
-        await asyncio.to_thread(self.start, timeout=timeout)
+        self.spawn()  # in the event loop's thread, which lives as long as the daemon
+        await asyncio.to_thread(self._wait_healthy, timeout)
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if etcd has not exited within `timeout`."""

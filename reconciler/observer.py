@@ -62,6 +62,10 @@ class Observer:
         await self._store.put(self._keys.actual(key), json.dumps(observed.model_dump(mode="json")).encode())
         return observed
 
+    async def forget(self, key: ResourceKey) -> None:
+        """Delete the observation of a resource that no longer exists."""
+        await self._store.delete(self._keys.actual(key))
+
     async def run(self) -> None:
         """Poll every observing kind on its interval until cancelled."""
         loops = [self._poll_kind(kind, interval) for kind, interval in self._poll.items()]

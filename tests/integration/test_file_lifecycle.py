@@ -175,3 +175,15 @@ async def test_metrics_and_health_endpoints(running: Harness) -> None:
         'setpoint_plan_steps_total{result="success",tool="file.write"}',
     ):
         assert name in text, f"{name} missing from /metrics"
+
+
+async def test_deleting_an_invalid_value_removes_its_status(running: Harness) -> None:
+    await running.put_desired(b"not json", name="junk")
+    await running.wait_status("junk", "Invalid")
+
+    await running.store.delete(running.keys.desired(running.daemon_key("junk")))
+
+    async def gone() -> bool:
+        return await running.status("junk") is None
+
+    await eventually(gone, what="status of a deleted invalid resource to be removed")
