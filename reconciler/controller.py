@@ -204,7 +204,6 @@ class Controller:
             return await self._after(entry, plan, execution.state, execution.message)
 
     async def _after(self, entry: DesiredEntry, plan: ExecutionPlan, state: PlanState, message: str) -> Outcome:
-        key = entry.key
         if entry.resource is not None and not entry.deleted:
             with contextlib.suppress(InvalidResourceError, OSError):
                 await self._observer.observe_now(entry.resource)
