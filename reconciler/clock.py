@@ -16,6 +16,10 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
+    async def sleep_until(self, deadline: float) -> None:
+        """Sleep until `now() >= deadline`; returns at once if it already is, however late it starts."""
+        ...
+
 
 class SystemClock:
     def now(self) -> float:
@@ -23,6 +27,9 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
+
+    async def sleep_until(self, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
 
 
 class FakeClock:
@@ -37,11 +44,14 @@ class FakeClock:
         return self._now
 
     async def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
+        await self.sleep_until(self._now + seconds)
+
+    async def sleep_until(self, deadline: float) -> None:
+        if deadline <= self._now:
             await asyncio.sleep(0)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), future))
+        heapq.heappush(self._sleepers, (deadline, next(self._seq), future))
         await future
 
     def advance(self, seconds: float) -> None:

@@ -189,7 +189,8 @@ class WorkQueue(Generic[K]):
             if not self._heap:
                 await self._heap_changed.wait()
                 continue
-            sleeper = asyncio.ensure_future(self._clock.sleep(self._heap[0][0] - self._clock.now()))
+            # An absolute deadline: the sleeper task may start after the clock moved.
+            sleeper = asyncio.ensure_future(self._clock.sleep_until(self._heap[0][0]))
             changed = asyncio.ensure_future(self._heap_changed.wait())
             try:
                 await asyncio.wait({sleeper, changed}, return_when=asyncio.FIRST_COMPLETED)
