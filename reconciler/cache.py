@@ -208,6 +208,16 @@ class Cache:
         self.revision = max(self.revision, revision)
         return changes
 
+    def restore_tombstones(self, applied: dict[ResourceKey, Resource], revision: int) -> list[Change]:
+        """Tombstones for resources setpoint had applied whose desired key is gone (deleted while it was down)."""
+        changes: list[Change] = []
+        for key, resource in applied.items():
+            if key in self.desired or resource.key != key:
+                continue
+            self.desired[key] = DesiredEntry(key=key, mod_revision=revision, resource=resource, deleted=True)
+            changes.append(Change(resource=key))
+        return changes
+
     @staticmethod
     def _rejected(key: bytes, parsed: ParsedKey) -> Change:
         return Change(resource=None, rejected_key=key.decode("utf-8", "replace")[:200], reason=parsed.error)

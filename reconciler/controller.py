@@ -26,6 +26,7 @@ from plans import (
     PlanRecord,
     PlanState,
     PlanValidationError,
+    Resource,
     ResourceKey,
     TemporaryError,
 )
@@ -182,7 +183,7 @@ class Controller:
         if plan.is_empty:
             if entry.deleted:
                 return await self._removed(entry)
-            await self._write(entry, Phase.CONVERGED, plan.reasoning)
+            await self._write(entry, Phase.CONVERGED, plan.reasoning, applied=entry.resource)
             return Outcome("converged")
         decision = self._policies.evaluate(plan)
         self._metrics.plans.labels(decision=decision.action.value).inc()
@@ -211,7 +212,7 @@ class Controller:
             log.info("plan.succeeded")
             if entry.deleted:
                 return await self._removed(entry)
-            await self._write(entry, Phase.CONVERGED, plan.reasoning, plan_id=plan.id)
+            await self._write(entry, Phase.CONVERGED, plan.reasoning, plan_id=plan.id, applied=entry.resource)
             return Outcome("converged")
         if state is PlanState.SUPERSEDED:
             return Outcome("superseded", requeue_after=0)
@@ -235,10 +236,19 @@ class Controller:
         return entry.mod_revision if entry is not None else None
 
     async def _invalid(self, entry: DesiredEntry, message: str) -> None:
-        log.warning("resource.invalid", reason=message)
         await self._write(entry, Phase.INVALID, message)
+        if self._status.changed:  # once per new reason, not on every resync
+            log.warning("resource.invalid", reason=message)
 
-    async def _write(self, entry: DesiredEntry, phase: Phase, message: str, *, plan_id: str | None = None) -> None:
+    async def _write(
+        self,
+        entry: DesiredEntry,
+        phase: Phase,
+        message: str,
+        *,
+        plan_id: str | None = None,
+        applied: Resource | None = None,
+    ) -> None:
         await self._status.write(
             entry.key,
             phase=phase,
@@ -246,4 +256,5 @@ class Controller:
             message=message,
             plan_id=plan_id,
             guard_revision=0 if entry.deleted else entry.mod_revision,
+            applied=applied,
         )

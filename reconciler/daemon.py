@@ -21,7 +21,7 @@ from plans import ResourceKey
 from reconciler.assembly import assemble
 from reconciler.cache import Cache
 from reconciler.controller import Controller
-from reconciler.embedded import EmbeddedEtcd
+from reconciler.embedded import EmbeddedEtcd, StateDirLock, remove_endpoint_file
 from reconciler.executor import Executor
 from reconciler.http import HttpServer
 from reconciler.keys import KeySpace
@@ -47,11 +47,13 @@ class Daemon:
         self.http_port = 0
         self.ready = asyncio.Event()
         self.endpoints: list[str] = list(settings.etcd.endpoints)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._lock: StateDirLock | None = None
 
     async def _start_embedded(self) -> None:
         state_dir = self.settings.resolved_state_dir()
         state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = StateDirLock(state_dir)
+        self._lock.acquire()
         embedded_settings = self.settings.etcd.embedded
         self.embedded = EmbeddedEtcd(
             state_dir / "etcd",
@@ -97,8 +99,11 @@ class Daemon:
                 await store.close()
         finally:
             if self.embedded is not None:
+                remove_endpoint_file(self.settings.resolved_state_dir())
                 await asyncio.to_thread(self.embedded.stop)
                 log.info("etcd.embedded.stopped")
+            if self._lock is not None:
+                self._lock.release()
 
     async def _serve(self, store: EtcdStore, stop: asyncio.Event) -> int:
         s = self.settings

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -183,6 +184,35 @@ class EmbeddedEtcd:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(self.endpoint + "\n", encoding="utf-8")
         os.replace(tmp, path)
+
+
+def remove_endpoint_file(state_dir: Path) -> None:
+    (state_dir / ENDPOINT_FILE).unlink(missing_ok=True)
+
+
+class StateDirLock:
+    """An exclusive lock on a state directory, so two daemons never share one embedded etcd."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._path = state_dir / "setpoint.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EmbeddedEtcdError(
+                f"another setpoint daemon is using state directory {self._path.parent}"
+            ) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def read_endpoint_file(state_dir: Path) -> str | None:

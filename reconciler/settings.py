@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from plans import RiskLevel
 
@@ -27,8 +27,9 @@ class _Group(BaseModel):
 
 def _host_port(value: str, *, what: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{what} {value!r} is not host:port")
+    bad_host = not host or "/" in host or (":" in host and not (host.startswith("[") and host.endswith("]")))
+    if not sep or bad_host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} {value!r} is not host:port (no scheme, IPv6 in brackets)")
     return value
 
 
@@ -93,11 +94,20 @@ class ReconcilerSettings(_Group):
     )
     max_auto_risk: RiskLevel = Field(
         default=RiskLevel.MEDIUM,
-        description="Plans up to this risk run without approval; riskier ones wait. Defaults to medium.",
+        description=(
+            "Plans up to this risk run automatically; riskier ones are not run and the resource goes to "
+            "Blocked (approvals come later). Defaults to medium."
+        ),
     )
     shutdown_timeout_seconds: float = Field(
         default=30.0, gt=0, description="How long SIGTERM waits for running steps. Defaults to 30 s."
     )
+
+    @model_validator(mode="after")
+    def _backoff(self) -> ReconcilerSettings:
+        if self.backoff_max_seconds < self.backoff_base_seconds:
+            raise ValueError("backoff_max_seconds must not be smaller than backoff_base_seconds")
+        return self
 
 
 class FileAgentSettings(_Group):

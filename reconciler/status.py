@@ -7,6 +7,11 @@ current value. Unchanged statuses are not rewritten, which keeps resync and
 polling from churning etcd revisions. A status written without a plan (say,
 `Converged` because nothing needed doing) keeps the id of the last plan run
 for that resource, so `setpoint status` always shows what was last done.
+
+`applied` is the last desired value the resource converged to. It is what
+makes a deletion durable: when a desired key is deleted while setpoint is
+down (and the history is compacted away), the status still says what has to
+be torn down.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
-from plans import ResourceKey
+from plans import Resource, ResourceKey
 from reconciler.keys import KeySpace
 from reconciler.store import EtcdStore
 
@@ -40,13 +45,15 @@ class Status(BaseModel):
     plan_id: str | None = None
     message: str = ""
     updated_at: datetime
+    applied: Resource | None = None
 
 
 class StatusWriter:
     def __init__(self, *, store: EtcdStore, keys: KeySpace) -> None:
         self._store = store
         self._keys = keys
-        self._last: dict[ResourceKey, tuple[Phase, int, str | None, str]] = {}
+        self._last: dict[ResourceKey, tuple[Phase, int, str | None, str, Resource | None]] = {}
+        self.changed = False
 
     async def write(
         self,
@@ -57,18 +64,24 @@ class StatusWriter:
         message: str = "",
         plan_id: str | None = None,
         guard_revision: int | None = None,
+        applied: Resource | None = None,
     ) -> bool:
-        """Write the status unless unchanged; False when the desired key moved on (nothing written).
+        """Write the status if it changed; False when the desired key moved on (nothing written).
 
         `guard_revision` is the desired key's mod_revision to compare against
         (defaults to `desired_revision`; pass 0 for a deleted desired key).
+        `plan_id` and `applied` keep their previous values when not given.
+        Sets `self.changed` to whether anything was written.
         """
+        self.changed = False
         if key not in self._last:
             await self._load(key)
         previous = self._last.get(key)
         if plan_id is None and previous is not None:
             plan_id = previous[2]
-        signature = (phase, desired_revision, plan_id, message)
+        if applied is None and previous is not None:
+            applied = previous[4]
+        signature = (phase, desired_revision, plan_id, message, applied)
         if previous == signature:
             return True
         status = Status(
@@ -77,6 +90,7 @@ class StatusWriter:
             plan_id=plan_id,
             message=message,
             updated_at=datetime.now(UTC),
+            applied=applied,
         )
         written = await self._store.put_if_revision(
             self._keys.status(key),
@@ -86,6 +100,7 @@ class StatusWriter:
         )
         if written:
             self._last[key] = signature
+            self.changed = True
         return written
 
     async def _load(self, key: ResourceKey) -> None:
@@ -96,8 +111,16 @@ class StatusWriter:
             status = Status.model_validate_json(kv.value)
         except ValueError:
             return  # unreadable: it will simply be overwritten
-        self._last[key] = (status.phase, status.observed_revision, status.plan_id, status.message)
+        self._last[key] = (status.phase, status.observed_revision, status.plan_id, status.message, status.applied)
 
     async def delete(self, key: ResourceKey) -> None:
         await self._store.delete(self._keys.status(key))
         self._last.pop(key, None)
+
+
+def applied_from_status(value: bytes) -> Resource | None:
+    """The `applied` resource recorded in a status value, or None if there is none or it cannot be read."""
+    try:
+        return Status.model_validate_json(value).applied
+    except ValueError:
+        return None

@@ -16,10 +16,11 @@ from collections.abc import Callable
 
 import structlog
 
-from plans import ResourceKey
+from plans import Resource, ResourceKey
 from reconciler.cache import Cache, Change
 from reconciler.keys import KeySpace, Section
 from reconciler.metrics import Metrics
+from reconciler.status import applied_from_status
 from reconciler.store import EtcdStore, StoreError, StoreUnavailableError, WatchCompactedError, range_end
 
 log = structlog.get_logger("setpoint.watch")
@@ -38,6 +39,7 @@ class Reflector:
         backoff_cap: float = 5.0,
     ) -> None:
         self._store = store
+        self._keys = keys
         self._cache = cache
         self._on_change = on_change
         self._metrics = metrics
@@ -81,14 +83,33 @@ class Reflector:
     async def _relist(self) -> None:
         kvs, revision = await self._store.range(self._start, self._end)
         changes = self._cache.replace(kvs, revision)
+        orphans = await self._statuses_without_desired(revision)
+        changes += self._cache.restore_tombstones(
+            {key: applied for key, applied in orphans.items() if applied is not None}, revision
+        )
         self._metrics.etcd_revision.set(revision)
         log.info("watch.listed", keys=len(kvs), revision=revision, changes=len(changes))
         for change in changes:
             self._emit(change)
-        # Level-triggered: after a (re)list every key is looked at again.
-        for key in self._cache.resource_keys():
+        # Level-triggered: after a (re)list every key is looked at again, and so
+        # is every status left without a desired value (to be torn down or cleared).
+        for key in [*self._cache.resource_keys(), *orphans]:
             self._on_change(key)
         self.synced.set()
+
+    async def _statuses_without_desired(self, revision: int) -> dict[ResourceKey, Resource | None]:
+        """Statuses at `revision` whose desired key is absent, with the resource each last applied."""
+        start = self._keys.section(Section.STATUS).encode()
+        kvs, _ = await self._store.range(start, range_end(start), revision=revision)
+        orphans: dict[ResourceKey, Resource | None] = {}
+        for kv in kvs:
+            parsed = self._keys.parse(kv.key)
+            if parsed is None or parsed.resource is None:
+                continue
+            entry = self._cache.desired.get(parsed.resource)
+            if entry is None or entry.deleted:
+                orphans[parsed.resource] = applied_from_status(kv.value)
+        return orphans
 
     async def _watch(self) -> None:
         async for batch in self._store.watch(self._start, self._end, start_revision=self._cache.revision + 1):

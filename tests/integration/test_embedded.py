@@ -90,6 +90,9 @@ def test_embedded_etcd_serves_apply_and_status_and_survives_a_daemon_crash(confi
             capture_output=True, text=True, timeout=30, check=True,
         )  # fmt: skip
         assert json.loads(status.stdout)["phase"] == "Converged"
+        second = subprocess.run([*SETPOINT, "run", "-c", str(config)], capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1
+        assert "another setpoint daemon is using state directory" in second.stderr
         etcd_pids = _etcd_children(daemon.pid)
         assert len(etcd_pids) == 1
         daemon.send_signal(signal.SIGTERM)
@@ -98,3 +101,6 @@ def test_embedded_etcd_serves_apply_and_status_and_survives_a_daemon_crash(confi
     finally:
         if daemon.poll() is None:
             daemon.kill()
+    stopped = subprocess.run([*SETPOINT, "status", "-c", str(config)], capture_output=True, text=True, timeout=30)
+    assert stopped.returncode == 1
+    assert "no etcd to talk to" in stopped.stderr

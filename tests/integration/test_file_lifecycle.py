@@ -6,7 +6,7 @@ import asyncio
 import os
 import stat
 
-from harness import POLL_SECONDS, Harness, eventually
+from harness import POLL_SECONDS, Harness, eventually, make_settings
 
 
 def _mode(path: os.PathLike[str] | str) -> str:
@@ -187,3 +187,35 @@ async def test_deleting_an_invalid_value_removes_its_status(running: Harness) ->
         return await running.status("junk") is None
 
     await eventually(gone, what="status of a deleted invalid resource to be removed")
+
+
+async def _converge_then_delete_while_down(h: Harness, name: str) -> None:
+    await h.start()
+    await h.put_desired(h.resource(name, "bye\n"))
+    await h.wait_status(name, "Converged")
+    assert await h.stop() == 0
+    await h.store.delete(h.keys.desired(h.daemon_key(name)))
+    await h.store.compact(await h.store.ping())  # no history left to find the deleted value in
+
+
+async def test_deletion_while_down_and_compacted_is_still_blocked_after_restart(harness: Harness) -> None:
+    await _converge_then_delete_while_down(harness, "offline")
+
+    await harness.start()
+
+    status = await harness.wait_status("offline", "Blocked")
+    assert "delete" in status["message"]
+    assert (harness.root / "offline").exists()
+
+
+async def test_deletion_while_down_is_carried_out_when_policy_allows(harness: Harness, etcd) -> None:
+    await _converge_then_delete_while_down(harness, "remove-me")
+    harness.settings = make_settings(etcd, harness.keys.prefix, harness.root, max_auto_risk="high")
+
+    await harness.start()
+
+    async def removed() -> bool:
+        return not (harness.root / "remove-me").exists() and await harness.status("remove-me") is None
+
+    await eventually(removed, what="file and status removed")
+    assert await harness.store.get(harness.keys.actual(harness.daemon_key("remove-me"))) is None

@@ -1,0 +1,70 @@
+"""Settings load from YAML with defaults, and every mistake is one sentence naming the file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.settings import Settings, SettingsError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file() -> None:
+    settings = load_settings(None)
+
+    assert settings == Settings()
+    assert settings.etcd.endpoints == []
+    assert settings.etcd.prefix == "/setpoint"
+    assert settings.http.listen == "127.0.0.1:9464"
+    assert settings.agents.file.allowed_roots == []
+    assert settings.agents.file.poll_seconds == 10
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "state_dir: state\nagents: {file: {allowed_roots: [files, /abs]}}\n"))
+
+    assert settings.state_dir == str(tmp_path / "state")
+    assert settings.agents.file.allowed_roots == [str(tmp_path / "files"), "/abs"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("reconciler: {workerz: 2}\n", "reconciler.workerz is not a known setting"),
+        ("reconciler: {workers: 0}\n", "reconciler.workers"),
+        ("etcd: {endpoints: ['http://etcd:2379']}\n", "is not host:port"),
+        ("etcd: {endpoints: ['etcd']}\n", "is not host:port"),
+        ("etcd: {prefix: 'setpoint'}\n", "must be an absolute key path"),
+        ("http: {listen: 'localhost'}\n", "http.listen"),
+        ("reconciler: {backoff_base_seconds: 10, backoff_max_seconds: 1}\n", "backoff_max_seconds"),
+        ("reconciler: {max_auto_risk: extreme}\n", "max_auto_risk"),
+        ("log: {level: loud}\n", "log.level"),
+        ("- a list\n", "must hold a mapping"),
+        ("etcd: [\n", "is not valid YAML"),
+    ],
+)
+def test_mistakes_are_one_sentence_naming_file_and_field(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+
+    with pytest.raises(SettingsError) as raised:
+        load_settings(path)
+
+    assert str(raised.value).startswith(f"settings file {path}") or "cannot read" in str(raised.value)
+    assert message in str(raised.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="cannot read settings file"):
+        load_settings(tmp_path / "absent.yaml")
+
+
+def test_ipv6_listen_in_brackets_is_accepted(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "http: {listen: '[::1]:0'}\n"))
+
+    assert settings.http.listen == "[::1]:0"
