@@ -53,6 +53,10 @@ class EtcdSettings(_Group):
     request_timeout_seconds: float = Field(
         default=10.0, gt=0, description="Deadline for one etcd request. Defaults to 10 s."
     )
+    retry_attempts: int = Field(
+        default=3, ge=1, le=20,
+        description="Attempts for one etcd request on UNAVAILABLE / DEADLINE_EXCEEDED. Defaults to 3.",
+    )  # fmt: skip
     embedded: EmbeddedEtcdSettings = Field(default_factory=EmbeddedEtcdSettings)
 
     @field_validator("endpoints")
@@ -67,6 +71,23 @@ class EtcdSettings(_Group):
         if not value.startswith("/") or "//" in value or len(value) < 2:
             raise ValueError(f"prefix {value!r} must be an absolute key path such as /setpoint")
         return value
+
+
+class WatchSettings(_Group):
+    backoff_base_seconds: float = Field(
+        default=0.1, gt=0, description="First delay before re-watching after an error. Defaults to 0.1 s."
+    )
+    backoff_max_seconds: float = Field(
+        default=5.0, gt=0, description="Cap on the (jittered, doubling) re-watch delay. Defaults to 5 s."
+    )
+    progress_seconds: float = Field(
+        default=30.0, gt=0,
+        description="Ask etcd for a progress notification after this long without a response. Defaults to 30 s.",
+    )  # fmt: skip
+    stall_seconds: float = Field(
+        default=90.0, gt=0,
+        description="Restart a watch stream that has answered nothing, not even progress, this long. Defaults to 90 s.",
+    )  # fmt: skip
 
 
 class HttpSettings(_Group):
@@ -102,12 +123,52 @@ class ReconcilerSettings(_Group):
     shutdown_timeout_seconds: float = Field(
         default=30.0, gt=0, description="How long SIGTERM waits for running steps. Defaults to 30 s."
     )
+    rate_limit_per_second: float = Field(
+        default=50.0, gt=0, description="Reconciles started per second across all keys. Defaults to 50."
+    )
 
     @model_validator(mode="after")
     def _backoff(self) -> ReconcilerSettings:
         if self.backoff_max_seconds < self.backoff_base_seconds:
             raise ValueError("backoff_max_seconds must not be smaller than backoff_base_seconds")
         return self
+
+
+class LimitsSettings(_Group):
+    flap_max_plans: int = Field(
+        default=6, ge=1, description="Executed plans allowed per key per flap window. Defaults to 6."
+    )
+    flap_window_seconds: float = Field(
+        default=600.0, gt=0, description="The flap guard's sliding window. Defaults to 600 s (10 minutes)."
+    )
+    max_mutating_steps_per_minute: int = Field(
+        default=60, ge=1,
+        description="Mutating (not read_only) steps run per minute across all keys; the rest wait. Defaults to 60.",
+    )  # fmt: skip
+    max_unhealthy_fraction: float = Field(
+        default=0.4, gt=0, le=1,
+        description=(
+            "When more than this share of a kind's resources need healing at once, automatic healing of that "
+            "kind pauses. Defaults to 0.4."
+        ),
+    )  # fmt: skip
+    max_unhealthy_min_count: int = Field(
+        default=3, ge=1,
+        description="The pause needs at least this many resources needing healing, so one drifted file of two "
+        "does not stop all healing. Defaults to 3.",
+    )  # fmt: skip
+
+
+class ToolSettings(_Group):
+    retry_attempts: int = Field(
+        default=3, ge=1, le=20, description="Attempts for a tool error the tool marks retryable. Defaults to 3."
+    )
+    retry_backoff_base_seconds: float = Field(
+        default=0.2, gt=0, description="First delay between retryable tool attempts (jittered). Defaults to 0.2 s."
+    )
+    retry_backoff_max_seconds: float = Field(
+        default=5.0, gt=0, description="Cap on the delay between retryable tool attempts. Defaults to 5 s."
+    )
 
 
 class FileAgentSettings(_Group):
@@ -138,8 +199,11 @@ class LogSettings(_Group):
 
 class Settings(_Group):
     etcd: EtcdSettings = Field(default_factory=EtcdSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     reconciler: ReconcilerSettings = Field(default_factory=ReconcilerSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    tools: ToolSettings = Field(default_factory=ToolSettings)
     agents: AgentsSettings = Field(default_factory=AgentsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     state_dir: str = Field(
