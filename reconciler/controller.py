@@ -108,7 +108,7 @@ class Controller:
 
     async def _process(self, key: ResourceKey) -> None:
         started = time.monotonic()
-        with structlog.contextvars.bound_contextvars(key=str(key)):
+        with structlog.contextvars.bound_contextvars(key=str(key), revision=None):
             try:
                 outcome = await self.reconcile(key)
             except TemporaryError as e:
@@ -141,6 +141,8 @@ class Controller:
 
     async def reconcile(self, key: ResourceKey) -> Outcome:
         entry = self._cache.desired.get(key)
+        # Every log line of this reconcile says which desired revision it acted on.
+        structlog.contextvars.bind_contextvars(revision=entry.mod_revision if entry is not None else None)
         if entry is None:
             # Nothing desired and nothing to tear down (say, an invalid value was
             # deleted): a status left behind would describe a resource that is gone.
