@@ -9,6 +9,8 @@ be acted on; the resource goes to phase `Invalid` with the error's message.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class SetpointError(Exception):
     """Base of every error setpoint raises on purpose."""
@@ -32,3 +34,14 @@ class InvalidResourceError(PermanentError):
 
 class PlanValidationError(PermanentError):
     """A plan step does not match its tool (unknown tool, bad parameters)."""
+
+
+def describe_validation_error(error: ValidationError, *, whole: str = "value") -> str:
+    """The first problem in `error` as one short clause naming the field, e.g. "field 'spec' is required"."""
+    item = error.errors()[0]
+    where = ".".join(str(p) for p in item["loc"]) or whole
+    if item["type"] == "missing":
+        return f"field {where!r} is required"
+    if item["type"] == "extra_forbidden":
+        return f"field {where!r} is not allowed"
+    return f"field {where!r}: {item['msg']}"

@@ -61,6 +61,10 @@ class PlanRecord(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     message: str = ""
+    outcome_unknown_step: int | None = Field(
+        default=None,
+        description="1-based step whose effect is unknown after a crash; the resource is held until desired changes.",
+    )
 
     @classmethod
     def start(cls, plan: ExecutionPlan, *, decision: str, decision_reason: str = "") -> PlanRecord:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pydantic import ValidationError
 
 from plans import Observed, Resource, ResourceKey
+from plans.errors import describe_validation_error
 from reconciler.keys import KeySpace, ParsedKey, Section
 from reconciler.store import KeyValue
 
@@ -50,63 +52,59 @@ def _truncate(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 
-def _validation_message(error: ValidationError) -> str:
-    item = error.errors()[0]
-    where = ".".join(str(p) for p in item["loc"]) or "value"
-    if item["type"] == "missing":
-        return f"field {where!r} is required"
-    if item["type"] == "extra_forbidden":
-        return f"field {where!r} is not allowed"
-    return f"field {where!r}: {item['msg']}"
-
-
 def _decode(value: bytes) -> tuple[object | None, str | None]:
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as e:
         return None, f"value is not valid UTF-8 (byte {e.start})"
     try:
-        return json.loads(text), None
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         return None, f"value is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
     except RecursionError:
         return None, "value is not valid JSON: nested too deeply"
+    except ValueError as e:  # e.g. an integer too long to convert
+        return None, _truncate(f"value is not valid JSON: {e}")
+    try:
+        # JSON may spell lone UTF-16 surrogates ("\ud800") that no UTF-8 encoder
+        # accepts; they would fail later, when the value is hashed or written back.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "value is not valid JSON text: it contains a lone UTF-16 surrogate escape"
+    except RecursionError:
+        return None, "value is not valid JSON: nested too deeply"
+    return data, None
+
+
+M = TypeVar("M", Resource, Observed)
+
+
+def _parse(model: type[M], key: ResourceKey, value: bytes, *, what: str) -> tuple[M | None, str | None]:
+    """`value` as a `model` stored under `key`, or the reason it is not one (never raises)."""
+    data, error = _decode(value)
+    if error is not None:
+        return None, _truncate(error)
+    if not isinstance(data, dict):
+        return None, f"value must be a JSON object (the {what} {model.__name__.lower()})"
+    try:
+        parsed = model.model_validate(data)
+    except ValidationError as e:
+        return None, _truncate(f"invalid {what} value: {describe_validation_error(e)}")
+    except RecursionError:
+        return None, f"invalid {what} value: nested too deeply"
+    if parsed.key != key:
+        return None, f"value names {parsed.key} but is stored under {key}"
+    return parsed, None
 
 
 def parse_desired(key: ResourceKey, kv: KeyValue) -> DesiredEntry:
-    data, error = _decode(kv.value)
-    if error is None and not isinstance(data, dict):
-        error = "value must be a JSON object with kind, name and spec"
-    if error is None:
-        assert isinstance(data, dict)
-        try:
-            resource = Resource.model_validate(data)
-        except (ValidationError, RecursionError) as e:
-            message = _validation_message(e) if isinstance(e, ValidationError) else "value is nested too deeply"
-            error = f"invalid desired value: {message}"
-        else:
-            if resource.key != key:
-                error = f"value names {resource.key} but is stored under {key}"
-            else:
-                return DesiredEntry(key=key, mod_revision=kv.mod_revision, resource=resource)
-    return DesiredEntry(key=key, mod_revision=kv.mod_revision, resource=None, error=_truncate(error))
+    resource, error = _parse(Resource, key, kv.value, what="desired")
+    return DesiredEntry(key=key, mod_revision=kv.mod_revision, resource=resource, error=error)
 
 
 def parse_actual(key: ResourceKey, kv: KeyValue) -> ActualEntry:
-    data, error = _decode(kv.value)
-    if error is None:
-        try:
-            observed = Observed.model_validate(data)
-        except (ValidationError, RecursionError) as e:
-            message = _validation_message(e) if isinstance(e, ValidationError) else "value is nested too deeply"
-            error = f"invalid actual value: {message}"
-        else:
-            if observed.key != key:
-                error = f"value names {observed.key} but is stored under {key}"
-            else:
-                return ActualEntry(key=key, mod_revision=kv.mod_revision, observed=observed)
-    assert error is not None
-    return ActualEntry(key=key, mod_revision=kv.mod_revision, observed=None, error=_truncate(error))
+    observed, error = _parse(Observed, key, kv.value, what="actual")
+    return ActualEntry(key=key, mod_revision=kv.mod_revision, observed=observed, error=error)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,10 @@ from collections.abc import Callable
 import structlog
 
 from plans import ResourceKey
-from reconciler.assembly import assemble
+from policies.limits import FlapGuard, MutationBudget
+from reconciler.assembly import Assembly, assemble
 from reconciler.cache import Cache
+from reconciler.clock import SystemClock
 from reconciler.controller import Controller
 from reconciler.embedded import EmbeddedEtcd, StateDirLock, remove_endpoint_file
 from reconciler.executor import Executor
@@ -27,6 +29,7 @@ from reconciler.http import HttpServer
 from reconciler.keys import KeySpace
 from reconciler.metrics import Metrics
 from reconciler.observer import Observer
+from reconciler.recovery import find_unfinished
 from reconciler.settings import Settings
 from reconciler.status import StatusWriter
 from reconciler.store import EtcdStore, StoreUnavailableError
@@ -38,8 +41,11 @@ log = structlog.get_logger("setpoint.daemon")
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    """The daemon. `assembly` replaces the built-in agents and tools (for embedding setpoint as a library)."""
+
+    def __init__(self, settings: Settings, *, assembly: Assembly | None = None) -> None:
         self.settings = settings
+        self._assembly = assembly
         self.metrics = Metrics()
         self.keys = KeySpace(settings.etcd.prefix)
         self.cache = Cache(self.keys)
@@ -68,7 +74,11 @@ class Daemon:
         log.info("etcd.embedded", endpoint=self.embedded.endpoint, data_dir=str(self.embedded.data_dir))
 
     async def _connect(self, stop: asyncio.Event) -> EtcdStore | None:
-        store = EtcdStore(self.endpoints, timeout=self.settings.etcd.request_timeout_seconds)
+        store = EtcdStore(
+            self.endpoints,
+            timeout=self.settings.etcd.request_timeout_seconds,
+            retry_attempts=self.settings.etcd.retry_attempts,
+        )
         await store.connect()
         delay = 0.2
         while not stop.is_set():
@@ -107,7 +117,8 @@ class Daemon:
 
     async def _serve(self, store: EtcdStore, stop: asyncio.Event) -> int:
         s = self.settings
-        parts = assemble(s)
+        clock = SystemClock()
+        parts = self._assembly or assemble(s)
         queue: WorkQueue[ResourceKey] = WorkQueue(
             backoff=ExponentialBackoff(base=s.reconciler.backoff_base_seconds, cap=s.reconciler.backoff_max_seconds)
         )
@@ -116,7 +127,9 @@ class Daemon:
             queue.add(key)
             self.metrics.workqueue_depth.set(len(queue))
 
-        reflector = Reflector(store=store, keys=self.keys, cache=self.cache, on_change=enqueue, metrics=self.metrics)
+        reflector = Reflector(
+            store=store, keys=self.keys, cache=self.cache, on_change=enqueue, metrics=self.metrics, settings=s.watch
+        )
         observer = Observer(
             store=store, keys=self.keys, cache=self.cache, agents=parts.agents, poll_seconds=parts.poll_seconds
         )
@@ -126,10 +139,23 @@ class Daemon:
             agents=parts.agents,
             tools=parts.tools,
             policies=parts.policies,
-            executor=Executor(store=store, keys=self.keys, metrics=self.metrics),
+            executor=Executor(
+                store=store,
+                keys=self.keys,
+                metrics=self.metrics,
+                budget=MutationBudget(
+                    per_minute=s.limits.max_mutating_steps_per_minute, now=clock.now, sleep=clock.sleep
+                ),
+                retries=s.tools,
+            ),
             status=StatusWriter(store=store, keys=self.keys),
             observer=observer,
             metrics=self.metrics,
+            flap_guard=FlapGuard(
+                max_plans=s.limits.flap_max_plans, window=s.limits.flap_window_seconds, now=clock.now
+            ),
+            limits=s.limits,
+            rate_limit_per_second=s.reconciler.rate_limit_per_second,
         )
         http = HttpServer(listen=s.http.listen, metrics=self.metrics, ready=self.ready.is_set)
         await http.start()
@@ -139,6 +165,7 @@ class Daemon:
         try:
             if not await self._wait_synced(reflector, stop, supervised[0]):
                 return 0 if stop.is_set() else 1
+            controller.adopt(await find_unfinished(store, self.keys))
             self.ready.set()
             self.metrics.ready.set(1)
             controller.start(s.reconciler.workers)

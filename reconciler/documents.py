@@ -13,20 +13,11 @@ import yaml
 from pydantic import ValidationError
 
 from plans import Resource
+from plans.errors import describe_validation_error
 
 
 class DocumentError(ValueError):
     pass
-
-
-def _describe(error: ValidationError) -> str:
-    item = error.errors()[0]
-    where = ".".join(str(p) for p in item["loc"]) or "document"
-    if item["type"] == "missing":
-        return f"field {where!r} is required"
-    if item["type"] == "extra_forbidden":
-        return f"field {where!r} is not allowed (expected kind, name, spec, labels)"
-    return f"field {where!r}: {item['msg']}"
 
 
 def load_resources(path: Path) -> list[Resource]:
@@ -56,7 +47,7 @@ def load_resources(path: Path) -> list[Resource]:
             try:
                 resource = Resource.model_validate(item)
             except ValidationError as e:
-                raise DocumentError(f"{where}: {_describe(e)}") from None
+                raise DocumentError(f"{where}: {describe_validation_error(e, whole='document')}") from None
             key = str(resource.key)
             if key in seen:
                 raise DocumentError(f"{where}: {key} is already defined by document {seen[key]}")

@@ -37,3 +37,17 @@ class Metrics:
             "setpoint_etcd_watch_restarts", "Watch restarts by reason.", ["reason"], registry=r
         )
         self.ready = Gauge("setpoint_ready", "1 once the initial list is cached.", registry=r)
+        self.flap_guard_blocked = Counter(
+            "setpoint_flap_guard_blocked", "Plans not run because the key hit the flap guard.", ["kind"], registry=r
+        )
+        self.healing_paused = Counter(
+            "setpoint_healing_paused",
+            "Healing plans not run because too large a share of the kind needs healing.", ["kind"], registry=r,
+        )  # fmt: skip
+        self.mutation_wait = Counter(
+            "setpoint_mutation_budget_wait_seconds",
+            "Seconds steps waited for the global mutating-steps-per-minute budget.", registry=r,
+        )  # fmt: skip
+        self.tool_retries = Counter(
+            "setpoint_tool_retries", "Tool calls retried after a retryable error.", ["tool"], registry=r
+        )

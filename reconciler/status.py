@@ -25,6 +25,8 @@ from plans import Resource, ResourceKey
 from reconciler.keys import KeySpace
 from reconciler.store import EtcdStore
 
+MAX_MESSAGE_CHARS = 1000  # a status must always fit in etcd, whatever a value or tool said
+
 
 class Phase(StrEnum):
     PENDING = "Pending"
@@ -74,6 +76,8 @@ class StatusWriter:
         Sets `self.changed` to whether anything was written.
         """
         self.changed = False
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
         if key not in self._last:
             await self._load(key)
         previous = self._last.get(key)
@@ -102,6 +106,13 @@ class StatusWriter:
             self._last[key] = signature
             self.changed = True
         return written
+
+    async def applied(self, key: ResourceKey) -> Resource | None:
+        """The last desired value `key` converged to, as recorded in its status."""
+        if key not in self._last:
+            await self._load(key)
+        previous = self._last.get(key)
+        return previous[4] if previous is not None else None
 
     async def _load(self, key: ResourceKey) -> None:
         kv = await self._store.get(self._keys.status(key))

@@ -2,17 +2,23 @@
 
 It speaks in plain data (`KeyValue`, `WatchBatch`) and a small error
 vocabulary so the rest of the reconciler never sees gRPC. Unary calls go
-through etcd3aio's services (which retry UNAVAILABLE / DEADLINE_EXCEEDED a
-few times). The watch is driven on the raw Watch stub instead of etcd3aio's
-`watch()`, because that helper silently resumes at `compact_revision + 1`
-after a compaction, which loses updates; here a compaction ends the stream
-with `WatchCompactedError` and the caller relists.
+through etcd3aio's services (which retry UNAVAILABLE / DEADLINE_EXCEEDED up
+to `retry_attempts` times within the request timeout). The watch is driven on
+the raw Watch stub instead of etcd3aio's `watch()`, because that helper
+silently resumes at `compact_revision + 1` after a compaction, which loses
+updates; here a compaction ends the stream with `WatchCompactedError` and the
+caller relists.
+
+A watch stream can also go quiet without failing: a frozen etcd process, or
+a half-open TCP connection, answers nothing and reports no error. So the
+stream asks for a progress notification whenever it has been silent for a
+while, and gives up with `WatchStalledError` when not even that is answered.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -30,6 +36,12 @@ _PAGE = 500
 # A page or watch response may carry many values of up to 1.5 MiB each; gRPC's
 # default 4 MiB receive limit would turn a large but valid key space into an error.
 MAX_RECEIVE_BYTES = 256 * 1024 * 1024
+# While etcd is down, gRPC fails every call at once and retries the connection
+# on its own backoff, which by default grows to 120 s: after a long outage the
+# daemon would sit idle for up to two minutes with etcd back (measured: 2-4 s
+# after a 3-6 s outage). One connection attempt a second is cheap.
+RECONNECT_BACKOFF_INITIAL_MS = 100
+RECONNECT_BACKOFF_MAX_MS = 1_000
 
 
 class StoreError(Exception):
@@ -38,6 +50,14 @@ class StoreError(Exception):
 
 class StoreUnavailableError(TemporaryError):
     """etcd could not be reached or did not answer in time."""
+
+
+class WatchStalledError(StoreUnavailableError):
+    """The watch stream answered nothing, not even a progress request, for `silent_for` seconds."""
+
+    def __init__(self, silent_for: float) -> None:
+        super().__init__(f"watch stream answered nothing for {silent_for:g} s")
+        self.silent_for = silent_for
 
 
 class WatchCompactedError(Exception):
@@ -66,10 +86,18 @@ class WatchEvent:
 
 @dataclass(frozen=True, slots=True)
 class WatchBatch:
-    """One watch response: its events (possibly none, for progress notifications) and header revision."""
+    """One watch response after the stream was created.
+
+    `events` is empty for a progress notification or the answer to a progress
+    request. `revision` is the response header's revision. `progress` is True
+    only when the response proves that every change in the watched range up
+    to `revision` has been delivered, so the watch may resume after it (see
+    `EtcdStore.watch`).
+    """
 
     events: tuple[WatchEvent, ...]
     revision: int
+    progress: bool = False
 
 
 def _kv(pb: Any) -> KeyValue:
@@ -89,14 +117,22 @@ def range_end(prefix: bytes) -> bytes:
 class EtcdStore:
     """An async etcd client bound to endpoints; use as `async with EtcdStore(...)`."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 10.0) -> None:
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = 10.0, retry_attempts: int = 3) -> None:
+        """`timeout` bounds one request, retries included; `retry_attempts` is how many
+        times a request is tried on UNAVAILABLE / DEADLINE_EXCEEDED. Defaults: 10 s, 3."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = list(endpoints)
         self._timeout = timeout
-        self._client = Etcd3Client(self.endpoints, rpc_max_attempts=3)
-        # etcd3aio builds its channel from these options and offers no parameter for the limit.
-        self._client._manager.grpc_options.append(("grpc.max_receive_message_length", MAX_RECEIVE_BYTES))
+        self._client = Etcd3Client(self.endpoints, rpc_max_attempts=retry_attempts)
+        # etcd3aio builds its channel from these options and offers no parameter for them.
+        self._client._manager.grpc_options.extend(
+            [
+                ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+                ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
+                ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
+            ]
+        )
         self._connected = False
 
     async def __aenter__(self) -> EtcdStore:
@@ -149,9 +185,7 @@ class EtcdStore:
         items: list[KeyValue] = []
         key = start
         while True:
-            resp = await self._call(
-                self._kvs.get(key, end, revision=revision, limit=_PAGE, timeout=self._timeout)
-            )
+            resp = await self._call(self._kvs.get(key, end, revision=revision, limit=_PAGE, timeout=self._timeout))
             if revision == 0:
                 revision = int(resp.header.revision)
             items.extend(_kv(kv) for kv in resp.kvs)
@@ -179,9 +213,7 @@ class EtcdStore:
         resp = await self._call(self._kvs.txn([], ops, timeout=self._timeout))
         return int(resp.header.revision)
 
-    async def put_if_revision(
-        self, key: str, value: bytes, *, guard_key: str, guard_mod_revision: int
-    ) -> bool:
+    async def put_if_revision(self, key: str, value: bytes, *, guard_key: str, guard_mod_revision: int) -> bool:
         """Put `key` only if `guard_key`'s mod_revision is `guard_mod_revision` (0: the guard key is absent)."""
         compare = Compare(
             result=Compare.EQUAL, target=Compare.MOD, key=guard_key.encode(), mod_revision=guard_mod_revision
@@ -194,45 +226,93 @@ class EtcdStore:
     async def compact(self, revision: int) -> None:
         await self._call(self._kvs.compact(revision, physical=True, timeout=self._timeout))
 
-    async def watch(self, start: bytes, end: bytes, *, start_revision: int) -> AsyncIterator[WatchBatch]:
+    async def watch(
+        self,
+        start: bytes,
+        end: bytes,
+        *,
+        start_revision: int,
+        progress_after: float | None = None,
+        stall_after: float | None = None,
+    ) -> AsyncGenerator[WatchBatch, None]:
         """Stream changes to [start, end) from `start_revision`, with prev_kv and progress notifications.
 
-        Ends with WatchCompactedError when `start_revision` was compacted,
-        StoreUnavailableError on transport failure; never resumes by itself.
+        After `progress_after` seconds without a response a progress request
+        is sent (and again after each further such silence); after
+        `stall_after` seconds without any response the stream ends with
+        WatchStalledError. None disables either. Ends with WatchCompactedError
+        when `start_revision` was compacted, StoreUnavailableError on transport
+        failure; never resumes by itself.
         """
         if self._client.watch is None:
             raise StoreError("etcd client is not connected")
         channel = self._client._channel  # the channel etcd3aio built, shared with the unary services
-        stub = WatchStub(channel)
-
-        async def requests() -> AsyncIterator[Any]:
-            yield WatchRequest(
-                create_request=WatchCreateRequest(
-                    key=start, range_end=end, start_revision=start_revision, prev_kv=True, progress_notify=True
-                )
-            )
-            await asyncio.Event().wait()  # keep the stream open until cancelled
-
-        call = stub.Watch(requests())
+        create = WatchCreateRequest(
+            key=start, range_end=end, start_revision=start_revision, prev_kv=True, progress_notify=True
+        )
+        heard = asyncio.Event()  # set on every response; the request side times its progress requests by it
+        call = WatchStub(channel).Watch(self._watch_requests(create, heard, progress_after))
+        responses = call.__aiter__()
+        watch_id: int | None = None
         try:
-            async for resp in call:
+            while True:
+                try:
+                    async with asyncio.timeout(stall_after):
+                        resp = await anext(responses)
+                except StopAsyncIteration:
+                    raise StoreUnavailableError("etcd closed the watch stream") from None
+                except TimeoutError:
+                    raise WatchStalledError(stall_after or 0.0) from None
+                heard.set()
                 if resp.compact_revision > 0:
                     raise WatchCompactedError(int(resp.compact_revision))
                 if resp.canceled:
                     raise StoreUnavailableError(f"etcd cancelled the watch: {resp.cancel_reason or 'no reason'}")
-                if resp.created and not resp.events:
-                    continue
-                events = tuple(
-                    WatchEvent(
-                        type="delete" if ev.type == 1 else "put",
-                        kv=_kv(ev.kv),
-                        prev=_kv(ev.prev_kv) if ev.HasField("prev_kv") else None,
-                    )
-                    for ev in resp.events
-                )
-                yield WatchBatch(events=events, revision=int(resp.header.revision))
-            raise StoreUnavailableError("etcd closed the watch stream")
+                if resp.created:
+                    watch_id = int(resp.watch_id)
+                    if not resp.events:
+                        continue
+                yield self._batch(resp, watch_id)
         except grpc.aio.AioRpcError as e:
             raise StoreUnavailableError(f"watch stream failed: {e.code().name}") from e
         finally:
             call.cancel()
+
+    @staticmethod
+    async def _watch_requests(create: Any, heard: asyncio.Event, progress_after: float | None) -> AsyncIterator[Any]:
+        """The request side of one watch stream: the create request, then a progress request
+        after each `progress_after` seconds in which `heard` was not set; open until cancelled."""
+        yield WatchRequest(create_request=create)
+        while True:
+            heard.clear()
+            try:
+                await asyncio.wait_for(heard.wait(), progress_after)
+            except TimeoutError:
+                request = WatchRequest()
+                request.progress_request.SetInParent()  # an empty WatchProgressRequest
+                yield request
+
+    @staticmethod
+    def _batch(resp: Any, watch_id: int | None) -> WatchBatch:
+        events = tuple(
+            WatchEvent(
+                type="delete" if ev.type == 1 else "put",
+                kv=_kv(ev.kv),
+                prev=_kv(ev.prev_kv) if ev.HasField("prev_kv") else None,
+            )
+            for ev in resp.events
+        )
+        # An empty response is one of two things, told apart by its watch id.
+        # - Our watcher's own progress notification (watch id = ours, from
+        #   `progress_notify`): etcd sends it only to a *synced* watcher, under
+        #   the store lock and through the same channel as that watcher's events,
+        #   so every change up to the header revision has been delivered before
+        #   it. Resuming after that revision loses nothing.
+        # - The answer to a progress request (watch id -1): etcd before 3.5.8
+        #   (and the 3.5.1 we embed) answers it at once with the store's current
+        #   revision, on a separate control channel, even while the watcher is
+        #   still catching up on history or has events queued (etcd issue
+        #   15220). Resuming after that revision could skip those events, so it
+        #   only proves the stream is alive.
+        progress = not events and watch_id is not None and int(resp.watch_id) == watch_id
+        return WatchBatch(events=events, revision=int(resp.header.revision), progress=progress)

@@ -4,13 +4,20 @@ The reflector lists `actual/` .. `desired/` (one contiguous key range, which
 also holds `approvals/`, ignored for now) at a revision R, then watches from
 R+1 with `prev_kv`. A compacted start revision means events were lost, so it
 relists at a fresh revision and synthesises deletes for keys that vanished,
-never resuming silently. Transport errors reconnect with capped, jittered
-exponential backoff and resume from the last revision seen.
+never resuming silently.
+
+Anything else that ends the watch (etcd down, a refusal, a stream that went
+silent, a bug) is logged once, counted in `setpoint_etcd_watch_restarts_total`
+by reason, and followed by a capped, jittered exponential backoff before the
+watch is opened again from the last revision the cache holds. The backoff
+starts over once a stream delivers something. Only cancellation ends `run`:
+the daemon treats a reflector that returns as a crashed component.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable
 
@@ -18,10 +25,20 @@ import structlog
 
 from plans import Resource, ResourceKey
 from reconciler.cache import Cache, Change
+from reconciler.clock import Clock, SystemClock
 from reconciler.keys import KeySpace, Section
 from reconciler.metrics import Metrics
+from reconciler.settings import WatchSettings
 from reconciler.status import applied_from_status
-from reconciler.store import EtcdStore, StoreError, StoreUnavailableError, WatchCompactedError, range_end
+from reconciler.store import (
+    EtcdStore,
+    KeyValue,
+    StoreError,
+    StoreUnavailableError,
+    WatchCompactedError,
+    WatchStalledError,
+    range_end,
+)
 
 log = structlog.get_logger("setpoint.watch")
 
@@ -35,24 +52,26 @@ class Reflector:
         cache: Cache,
         on_change: Callable[[ResourceKey], None],
         metrics: Metrics,
-        backoff_base: float = 0.1,
-        backoff_cap: float = 5.0,
+        settings: WatchSettings | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """`settings` defaults to `WatchSettings()`; `clock` (for the backoff) to the system clock."""
         self._store = store
         self._keys = keys
         self._cache = cache
         self._on_change = on_change
         self._metrics = metrics
+        self._settings = settings or WatchSettings()
+        self._clock: Clock = clock or SystemClock()
         self._start = keys.section(Section.ACTUAL).encode()
         self._end = range_end(keys.section(Section.DESIRED).encode())
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
+        self._failures = 0
         self.synced = asyncio.Event()
 
     async def run(self) -> None:
-        """List (unless an earlier run already did), then watch until cancelled."""
+        """List (unless an earlier run already did), then watch; returns only by cancellation."""
         need_list = not self.synced.is_set()
-        failures = 0
+        self._failures = 0
         while True:
             try:
                 if need_list:
@@ -60,30 +79,48 @@ class Reflector:
                     need_list = False
                 await self._watch()
             except WatchCompactedError as e:
+                # etcd answered, so no backoff: the relist is the way forward.
                 log.warning("watch.compacted", compact_revision=e.compact_revision, revision=self._cache.revision)
                 self._metrics.watch_restarts.labels(reason="compacted").inc()
                 need_list = True
-                failures = 0
-            except (StoreUnavailableError, StoreError) as e:
-                # A refusal (not just an outage) is retried too: the watch must outlive
-                # anything etcd says, and the log line makes a persistent refusal visible.
-                failures += 1
-                delay = self._delay(failures)
-                reason = "unavailable" if isinstance(e, StoreUnavailableError) else "error"
-                log.warning("watch.disconnected", reason=reason, error=str(e)[:500], retry_in=round(delay, 3))
-                self._metrics.watch_restarts.labels(reason=reason).inc()
-                await asyncio.sleep(delay)
-            else:
-                failures = 0
+            except Exception as e:  # the watch's boundary: whatever ended it, open it again
+                await self._back_off(e)
+
+    async def _back_off(self, error: Exception) -> None:
+        """Log and count one failure, then wait out its backoff."""
+        self._failures += 1
+        delay = self._delay(self._failures)
+        fields = {"revision": self._cache.revision, "retry_in": round(delay, 3), "error": str(error)[:500]}
+        if isinstance(error, WatchStalledError):
+            reason = "stalled"
+            log.warning("watch.stalled", **fields)
+        elif isinstance(error, StoreUnavailableError):
+            reason = "unavailable"
+            log.warning("watch.disconnected", reason=reason, **fields)
+        elif isinstance(error, StoreError):
+            # A refusal (not just an outage) is retried too: the watch must outlive
+            # anything etcd says, and the log line makes a persistent refusal visible.
+            reason = "error"
+            log.warning("watch.disconnected", reason=reason, **fields)
+        else:
+            reason = "error"
+            log.error("watch.failed", error_type=type(error).__name__, exc_info=error, **fields)
+        self._metrics.watch_restarts.labels(reason=reason).inc()
+        await self._clock.sleep(delay)
 
     def _delay(self, failures: int) -> float:
-        ceiling = min(self._backoff_cap, self._backoff_base * 2 ** min(failures - 1, 32))
+        s = self._settings
+        ceiling = min(s.backoff_max_seconds, s.backoff_base_seconds * 2 ** min(failures - 1, 32))
         return random.uniform(ceiling / 2, ceiling)
 
     async def _relist(self) -> None:
         kvs, revision = await self._store.range(self._start, self._end)
+        status_start = self._keys.section(Section.STATUS).encode()
+        statuses, _ = await self._store.range(status_start, range_end(status_start), revision=revision)
+        # No await from here on: the cache moves to `revision` and every change is
+        # emitted in one step, so nobody sees the new state before its keys are queued.
         changes = self._cache.replace(kvs, revision)
-        orphans = await self._statuses_without_desired(revision)
+        orphans = self._statuses_without_desired(statuses)
         changes += self._cache.restore_tombstones(
             {key: applied for key, applied in orphans.items() if applied is not None}, revision
         )
@@ -97,12 +134,10 @@ class Reflector:
             self._on_change(key)
         self.synced.set()
 
-    async def _statuses_without_desired(self, revision: int) -> dict[ResourceKey, Resource | None]:
-        """Statuses at `revision` whose desired key is absent, with the resource each last applied."""
-        start = self._keys.section(Section.STATUS).encode()
-        kvs, _ = await self._store.range(start, range_end(start), revision=revision)
+    def _statuses_without_desired(self, statuses: list[KeyValue]) -> dict[ResourceKey, Resource | None]:
+        """Of `statuses`, those whose desired key the cache does not hold, with the resource each last applied."""
         orphans: dict[ResourceKey, Resource | None] = {}
-        for kv in kvs:
+        for kv in statuses:
             parsed = self._keys.parse(kv.key)
             if parsed is None or parsed.resource is None:
                 continue
@@ -112,22 +147,34 @@ class Reflector:
         return orphans
 
     async def _watch(self) -> None:
-        async for batch in self._store.watch(self._start, self._end, start_revision=self._cache.revision + 1):
-            last = self._cache.revision
-            for event in batch.events:
-                section = self._section_label(event.kv.key)
-                self._metrics.events.labels(section=section, type=event.type).inc()
-                if event.type == "put":
-                    change = self._cache.apply_put(event.kv)
-                else:
-                    change = self._cache.apply_delete(event.kv.key, event.kv.mod_revision)
-                if change is not None:
-                    self._emit(change)
-                last = max(last, event.kv.mod_revision)
-            if not batch.events:
-                last = max(last, batch.revision)  # a progress notification: nothing older is pending
-            self._cache.revision = last
-            self._metrics.etcd_revision.set(last)
+        s = self._settings
+        stream = self._store.watch(
+            self._start,
+            self._end,
+            start_revision=self._cache.revision + 1,
+            progress_after=s.progress_seconds,
+            stall_after=s.stall_seconds,
+        )
+        async with contextlib.aclosing(stream):
+            async for batch in stream:
+                self._failures = 0  # the stream works: the next failure starts the backoff over
+                last = self._cache.revision
+                for event in batch.events:
+                    section = self._section_label(event.kv.key)
+                    self._metrics.events.labels(section=section, type=event.type).inc()
+                    if event.type == "put":
+                        change = self._cache.apply_put(event.kv)
+                    else:
+                        change = self._cache.apply_delete(event.kv.key, event.kv.mod_revision)
+                    if change is not None:
+                        self._emit(change)
+                    last = max(last, event.kv.mod_revision)
+                # A batch's header revision may run ahead of events still to come;
+                # only a progress notification vouches for it (see EtcdStore.watch).
+                if batch.progress:
+                    last = max(last, batch.revision)
+                self._cache.revision = last
+                self._metrics.etcd_revision.set(last)
 
     def _emit(self, change: Change) -> None:
         if change.resource is not None:
@@ -137,5 +184,5 @@ class Reflector:
             log.warning("key.rejected", key=change.rejected_key, reason=change.reason)
 
     def _section_label(self, key: bytes) -> str:
-        text = key[len(self._start) - len("actual/"):].split(b"/", 1)[0]
+        text = key[len(self._start) - len("actual/") :].split(b"/", 1)[0]
         return text.decode("utf-8", "replace") if text in (b"actual", b"desired", b"approvals") else "other"

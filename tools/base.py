@@ -30,14 +30,17 @@ class ToolResult(BaseModel):
     status: ToolStatus
     output: dict[str, JsonValue] = Field(default_factory=dict)
     error: str | None = None
+    retryable: bool = Field(
+        default=False, description="The error is transient and the call had no effect: calling again is safe."
+    )
 
     @classmethod
     def success(cls, **output: JsonValue) -> ToolResult:
         return cls(status=ToolStatus.SUCCESS, output=output)
 
     @classmethod
-    def failure(cls, error: str, **output: JsonValue) -> ToolResult:
-        return cls(status=ToolStatus.ERROR, error=error, output=output)
+    def failure(cls, error: str, *, retryable: bool = False, **output: JsonValue) -> ToolResult:
+        return cls(status=ToolStatus.ERROR, error=error, retryable=retryable, output=output)
 
     @classmethod
     def no_data(cls, **output: JsonValue) -> ToolResult:
@@ -75,3 +78,12 @@ class Tool(ABC):
     @abstractmethod
     async def execute(self, params: BaseModel, ctx: ToolContext) -> ToolResult:
         """Run the tool with already-validated parameters."""
+
+    async def verify(self, params: BaseModel, ctx: ToolContext) -> bool | None:
+        """Read-only: has a call with `params` taken effect? True, False, or None when the tool cannot tell.
+
+        Used after a crash to settle a step found `running` whose tool is not
+        idempotent. Tools that can check their own effect override this; the
+        default answers honestly that it cannot tell.
+        """
+        return None

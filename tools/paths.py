@@ -13,6 +13,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+_SHOWN = 120  # characters of a refused path put in a message
+
+
+def _show(path: str) -> str:
+    return repr(path) if len(path) <= _SHOWN else repr(path[:_SHOWN]) + f"... ({len(path)} characters)"
+
 
 class PathNotAllowedError(ValueError):
     pass
@@ -21,20 +27,20 @@ class PathNotAllowedError(ValueError):
 def confine(path: str, roots: Sequence[str]) -> Path:
     """Return `path` resolved if it lies inside one of `roots`, else raise PathNotAllowedError."""
     if not path or not os.path.isabs(path):
-        raise PathNotAllowedError(f"path {path!r} is not absolute")
+        raise PathNotAllowedError(f"path {_show(path)} is not absolute")
     if "\x00" in path:
         raise PathNotAllowedError("path contains a NUL byte")
     if not roots:
-        raise PathNotAllowedError(f"path {path} is outside the allowed roots (none are configured)")
+        raise PathNotAllowedError(f"path {_show(path)} is outside the allowed roots (none are configured)")
     candidate = Path(path)
     if candidate.name in ("", ".", ".."):
-        raise PathNotAllowedError(f"path {path!r} does not name a file")
+        raise PathNotAllowedError(f"path {_show(path)} does not name a file")
     parent = Path(os.path.realpath(candidate.parent))
     resolved = parent / candidate.name
     for root in roots:
         real_root = Path(os.path.realpath(root))
         if resolved != real_root and resolved.is_relative_to(real_root):
             if resolved.is_symlink():
-                raise PathNotAllowedError(f"path {path} is a symbolic link")
+                raise PathNotAllowedError(f"path {_show(path)} is a symbolic link")
             return resolved
-    raise PathNotAllowedError(f"path {path} is outside the allowed roots {', '.join(roots)}")
+    raise PathNotAllowedError(f"path {_show(path)} is outside the allowed roots {', '.join(roots)}")

@@ -42,6 +42,8 @@ class FileSpec(BaseModel):
 def _spec_error(error: ValidationError) -> str:
     item = error.errors()[0]
     where = ".".join(str(p) for p in item["loc"])
+    if len(where) > 60:
+        where = where[:60] + "..."
     if item["type"] == "missing":
         return f"spec.{where} is required"
     if item["type"] == "extra_forbidden":

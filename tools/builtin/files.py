@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -30,6 +31,14 @@ from tools.base import Tool, ToolContext, ToolResult
 from tools.paths import PathNotAllowedError, confine
 
 MODE_PATTERN = r"^0?[0-7]{3}$"
+# Errors worth another try: the file system was busy or interrupted, not wrong.
+_TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETXTBSY})
+
+
+def _os_failure(action: str, target: Path, error: OSError) -> ToolResult:
+    return ToolResult.failure(
+        f"{action} {target} failed: {error.strerror or error}", retryable=error.errno in _TRANSIENT_ERRNOS
+    )
 
 
 def parse_mode(mode: str) -> int:
@@ -96,8 +105,18 @@ class FileWrite(_FileTool):
         try:
             digest = await asyncio.to_thread(self._write, target, params.content, parse_mode(params.mode))
         except OSError as e:
-            return ToolResult.failure(f"writing {target} failed: {e.strerror or e}")
+            return _os_failure("writing", target, e)
         return ToolResult.success(path=str(target), sha256=digest, mode=params.mode.zfill(4))
+
+    async def verify(self, params: BaseModel, ctx: ToolContext) -> bool | None:
+        assert isinstance(params, WriteParams)
+        try:
+            target = self._confine(params.path)
+            state = await asyncio.to_thread(stat_file, target)
+        except (PathNotAllowedError, OSError):
+            return None
+        want = hashlib.sha256(params.content.encode("utf-8")).hexdigest()
+        return state["sha256"] == want and state["mode"] == f"{parse_mode(params.mode):04o}"
 
     def _write(self, target: Path, content: str, mode: int) -> str:
         self._make_parents(target)
@@ -135,8 +154,16 @@ class FileDelete(_FileTool):
         try:
             existed = await asyncio.to_thread(self._delete, target)
         except OSError as e:
-            return ToolResult.failure(f"deleting {target} failed: {e.strerror or e}")
+            return _os_failure("deleting", target, e)
         return ToolResult.success(path=str(target), existed=existed)
+
+    async def verify(self, params: BaseModel, ctx: ToolContext) -> bool | None:
+        assert isinstance(params, _PathParams)
+        try:
+            target = self._confine(params.path)
+            return not await asyncio.to_thread(os.path.lexists, target)
+        except (PathNotAllowedError, OSError):
+            return None
 
     def _delete(self, target: Path) -> bool:
         try:
@@ -164,7 +191,7 @@ class FileRead(_FileTool):
         try:
             state = await asyncio.to_thread(stat_file, target)
         except OSError as e:
-            return ToolResult.failure(f"reading {target} failed: {e.strerror or e}")
+            return _os_failure("reading", target, e)
         if not state["exists"]:
             return ToolResult.no_data(path=str(target), **state)
         return ToolResult.success(path=str(target), **state)

@@ -1,0 +1,113 @@
+"""Limits that keep automation from doing too much, too often: the flap guard, the mutation budget
+and the max-unhealthy pause.
+
+They are pure bookkeeping over an injected clock (`now()` in monotonic
+seconds), so their behaviour is exact under test. The controller consults
+them; they never act themselves.
+
+- FlapGuard: at most `max_plans` executed plans per key within a sliding
+  `window` (Argo CD's self-heal backoff idea): a resource that keeps drifting
+  back is a symptom to be looked at, not something to fight forever.
+- MutationBudget: at most `per_minute` mutating steps across all keys in any
+  60 s window; the rest wait their turn.
+- healing_paused: when more than `max_fraction` of a kind's resources need
+  healing at once (and at least `min_count` of them), something bigger is
+  wrong than any one resource: stop healing that kind and say so (Cluster
+  API's maxUnhealthy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
+
+
+class FlapGuard:
+    def __init__(self, *, max_plans: int, window: float, now: Callable[[], float]) -> None:
+        if max_plans < 1 or window <= 0:
+            raise ValueError("the flap guard needs max_plans >= 1 and window > 0")
+        self.max_plans = max_plans
+        self.window = window
+        self._now = now
+        self._executed: dict[Hashable, deque[float]] = {}
+
+    def _recent(self, key: Hashable) -> deque[float]:
+        times = self._executed.get(key)
+        if times is None:
+            return deque()
+        horizon = self._now() - self.window
+        while times and times[0] <= horizon:
+            times.popleft()
+        if not times:
+            del self._executed[key]
+        return times
+
+    def blocked_for(self, key: Hashable) -> float | None:
+        """Seconds until `key` may run another plan, or None if it may run one now."""
+        times = self._recent(key)
+        if len(times) < self.max_plans:
+            return None
+        return max(0.0, times[0] + self.window - self._now())
+
+    def reason(self, key: Hashable) -> str:
+        # No countdown here: the reason must stay the same while the key stays blocked.
+        return (
+            f"flap guard: {self.max_plans} plans already ran for this resource within {self.window:g} s; "
+            f"automatic changes resume when the oldest leaves that window. Something keeps undoing them"
+        )
+
+    def record(self, key: Hashable) -> None:
+        """Count one executed plan for `key`."""
+        self._recent(key)
+        self._executed.setdefault(key, deque()).append(self._now())
+
+
+class MutationBudget:
+    """At most `per_minute` acquisitions in any 60 s window; `acquire` waits for a free slot."""
+
+    WINDOW = 60.0
+
+    def __init__(
+        self, *, per_minute: int, now: Callable[[], float], sleep: Callable[[float], Awaitable[None]]
+    ) -> None:
+        if per_minute < 1:
+            raise ValueError("the mutation budget needs per_minute >= 1")
+        self.per_minute = per_minute
+        self._now = now
+        self._sleep = sleep
+        self._taken: deque[float] = deque()
+        self._lock = asyncio.Lock()  # first come, first served
+
+    def _expire(self) -> None:
+        horizon = self._now() - self.WINDOW
+        while self._taken and self._taken[0] <= horizon:
+            self._taken.popleft()
+
+    async def acquire(self) -> float:
+        """Take one slot, waiting as long as needed; returns the seconds waited."""
+        waited = 0.0
+        async with self._lock:
+            while True:
+                self._expire()
+                if len(self._taken) < self.per_minute:
+                    self._taken.append(self._now())
+                    return waited
+                delay = self._taken[0] + self.WINDOW - self._now()
+                waited += delay
+                await self._sleep(delay)
+
+    @property
+    def in_window(self) -> int:
+        self._expire()
+        return len(self._taken)
+
+
+def healing_paused(*, kind: str, unhealthy: int, total: int, max_fraction: float, min_count: int) -> str | None:
+    """Why healing of `kind` is paused, or None when it may go on."""
+    if total <= 0 or unhealthy < min_count or unhealthy <= max_fraction * total:
+        return None
+    return (
+        f"healing of kind {kind!r} is paused: {unhealthy} of {total} resources need healing at once, "
+        f"more than {max_fraction:.0%}; look for a common cause, healing resumes when fewer are unhealthy"
+    )

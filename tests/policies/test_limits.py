@@ -1,0 +1,89 @@
+"""The limits are exact under a fake clock: windows slide, budgets wait their turn, pauses need a majority."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from policies.limits import FlapGuard, MutationBudget, healing_paused
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.t += seconds
+
+
+def test_flap_guard_allows_n_plans_per_window_then_blocks_until_the_oldest_leaves() -> None:
+    clock = Clock()
+    guard = FlapGuard(max_plans=3, window=600, now=clock.now)
+
+    for _ in range(3):
+        assert guard.blocked_for("k") is None
+        guard.record("k")
+        clock.t += 10
+
+    assert guard.blocked_for("k") == pytest.approx(570)
+    assert "3 plans already ran" in guard.reason("k")
+    assert guard.blocked_for("other") is None, "the guard is per key"
+    clock.t += 570
+    assert guard.blocked_for("k") is None
+
+
+def test_flap_guard_forgets_keys_whose_window_emptied() -> None:
+    clock = Clock()
+    guard = FlapGuard(max_plans=1, window=5, now=clock.now)
+    guard.record("k")
+    clock.t += 5
+
+    assert guard.blocked_for("k") is None
+    assert guard._executed == {}
+
+
+async def test_mutation_budget_waits_for_the_oldest_slot_to_expire() -> None:
+    clock = Clock()
+    budget = MutationBudget(per_minute=2, now=clock.now, sleep=clock.sleep)
+
+    assert await budget.acquire() == 0
+    clock.t += 20
+    assert await budget.acquire() == 0
+    waited = await budget.acquire()
+
+    assert waited == pytest.approx(40)
+    assert clock.slept == [pytest.approx(40)]
+    assert budget.in_window == 2
+
+
+async def test_mutation_budget_serves_waiters_in_order() -> None:
+    clock = Clock()
+    budget = MutationBudget(per_minute=1, now=clock.now, sleep=clock.sleep)
+    order: list[int] = []
+
+    async def take(i: int) -> None:
+        await budget.acquire()
+        order.append(i)
+
+    await asyncio.gather(*(take(i) for i in range(4)))
+
+    assert order == [0, 1, 2, 3]
+    assert clock.t == pytest.approx(1000 + 3 * 60)
+
+
+@pytest.mark.parametrize(
+    ("unhealthy", "total", "paused"),
+    [(0, 10, False), (4, 10, False), (5, 10, True), (2, 2, False), (3, 3, True), (3, 100, False), (1, 0, False)],
+)
+def test_healing_pauses_only_past_the_fraction_and_the_minimum(unhealthy: int, total: int, paused: bool) -> None:
+    reason = healing_paused(kind="file", unhealthy=unhealthy, total=total, max_fraction=0.4, min_count=3)
+
+    assert (reason is not None) is paused
+    if reason:
+        assert f"{unhealthy} of {total}" in reason
