@@ -97,13 +97,23 @@ def _parse(model: type[M], key: ResourceKey, value: bytes, *, what: str) -> tupl
     return parsed, None
 
 
+def _parse_guarded(model: type[M], key: ResourceKey, value: bytes, *, what: str) -> tuple[M | None, str | None]:
+    # The boundary where etcd's data enters: a value that trips a bug in parsing
+    # must become that key's Invalid reason, never an exception that stops the watch
+    # (which would then retry the same event forever).
+    try:
+        return _parse(model, key, value, what=what)
+    except Exception as e:
+        return None, _truncate(f"setpoint could not read this {what} value ({type(e).__name__}: {e})")
+
+
 def parse_desired(key: ResourceKey, kv: KeyValue) -> DesiredEntry:
-    resource, error = _parse(Resource, key, kv.value, what="desired")
+    resource, error = _parse_guarded(Resource, key, kv.value, what="desired")
     return DesiredEntry(key=key, mod_revision=kv.mod_revision, resource=resource, error=error)
 
 
 def parse_actual(key: ResourceKey, kv: KeyValue) -> ActualEntry:
-    observed, error = _parse(Observed, key, kv.value, what="actual")
+    observed, error = _parse_guarded(Observed, key, kv.value, what="actual")
     return ActualEntry(key=key, mod_revision=kv.mod_revision, observed=observed, error=error)
 
 

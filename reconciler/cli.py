@@ -42,6 +42,14 @@ def _endpoints(settings: Settings) -> list[str]:
     return [endpoint]
 
 
+def _store(settings: Settings) -> EtcdStore:
+    return EtcdStore(
+        _endpoints(settings),
+        timeout=settings.etcd.request_timeout_seconds,
+        retry_attempts=settings.etcd.retry_attempts,
+    )
+
+
 # -- run ------------------------------------------------------------------------
 
 
@@ -79,7 +87,7 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
             )
 
     async def main() -> None:
-        async with EtcdStore(_endpoints(settings), timeout=settings.etcd.request_timeout_seconds) as store:
+        async with _store(settings) as store:
             for batch in _batches(items):
                 await store.put_all(batch)
 
@@ -112,7 +120,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     wanted = ResourceKey.parse(args.resource) if args.resource else None
 
     async def main() -> list[dict[str, object]]:
-        async with EtcdStore(_endpoints(settings), timeout=settings.etcd.request_timeout_seconds) as store:
+        async with _store(settings) as store:
             if wanted is not None:
                 kv = await store.get(keys.status(wanted))
                 kvs = [kv] if kv is not None else []

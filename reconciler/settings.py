@@ -81,12 +81,12 @@ class WatchSettings(_Group):
         default=5.0, gt=0, description="Cap on the (jittered, doubling) re-watch delay. Defaults to 5 s."
     )
     progress_seconds: float = Field(
-        default=30.0, gt=0,
-        description="Ask etcd for a progress notification after this long without a response. Defaults to 30 s.",
+        default=10.0, gt=0,
+        description="Ask etcd for a progress notification after this long without a response. Defaults to 10 s.",
     )  # fmt: skip
     stall_seconds: float = Field(
-        default=90.0, gt=0,
-        description="Restart a watch stream that has answered nothing, not even progress, this long. Defaults to 90 s.",
+        default=30.0, gt=0,
+        description="Restart a watch stream that has answered nothing, not even progress, this long. Defaults to 30 s.",
     )  # fmt: skip
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from reconciler.settings import Settings, SettingsError, load_settings
 
@@ -68,3 +70,30 @@ def test_ipv6_listen_in_brackets_is_accepted(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, "http: {listen: '[::1]:0'}\n"))
 
     assert settings.http.listen == "[::1]:0"
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
+    names = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names += _leaves(annotation, f"{prefix}{name}.")
+        else:
+            names.append(prefix + name)
+    return names
+
+
+def test_the_reference_config_lists_every_setting() -> None:
+    path = Path(__file__).resolve().parents[2] / "deploy" / "config.example.yaml"
+    raw = yaml.safe_load(path.read_text())
+
+    missing = []
+    for dotted in _leaves(Settings):
+        node = raw
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(dotted)
+                break
+            node = node[part]
+    assert missing == [], f"deploy/config.example.yaml lacks {missing}"
+    load_settings(path)  # and it is valid
