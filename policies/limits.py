@@ -97,6 +97,13 @@ class MutationBudget:
                 waited += delay
                 await self._sleep(delay)
 
+    def wait_time(self) -> float:
+        """Seconds until a slot is free (0 when one is free now); waiters already queued are not counted."""
+        self._expire()
+        if len(self._taken) < self.per_minute:
+            return 0.0
+        return max(0.0, self._taken[0] + self.WINDOW - self._now())
+
     @property
     def in_window(self) -> int:
         self._expire()

@@ -44,6 +44,7 @@ from plans import (
     PlanValidationError,
     Resource,
     ResourceKey,
+    RiskLevel,
     StepState,
     TemporaryError,
 )
@@ -264,6 +265,11 @@ class Controller:
         held = await self._held_by_limits(entry, plan)
         if held is not None:
             return held
+        wait = self._executor.budget.wait_time()
+        if wait > 0 and plan.risk > RiskLevel.READ_ONLY:
+            # Not started yet: free the worker for other keys rather than wait in it.
+            await self._write(entry, Phase.PENDING, "waiting for the mutating-steps-per-minute budget")
+            return Outcome("budget", requeue_after=wait)
         self._flap.record(key)
         with structlog.contextvars.bound_contextvars(plan_id=plan.id):
             await self._write(entry, Phase.EXECUTING, plan.reasoning, plan_id=plan.id)

@@ -65,7 +65,7 @@ class Executor:
         self._store = store
         self._keys = keys
         self._metrics = metrics
-        self._budget = budget
+        self.budget = budget
         self._retries = retries or ToolSettings()
         self.stopping = asyncio.Event()
 
@@ -117,7 +117,7 @@ class Executor:
 
     async def _take_budget(self) -> bool:
         """Wait for a mutation slot; False if shutdown came first."""
-        take = asyncio.ensure_future(self._budget.acquire())
+        take = asyncio.ensure_future(self.budget.acquire())
         stop = asyncio.ensure_future(self.stopping.wait())
         done, _ = await asyncio.wait({take, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()

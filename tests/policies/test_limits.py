@@ -87,3 +87,17 @@ def test_healing_pauses_only_past_the_fraction_and_the_minimum(unhealthy: int, t
     assert (reason is not None) is paused
     if reason:
         assert f"{unhealthy} of {total}" in reason
+
+
+async def test_mutation_budget_says_how_long_until_a_slot_frees() -> None:
+    clock = Clock()
+    budget = MutationBudget(per_minute=2, now=clock.now, sleep=clock.sleep)
+
+    assert budget.wait_time() == 0
+    await budget.acquire()
+    clock.t += 15
+    await budget.acquire()
+
+    assert budget.wait_time() == pytest.approx(45)
+    clock.t += 45
+    assert budget.wait_time() == 0
