@@ -204,7 +204,11 @@ class Controller:
             del self._held[key]
         record = self._resume.pop(key, None)
         if record is not None:
-            resumed = await self._resume_plan(entry, record)
+            try:
+                resumed = await self._resume_plan(entry, record)
+            except Exception:
+                self._resume.setdefault(key, record)  # retry the resume, never a fresh plan
+                raise
             if resumed is not None:
                 return resumed
         try:
@@ -274,8 +278,8 @@ class Controller:
         with structlog.contextvars.bound_contextvars(plan_id=plan.id):
             await self._write(entry, Phase.EXECUTING, plan.reasoning, plan_id=plan.id)
             log.info("plan.executing", steps=len(steps), risk=plan.risk.value, reasoning=plan.reasoning)
-            execution = await self._executor.execute(record, steps, current_revision=lambda: self._revision(key))
-            return await self._after(entry, plan, execution.state, execution.message)
+            state, message = await self._execute(entry, record, steps)
+            return await self._after(entry, plan, state, message)
 
     async def _resume_plan(self, entry: DesiredEntry, record: PlanRecord) -> Outcome | None:
         """Finish a plan a previous run left unfinished; None when it cannot go on and the key is re-planned."""
@@ -288,6 +292,9 @@ class Controller:
                 await self._executor.save(record)
                 return None
             current = plan.desired_revision == entry.mod_revision
+            if current and record.outcome_unknown_step is not None:
+                # Settled as unknown by an earlier attempt whose journal write failed.
+                return await self._hold(entry, record, steps[record.outcome_unknown_step - 1])
             for validated in steps:
                 journal = record.steps[validated.index]
                 if journal.state is StepState.RUNNING and not await self._settle(validated, record, current=current):
@@ -303,10 +310,22 @@ class Controller:
             log.info("plan.resuming", steps_left=len(remaining))
             self._flap.record(entry.key)
             await self._write(entry, Phase.EXECUTING, f"resuming after restart: {plan.reasoning}", plan_id=plan.id)
+            state, message = await self._execute(entry, record, remaining)
+            return await self._after(entry, plan, state, message)
+
+    async def _execute(
+        self, entry: DesiredEntry, record: PlanRecord, steps: list[ValidatedStep]
+    ) -> tuple[PlanState, str]:
+        try:
             execution = await self._executor.execute(
-                record, remaining, current_revision=lambda: self._revision(entry.key)
+                record, steps, current_revision=lambda: self._revision(entry.key)
             )
-            return await self._after(entry, plan, execution.state, execution.message)
+        except Exception:
+            # A journal write failed mid-plan (etcd down): the in-memory journal is the
+            # truth, so the retry resumes from it and never re-plans a step that may have run.
+            self._resume[entry.key] = record
+            raise
+        return execution.state, execution.message
 
     async def _settle(self, validated: ValidatedStep, record: PlanRecord, *, current: bool) -> bool:
         """Decide a step found `running` after a crash; False when its outcome cannot be known."""
