@@ -13,6 +13,7 @@ or reordered event can never move a key backwards.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -25,6 +26,7 @@ from reconciler.keys import KeySpace, ParsedKey, Section
 from reconciler.store import KeyValue
 
 MAX_ERROR_CHARS = 300
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape in U+D800..U+DFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +67,12 @@ def _decode(value: bytes) -> tuple[object | None, str | None]:
         return None, "value is not valid JSON: nested too deeply"
     except ValueError as e:  # e.g. an integer too long to convert
         return None, _truncate(f"value is not valid JSON: {e}")
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return data, None
     try:
         # JSON may spell lone UTF-16 surrogates ("\ud800") that no UTF-8 encoder
         # accepts; they would fail later, when the value is hashed or written back.
+        # Only values holding such an escape pay for this second pass.
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         return None, "value is not valid JSON text: it contains a lone UTF-16 surrogate escape"

@@ -137,3 +137,13 @@ def test_replace_synthesises_deletes_for_vanished_keys_and_puts_for_changed_ones
     assert cache.desired[c].resource is not None and cache.desired[c].resource.spec["content"] == "v2"
     assert b not in cache.actual
     assert cache.revision == 10
+
+
+def test_surrogate_pairs_are_valid_and_lone_surrogates_are_not() -> None:
+    pair = json.dumps({"kind": "file", "name": "a", "spec": {"path": "/r/a", "content": "\U0001f600"}}).encode()
+    lone = pair.replace(b"\\ud83d\\ude00", b"\\ud83d")
+
+    assert b"\\ud83d\\ude00" in pair, "json.dumps escapes the emoji as a surrogate pair"
+    assert parse_desired(FILE_A, kv("/sp/desired/file/a", pair, 2)).valid
+    entry = parse_desired(FILE_A, kv("/sp/desired/file/a", lone, 3))
+    assert entry.error is not None and "surrogate" in entry.error

@@ -169,13 +169,13 @@ class Writers:
         self.progressed.set()
 
     async def run(self, plan: list[tuple[str, int]], *, concurrency: int) -> None:
-        todo = iter(plan)
+        pending_writes = iter(plan)
         # asyncio.Lock wakes waiters in FIFO order, and a writer takes the next item and
         # queues on its key's lock without yielding in between: per-key order is kept.
         locks: dict[str, asyncio.Lock] = {}
 
         async def writer() -> None:
-            for name, n in todo:
+            for name, n in pending_writes:
                 async with locks.setdefault(name, asyncio.Lock()):
                     await self.put(name, n)
 
