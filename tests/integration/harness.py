@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from plans import ResourceKey
+from reconciler.assembly import Assembly
 from reconciler.daemon import Daemon
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.keys import KeySpace
@@ -41,6 +42,7 @@ class Harness:
     root: Path
     settings: Settings
     daemon: Daemon | None = None
+    assembly: Assembly | None = None  # agents, tools and policies other than the built-in ones
     _task: asyncio.Task[int] | None = field(default=None, repr=False)
     _stop: asyncio.Event | None = field(default=None, repr=False)
 
@@ -88,7 +90,7 @@ class Harness:
         return dict(json.loads(kv.value))
 
     async def start(self) -> Daemon:
-        self.daemon = Daemon(self.settings)
+        self.daemon = Daemon(self.settings, assembly=self.assembly)
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self.daemon.run(self._stop))
         ready = asyncio.ensure_future(self.daemon.ready.wait())

@@ -174,8 +174,19 @@ async def test_only_mutating_steps_take_from_the_budget_and_wait_their_turn(stor
 async def test_a_moved_desired_revision_supersedes_before_the_next_step(store: EtcdStore) -> None:
     executor, _ = make(store)
     first, second = Scripted([]), type("Second", (Scripted,), {"name": "test.second"})([])
+    revisions = iter([5, 6])  # the desired value moves while the first step runs
 
-    record = await run(executor, first, second, revision=6)
+    registry = ToolRegistry([first, second])
+    plan, steps = registry.validate_plan(
+        ExecutionPlan(
+            agent="test", resource=ResourceKey(kind="test", name="t"),
+            steps=(Step(tool=first.name), Step(tool=second.name)), desired_revision=5,
+        )
+    )  # fmt: skip
+    record = (
+        await executor.execute(PlanRecord.start(plan, decision="auto"), steps, current_revision=lambda: next(revisions))
+    ).record
 
     assert record.state is PlanState.SUPERSEDED
-    assert first.calls == 0 and second.calls == 0
+    assert first.calls == 1 and second.calls == 0
+    assert [s.state.value for s in record.steps] == ["succeeded", "skipped"]

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from policies.limits import FlapGuard, MutationBudget, healing_paused
+from reconciler.clock import FakeClock
 
 
 class Clock:
@@ -63,18 +64,31 @@ async def test_mutation_budget_waits_for_the_oldest_slot_to_expire() -> None:
 
 
 async def test_mutation_budget_serves_waiters_in_order() -> None:
-    clock = Clock()
+    """A caller arriving in the very instant a slot frees must not take it from one already waiting.
+
+    The fake clock's sleep really suspends, so the waiters interleave as they do on a real loop.
+    """
+    clock = FakeClock(1000)
     budget = MutationBudget(per_minute=1, now=clock.now, sleep=clock.sleep)
-    order: list[int] = []
+    order: list[str] = []
 
-    async def take(i: int) -> None:
+    async def take(name: str) -> None:
         await budget.acquire()
-        order.append(i)
+        order.append(f"{name}@{clock.now():g}")
 
-    await asyncio.gather(*(take(i) for i in range(4)))
+    await take("first")
+    waiting = [asyncio.create_task(take(f"waiter{i}")) for i in range(2)]
+    for _ in range(3):
+        await asyncio.sleep(0)  # both are now waiting for a slot
+    newcomer = asyncio.create_task(take("newcomer"))  # scheduled, not yet running...
+    clock.advance(60)  # ...when the first slot frees
+    for _ in range(3):
+        for _ in range(5):
+            await asyncio.sleep(0)
+        clock.advance(60)
+    await asyncio.gather(*waiting, newcomer)
 
-    assert order == [0, 1, 2, 3]
-    assert clock.t == pytest.approx(1000 + 3 * 60)
+    assert order == ["first@1000", "waiter0@1060", "waiter1@1120", "newcomer@1180"]
 
 
 @pytest.mark.parametrize(

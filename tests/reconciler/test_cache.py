@@ -32,7 +32,7 @@ def good(name: str = "a", content: str = "x") -> bytes:
         (b"null", "must be a JSON object"),
         (b'"just a string"', "must be a JSON object"),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-        (b'{"a":' * 5000 + b"1" + b"}" * 5000, ""),
+        (b'{"a":' * 5000 + b"1" + b"}" * 5000, "nested too deeply"),
         (b'{"kind": "file", "name": "a"}', "'spec' is required"),
         (b'{"kind": "file", "name": "a", "spec": [], "labels": {}}', "spec"),
         (b'{"kind": "file", "name": "a", "spec": {}, "labels": {"x": 1}}', "labels.x"),
