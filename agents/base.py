@@ -1,9 +1,17 @@
 """The agent protocol and the registry that maps kinds to agents.
 
-Besides the seed interface (`reconcile`, `heal`, `plan`, `tools`) an agent
-implements `retire`, called when a desired resource is deleted, with the last
-desired value it had: that is the only place the agent can learn what to tear
-down, since the desired key itself is gone.
+An agent plans from a `Snapshot` (the desired value, the revision it was read
+at, and what was observed) and builds its plan with `snapshot.plan(...)`, so
+every plan names the desired value it was made for. Besides the seed
+interface (`reconcile`, `heal`, `plan`, `tools`) an agent implements `retire`,
+called when a desired resource is deleted, with a snapshot of the last value
+it had: that is the only place the agent can learn what to tear down, since
+the desired key itself is gone.
+
+Two optional protocols: an `ObservingAgent` observes its resources itself;
+a `ClaimingAgent` names the targets a resource manages (a file's path), so
+that two resources fighting over one target are both reported, each naming
+the other, instead of undoing each other forever.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import JsonValue
 
-from plans import ExecutionPlan, Issue, Observed, Resource
+from plans import ExecutionPlan, Issue, Resource, Snapshot
 from tools import Tool
 
 
@@ -21,19 +29,19 @@ class Agent(Protocol):
     name: str
     kinds: frozenset[str]
 
-    async def reconcile(self, desired: Resource, actual: Observed | None) -> ExecutionPlan:
+    async def reconcile(self, snapshot: Snapshot) -> ExecutionPlan:
         """A plan that moves actual to desired; an empty plan when they already match."""
         ...
 
-    async def retire(self, last: Resource, actual: Observed | None) -> ExecutionPlan:
-        """A plan that removes what `last` (the deleted desired value) had created."""
+    async def retire(self, snapshot: Snapshot) -> ExecutionPlan:
+        """A plan that removes what `snapshot.desired` (the deleted value) had created."""
         ...
 
-    async def heal(self, issue: Issue, desired: Resource | None, actual: Observed | None) -> ExecutionPlan:
+    async def heal(self, issue: Issue, snapshot: Snapshot) -> ExecutionPlan:
         """A plan that addresses a reported issue."""
         ...
 
-    async def plan(self, desired: Resource, actual: Observed | None) -> ExecutionPlan:
+    async def plan(self, snapshot: Snapshot) -> ExecutionPlan:
         """What `reconcile` would do; never executes anything."""
         ...
 
@@ -46,6 +54,16 @@ class ObservingAgent(Protocol):
 
     async def observe(self, desired: Resource) -> dict[str, JsonValue]:
         """The current actual state of `desired`, as stored under `actual/<kind>/<name>` `state`."""
+        ...
+
+
+@runtime_checkable
+class ClaimingAgent(Protocol):
+    """An agent whose resources manage targets that only one resource may own."""
+
+    def claims(self, desired: Resource) -> frozenset[str]:
+        """The targets `desired` manages, unique across agents (say "file:/etc/motd"); pure, no I/O.
+        Empty when the value is not valid enough to tell."""
         ...
 
 

@@ -23,6 +23,7 @@ from plans.resources import (
     validate_name,
 )
 from plans.risk import RiskLevel
+from plans.snapshot import Snapshot
 
 __all__ = [
     "NAME_PATTERN",
@@ -38,6 +39,7 @@ __all__ = [
     "ResourceKey",
     "RiskLevel",
     "SetpointError",
+    "Snapshot",
     "Step",
     "StepRecord",
     "StepState",

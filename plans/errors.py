@@ -9,7 +9,11 @@ be acted on; the resource goes to phase `Invalid` with the error's message.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import ValidationError
+
+_MAX_PATH_CHARS = 60  # a path built from a hostile value's keys can be arbitrarily long
 
 
 class SetpointError(Exception):
@@ -36,12 +40,37 @@ class PlanValidationError(PermanentError):
     """A plan step does not match its tool (unknown tool, bad parameters)."""
 
 
-def describe_validation_error(error: ValidationError, *, whole: str = "value") -> str:
-    """The first problem in `error` as one short clause naming the field, e.g. "field 'spec' is required"."""
-    item = error.errors()[0]
-    where = ".".join(str(p) for p in item["loc"]) or whole
-    if item["type"] == "missing":
-        return f"field {where!r} is required"
-    if item["type"] == "extra_forbidden":
-        return f"field {where!r} is not allowed"
-    return f"field {where!r}: {item['msg']}"
+def describe_validation_error(
+    error: ValidationError,
+    *,
+    what: str | None = "field",
+    prefix: str = "",
+    whole: str = "value",
+    unknown: str = "is not allowed",
+    explain: Mapping[str, str] | None = None,
+    every: bool = False,
+) -> str:
+    """The problems in `error` as short clauses that name the field, e.g. "field 'spec' is required".
+
+    `what` names what a field is ("field", "parameter"); None gives the bare path
+    (`spec.mode`). `prefix` goes before the path, `whole` stands for the value
+    itself, `unknown` says what an unexpected field is, and `explain` replaces
+    pydantic's message for an error type. Only the first problem unless `every`.
+    """
+    clauses = []
+    for item in error.errors() if every else error.errors()[:1]:
+        path = ".".join(str(p) for p in item["loc"])
+        if len(path) > _MAX_PATH_CHARS:
+            path = path[:_MAX_PATH_CHARS] + "..."
+        where = f"{prefix}{path}" if path else whole
+        subject = where if what is None else f"{what} {where!r}"
+        kind = item["type"]
+        if explain is not None and kind in explain:
+            clauses.append(f"{subject} {explain[kind]}")
+        elif kind == "missing":
+            clauses.append(f"{subject} is required")
+        elif kind == "extra_forbidden":
+            clauses.append(f"{subject} {unknown}")
+        else:
+            clauses.append(f"{subject}: {item['msg']}")
+    return "; ".join(clauses)

@@ -3,10 +3,16 @@
 Each step is journalled before it runs (`running`, with a start time) and
 after (`succeeded` / `failed`, with a finish time and message), so after a
 crash the record says exactly which steps completed and which one was cut off.
+
+A record must always fit in one etcd request, whatever its tools return: a
+step's output is cut to `MAX_OUTPUT_BYTES` (and says so), and a plan is
+accepted only if its record, grown by the most each of its steps can add,
+still fits (`PlanRecord.worst_case_bytes`).
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -14,9 +20,27 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from plans.model import ExecutionPlan
 
+MAX_OUTPUT_BYTES = 4096  # of one step's output, as JSON
+MAX_MESSAGE_CHARS = 500  # of one step's message
+_PREVIEW_CHARS = 1024
+# What one step's journal entry can add to a record: its output and message at
+# their caps (a character may take 6 bytes as a JSON escape), times and state.
+STEP_GROWTH_BYTES = MAX_OUTPUT_BYTES + 6 * MAX_MESSAGE_CHARS + 256
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def cap_output(output: dict[str, JsonValue]) -> tuple[dict[str, JsonValue], str]:
+    """`output` if its JSON fits in MAX_OUTPUT_BYTES, else a stand-in with its size and a preview,
+    and a note saying it was cut ("" when it was not)."""
+    text = json.dumps(output, ensure_ascii=False)
+    size = len(text.encode("utf-8"))
+    if size <= MAX_OUTPUT_BYTES:
+        return output, ""
+    note = f"output cut: {size} bytes, more than the {MAX_OUTPUT_BYTES} the journal keeps"
+    return {"truncated": True, "bytes": size, "preview": text[:_PREVIEW_CHARS]}, note
 
 
 class StepState(StrEnum):
@@ -65,6 +89,14 @@ class PlanRecord(BaseModel):
         default=None,
         description="1-based step whose effect is unknown after a crash; the resource is held until desired changes.",
     )
+
+    def worst_case_bytes(self) -> int:
+        """The size this record can grow to as its steps are journalled."""
+        return len(self.model_dump_json()) + STEP_GROWTH_BYTES * len(self.steps)
+
+    @property
+    def all_succeeded(self) -> bool:
+        return all(step.state is StepState.SUCCEEDED for step in self.steps)
 
     @classmethod
     def start(cls, plan: ExecutionPlan, *, decision: str, decision_reason: str = "") -> PlanRecord:

@@ -7,7 +7,10 @@ them; they never act themselves.
 
 - FlapGuard: at most `max_plans` executed plans per key within a sliding
   `window` (Argo CD's self-heal backoff idea): a resource that keeps drifting
-  back is a symptom to be looked at, not something to fight forever.
+  back is a symptom to be looked at, not something to fight forever. It also
+  remembers how the last plan ended, so the reason it gives is the truth:
+  plans that keep failing are reported with their error, not as drift that
+  something keeps undoing.
 - MutationBudget: at most `per_minute` mutating steps across all keys in any
   60 s window; the rest wait their turn.
 - healing_paused: when more than `max_fraction` of a kind's resources need
@@ -31,6 +34,7 @@ class FlapGuard:
         self.window = window
         self._now = now
         self._executed: dict[Hashable, deque[float]] = {}
+        self._last_error: dict[Hashable, str] = {}
 
     def _recent(self, key: Hashable) -> deque[float]:
         times = self._executed.get(key)
@@ -41,6 +45,7 @@ class FlapGuard:
             times.popleft()
         if not times:
             del self._executed[key]
+            self._last_error.pop(key, None)
         return times
 
     def blocked_for(self, key: Hashable) -> float | None:
@@ -52,15 +57,24 @@ class FlapGuard:
 
     def reason(self, key: Hashable) -> str:
         # No countdown here: the reason must stay the same while the key stays blocked.
-        return (
-            f"flap guard: {self.max_plans} plans already ran for this resource within {self.window:g} s; "
-            f"automatic changes resume when the oldest leaves that window. Something keeps undoing them"
-        )
+        head = f"flap guard: {self.max_plans} plans already ran for this resource within {self.window:g} s"
+        resume = "automatic changes resume when the oldest leaves that window"
+        error = self._last_error.get(key)
+        if error is not None:
+            return f"{head}, and the last one failed: {error}; {resume}"
+        return f"{head}, and each time it drifted again: something keeps undoing them; {resume}"
 
     def record(self, key: Hashable) -> None:
         """Count one executed plan for `key`."""
         self._recent(key)
         self._executed.setdefault(key, deque()).append(self._now())
+
+    def settled(self, key: Hashable, *, error: str | None) -> None:
+        """How `key`'s last executed plan ended: None when it succeeded, else its error."""
+        if error is None:
+            self._last_error.pop(key, None)
+        elif key in self._executed:
+            self._last_error[key] = error
 
 
 class MutationBudget:
@@ -96,6 +110,16 @@ class MutationBudget:
                 delay = self._taken[0] + self.WINDOW - self._now()
                 waited += delay
                 await self._sleep(delay)
+
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free now and nobody is waiting for one; never waits."""
+        if self._lock.locked():
+            return False
+        self._expire()
+        if len(self._taken) >= self.per_minute:
+            return False
+        self._taken.append(self._now())
+        return True
 
     def wait_time(self) -> float:
         """Seconds until a slot is free (0 when one is free now); waiters already queued are not counted."""

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from plans import ResourceKey
 from reconciler.documents import DocumentError, load_resources
-from reconciler.embedded import EmbeddedEtcdError, read_endpoint_file
+from reconciler.embedded import read_endpoint_file
+from reconciler.errors import StartupError
 from reconciler.keys import KeySpace, Section
 from reconciler.settings import Settings, SettingsError, load_settings
 from reconciler.store import MAX_REQUEST_BYTES, MAX_TXN_OPS, EtcdStore, StoreError, StoreUnavailableError
@@ -61,10 +62,17 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     async def main() -> int:
         stop = asyncio.Event()
+        daemon = Daemon(settings)
+
+        def on_signal(sig: signal.Signals) -> None:
+            daemon.stop_signal = daemon.stop_signal or sig.name
+            stop.set()
+
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        return await Daemon(settings).run(stop)
+        # SIGHUP drains like SIGTERM until setpoint can reload its settings.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, on_signal, sig)
+        return await daemon.run(stop)
 
     return asyncio.run(main())
 
@@ -197,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         code: int = args.func(args, settings)
         return code
-    except (CliError, SettingsError, DocumentError, EmbeddedEtcdError, StoreError, StoreUnavailableError,
+    except (CliError, SettingsError, DocumentError, StartupError, StoreError, StoreUnavailableError,
             ValueError) as e:  # fmt: skip
         if args.debug:
             traceback.print_exc()

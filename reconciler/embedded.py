@@ -15,6 +15,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from reconciler.errors import StartupError
 
 ENDPOINT_FILE = "endpoint"
 _PR_SET_PDEATHSIG = 1
@@ -38,8 +41,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class EmbeddedEtcdError(RuntimeError):
+class EmbeddedEtcdError(StartupError):
     pass
+
+
+MIN_VERSION = (3, 5)
+
+
+def etcd_version(binary: str) -> str | None:
+    """What `binary --version` says its version is; None when it does not say."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"etcd Version:\s*(\S+)", out)
+    return match.group(1) if match else None
+
+
+def older_than_supported(version: str | None) -> bool:
+    """True for a version before 3.5 (setpoint relies on 3.5's watch progress notifications), or none at all."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    return match is None or (int(match.group(1)), int(match.group(2))) < MIN_VERSION
 
 
 def find_etcd_binary(explicit: str | None = None) -> str:

@@ -1,47 +1,62 @@
-"""Runs a validated plan's steps in order and journals each one under `plans/<id>`.
+"""Runs a validated plan's steps in order, journalling each one under `plans/<id>`.
 
-A step is journalled `running` before its tool is called and `succeeded` /
-`failed` after, so the record always says how far a plan got. Before each
-step the executor stops if shutdown was requested (the running step is
-always finished, never abandoned) or if the desired value moved on since the
-plan was made (the plan is superseded and the key is planned again).
-Exceptions from a tool are turned into failed steps here, at the boundary.
+A step is journalled `running` before its tool is called. Its result goes
+into the next write: the next step's start, or the plan's outcome, which the
+caller settles together with the final status (`runner.py`). So the record
+always says how far a plan got, and a step costs one etcd write. The first
+write is `begin`, supplied by the caller: it also writes status `Executing`
+and is refused when the desired value has moved on, in which case nothing
+runs at all.
 
-A mutating step (any risk above read_only) first takes a slot from the
-global mutation budget, waiting its turn if the budget is spent (shutdown
-interrupts the wait). A tool error the tool marks `retryable` is retried
-with jittered exponential backoff for a bounded number of attempts; a
-timeout counts as retryable only for an idempotent tool, since a timed-out
-call may have taken effect.
+The in-memory record says `running` only once that write succeeded: if it
+fails, the step is put back to `pending`, because its tool was never called.
+A retry then runs it; it is not mistaken for a step cut off by a crash.
+
+Before each step the executor stops if shutdown was requested (the running
+step is always finished, never abandoned) or if the desired value moved on
+since the plan was made (the plan is superseded and the key is planned
+again). Exceptions from a tool become failed steps here, at the boundary,
+and a step's output is capped so the record always fits in one etcd request.
+A plan succeeds only when every one of its steps is journalled `succeeded`.
+
+A mutating step (any risk above read_only) takes a slot from the global
+mutation budget. When none is free, what is done so far is journalled
+first, then the step waits its turn (shutdown interrupts the wait). A tool
+error the tool marks `retryable` is retried with jittered exponential backoff
+for a bounded number of attempts; a timeout counts as retryable only for an
+idempotent tool, since a timed-out call may have taken effect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, wait_random_exponential
 
 from plans import PlanRecord, PlanState, RiskLevel, StepState
-from plans.journal import utcnow
+from plans.journal import MAX_MESSAGE_CHARS, cap_output, utcnow
 from policies.limits import MutationBudget
-from reconciler.keys import KeySpace
+from reconciler.journal import PlanJournal
 from reconciler.metrics import Metrics
 from reconciler.settings import ToolSettings
-from reconciler.store import EtcdStore
 from tools import ToolContext, ToolResult, ValidatedStep
 
 log = structlog.get_logger("setpoint.executor")
 
-MAX_MESSAGE_CHARS = 500
+Begin = Callable[[PlanRecord], Awaitable[bool]]
 
 
 @dataclass(frozen=True, slots=True)
 class Execution:
+    """How a call to `execute` ended; `record` holds the outcome, not yet written."""
+
     record: PlanRecord
+    begun: bool  # this call wrote the record
+    refused: bool = False  # `begin` was refused: the desired value moved on and nothing ran
 
     @property
     def state(self) -> PlanState:
@@ -56,69 +71,99 @@ class Executor:
     def __init__(
         self,
         *,
-        store: EtcdStore,
-        keys: KeySpace,
+        journal: PlanJournal,
         metrics: Metrics,
         budget: MutationBudget,
+        stopping: asyncio.Event,
         retries: ToolSettings | None = None,
     ) -> None:
-        self._store = store
-        self._keys = keys
+        """`stopping` is set at shutdown; `retries` defaults to `ToolSettings()`."""
+        self._journal = journal
         self._metrics = metrics
-        self.budget = budget
+        self._budget = budget
+        self._stopping = stopping
         self._retries = retries or ToolSettings()
-        self.stopping = asyncio.Event()
-
-    async def save(self, record: PlanRecord) -> None:
-        """Write `record` to `plans/<id>` with a fresh `updated_at`."""
-        await self._save(record)
-
-    async def _save(self, record: PlanRecord) -> None:
-        record.updated_at = utcnow()
-        await self._store.put(self._keys.plan(record.plan.id), record.model_dump_json().encode())
 
     async def execute(
         self,
         record: PlanRecord,
         steps: Sequence[ValidatedStep],
         *,
+        begin: Begin,
         current_revision: Callable[[], int | None],
     ) -> Execution:
-        """Run `steps`; `current_revision()` gives the desired key's revision now (None when deleted)."""
-        plan = record.plan
-        record.state = PlanState.EXECUTING
-        await self._save(record)
+        """Run `steps` of `record`; `current_revision()` gives the desired key's revision now (None when deleted)."""
+        begun = False
         for validated in steps:
-            journal = record.steps[validated.index]
-            if self.stopping.is_set():
-                return await self._finish(record, PlanState.INTERRUPTED, "stopped by shutdown before this step")
-            if current_revision() != plan.desired_revision:
-                return await self._finish(record, PlanState.SUPERSEDED, "desired state changed during execution")
-            if validated.risk > RiskLevel.READ_ONLY and not await self._take_budget():
-                return await self._finish(record, PlanState.INTERRUPTED, "stopped by shutdown before this step")
-            journal.state = StepState.RUNNING
-            journal.started_at = utcnow()
-            await self._save(record)
-            result = await self._run(validated, record)
-            journal.finished_at = utcnow()
-            journal.output = result.output
-            self._metrics.steps.labels(tool=validated.tool.name, result=result.status.value).inc()
-            if not result.ok:
-                journal.state = StepState.FAILED
-                journal.message = (result.error or "failed")[:MAX_MESSAGE_CHARS]
-                for later in record.steps[validated.index + 1:]:
-                    later.state = StepState.SKIPPED
-                return await self._finish(
-                    record, PlanState.FAILED, f"step {validated.index + 1} ({validated.tool.name}): {journal.message}"
-                )
-            journal.state = StepState.SUCCEEDED
-            log.info("step.succeeded", plan_id=plan.id, step=validated.index + 1, tool=validated.tool.name)
-        return await self._finish(record, PlanState.SUCCEEDED, "")
+            stop = self._stop_before(record, current_revision)
+            if stop is None and validated.risk > RiskLevel.READ_ONLY and not self._budget.try_acquire():
+                if begun:
+                    await self._journal.save(record)  # what is done is on record before a wait
+                if not await self._take_budget():
+                    stop = (PlanState.INTERRUPTED, "stopped by shutdown before this step")
+                else:
+                    stop = self._stop_before(record, current_revision)  # the wait may have been long
+            if stop is not None:
+                return self._finish(record, *stop, begun=begun)
+            if not await self._start(record, validated, None if begun else begin):
+                return Execution(record=record, begun=False, refused=True)
+            begun = True
+            if not self._journal_result(record, validated, await self._run(validated, record)):
+                message = f"step {validated.index + 1} ({validated.tool.name}): {record.steps[validated.index].message}"
+                return self._finish(record, PlanState.FAILED, message, begun=True)
+        if not record.all_succeeded:  # a journal with a failed or unknown step is never a success
+            message = record.message or "a step of this plan did not succeed"
+            return self._finish(record, PlanState.FAILED, message, begun=begun)
+        return self._finish(record, PlanState.SUCCEEDED, "", begun=begun)
+
+    def _stop_before(
+        self, record: PlanRecord, current_revision: Callable[[], int | None]
+    ) -> tuple[PlanState, str] | None:
+        if self._stopping.is_set():
+            return PlanState.INTERRUPTED, "stopped by shutdown before this step"
+        if current_revision() != record.plan.desired_revision:
+            return PlanState.SUPERSEDED, "desired state changed during execution"
+        return None
+
+    async def _start(self, record: PlanRecord, validated: ValidatedStep, begin: Begin | None) -> bool:
+        """Journal the step `running` (with `begin` for a plan's first write); False if `begin` refused."""
+        journal = record.steps[validated.index]
+        state = record.state
+        journal.state, journal.started_at = StepState.RUNNING, utcnow()
+        record.state = PlanState.EXECUTING
+        written = False
+        try:
+            if begin is not None:
+                written = await begin(record)
+            else:
+                await self._journal.save(record)
+                written = True
+        finally:
+            if not written:  # the tool is not called: the record must not say it might have been
+                journal.state, journal.started_at = StepState.PENDING, None
+                record.state = state
+        return written
+
+    def _journal_result(self, record: PlanRecord, validated: ValidatedStep, result: ToolResult) -> bool:
+        """Record `result` in the step's journal entry (written by the next write); True if it succeeded."""
+        journal = record.steps[validated.index]
+        journal.finished_at = utcnow()
+        journal.output, note = cap_output(result.output)
+        self._metrics.steps.labels(tool=validated.tool.name, result=result.status.value).inc()
+        if not result.ok:
+            journal.state = StepState.FAILED
+            journal.message = "; ".join(filter(None, [result.error or "failed", note]))[:MAX_MESSAGE_CHARS]
+            return False
+        journal.state = StepState.SUCCEEDED
+        if note:
+            journal.message = note
+        log.info("step.succeeded", plan_id=record.plan.id, step=validated.index + 1, tool=validated.tool.name)
+        return True
 
     async def _take_budget(self) -> bool:
         """Wait for a mutation slot; False if shutdown came first."""
-        take = asyncio.ensure_future(self.budget.acquire())
-        stop = asyncio.ensure_future(self.stopping.wait())
+        take = asyncio.ensure_future(self._budget.acquire())
+        stop = asyncio.ensure_future(self._stopping.wait())
         done, _ = await asyncio.wait({take, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if take not in done:
@@ -165,7 +210,8 @@ class Executor:
             log.exception("step.crashed", plan_id=record.plan.id, tool=tool.name)
             return ToolResult.failure(f"tool raised {type(e).__name__}: {str(e)[:MAX_MESSAGE_CHARS]}")
 
-    async def _finish(self, record: PlanRecord, state: PlanState, message: str) -> Execution:
+    @staticmethod
+    def _finish(record: PlanRecord, state: PlanState, message: str, *, begun: bool) -> Execution:
         record.state = state
         record.message = message
         # An interrupted plan is resumed at the next start, so its remaining steps stay pending.
@@ -173,5 +219,4 @@ class Executor:
             for journal in record.steps:
                 if journal.state is StepState.PENDING:
                     journal.state = StepState.SKIPPED
-        await self._save(record)
-        return Execution(record=record)
+        return Execution(record=record, begun=begun)

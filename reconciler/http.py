@@ -1,17 +1,24 @@
-"""The daemon's HTTP endpoint: `/metrics`, `/healthz` and `/readyz` on one port."""
+"""The daemon's HTTP endpoint: `/metrics`, `/healthz` and `/readyz` on one port.
+
+A port that cannot be had (taken, or not allowed) is a `StartupError` that
+says which address and which setting, not a traceback.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from reconciler.errors import StartupError
 from reconciler.metrics import Metrics
 
 
 class HttpServer:
     def __init__(self, *, listen: str, metrics: Metrics, ready: Callable[[], bool]) -> None:
+        self._listen = listen
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]")
         self._port = int(port)
@@ -28,7 +35,13 @@ class HttpServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            await self._runner.cleanup()
+            self._runner = None
+            reason = os.strerror(e.errno).lower() if e.errno else str(e)
+            raise StartupError(f"cannot listen on {self._listen} (http.listen): {reason}") from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else self._port

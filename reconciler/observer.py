@@ -1,17 +1,29 @@
 """Observers write `actual/<kind>/<name>` for agents that can observe their own resources.
 
-Each observing agent's resources are observed at start, after every executed
-plan (the controller calls `observe_now`) and on the agent's poll interval,
-so hand edits are found. An observation is written only when the state
-differs from what the cache holds, so an unchanged file costs no etcd write;
-`observed_at` is therefore the time the current state was first seen.
+Each observing agent's resources are observed at start, before and after
+every executed plan, and on the agent's poll interval, so hand edits are
+found. An observation is written only when the state differs from what the
+cache holds, so an unchanged file costs no etcd write; `observed_at` is when
+the state was seen.
 
-The observer also knows which resources have drifted: the controller marks
-the state each resource converged to as its baseline, and every poll pass
+An observation is only as fresh as the moment it was taken. A poll pass
+observes every resource of a kind before it writes anything, and a plan may
+run for one of them in between, which makes what the pass saw of it older
+than what the plan saw. So each key has an epoch, moved by every observation
+taken outside a pass (`observe`) and by every new baseline; a pass drops
+what it saw of a key whose epoch moved meanwhile, and never writes back, or
+counts as drifted, a state from before a plan.
+
+The observer also knows which resources have drifted: the runner marks the
+state each resource converged to as its baseline, and every poll pass
 recomputes, for the whole kind and before it writes anything, the set of
 resources whose state no longer matches their baseline. That set is what
 the max-unhealthy pause counts; because it is complete before the first
 reconcile the pass triggers, a mass failure is seen as one.
+
+A poll pass is a boundary: an agent raising while it observes one resource,
+or etcd refusing a write, is logged and costs that observation only; the
+loop ends only when cancelled.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from agents import AgentRegistry, ObservingAgent
 from plans import InvalidResourceError, Observed, Resource, ResourceKey
 from reconciler.cache import Cache
 from reconciler.keys import KeySpace
-from reconciler.store import EtcdStore, StoreUnavailableError
+from reconciler.store import Delete, EtcdStore, Put, StoreError, StoreUnavailableError
 
 log = structlog.get_logger("setpoint.observer")
 
@@ -50,6 +62,10 @@ class Observer:
         self._poll = dict(poll_seconds)
         self._baseline: dict[ResourceKey, dict[str, JsonValue]] = {}
         self._drifted: dict[str, set[ResourceKey]] = {}
+        self._epoch: dict[ResourceKey, int] = {}
+
+    def _move_epoch(self, key: ResourceKey) -> None:
+        self._epoch[key] = self._epoch.get(key, 0) + 1
 
     def mark_converged(self, key: ResourceKey, state: dict[str, JsonValue] | None) -> None:
         """`state` is what `key` looks like when it is at its desired state."""
@@ -58,6 +74,15 @@ class Observer:
         else:
             self._baseline[key] = state
         self._drifted.get(key.kind, set()).discard(key)
+        self._move_epoch(key)
+
+    def forget(self, key: ResourceKey) -> None:
+        """`key` no longer exists: drop its baseline (its actual/ key goes with `delete_op`)."""
+        self.mark_converged(key, None)
+
+    def delete_op(self, key: ResourceKey) -> Delete | None:
+        """The delete of `key`'s observation, when setpoint is the one observing it."""
+        return Delete(self._keys.actual(key)) if self.observing_agent(key.kind) is not None else None
 
     def drifted(self, kind: str) -> frozenset[ResourceKey]:
         """Resources of `kind` that, at the last poll pass, had drifted from the state they converged to."""
@@ -67,26 +92,27 @@ class Observer:
         agent = self._agents.for_kind(kind)
         return agent if isinstance(agent, ObservingAgent) else None
 
-    async def observe_now(self, resource: Resource) -> Observed | None:
-        """Observe `resource` and write the result if it changed; None when the agent cannot observe it."""
+    async def observe(self, resource: Resource) -> Observed | None:
+        """Observe `resource` now (without writing); None when its agent cannot observe."""
         agent = self.observing_agent(resource.kind)
         if agent is None:
             return None
+        self._move_epoch(resource.key)  # what a poll pass saw of it before now is older than this
         state = await agent.observe(resource)
-        return await self._record(resource.key, state)
+        return Observed(kind=resource.kind, name=resource.name, state=state, observed_at=datetime.now(UTC))
 
-    async def _record(self, key: ResourceKey, state: dict[str, JsonValue]) -> Observed:
-        cached = self._cache.actual.get(key)
-        if cached is not None and cached.observed is not None and cached.observed.state == state:
-            return cached.observed
-        observed = Observed(kind=key.kind, name=key.name, state=state, observed_at=datetime.now(UTC))
-        await self._store.put(self._keys.actual(key), json.dumps(observed.model_dump(mode="json")).encode())
-        return observed
+    def record_put(self, observed: Observed) -> Put | None:
+        """The write that records `observed`, or None when the cache already holds that state."""
+        cached = self._cache.actual.get(observed.key)
+        if cached is not None and cached.observed is not None and cached.observed.state == observed.state:
+            return None
+        return Put(self._keys.actual(observed.key), json.dumps(observed.model_dump(mode="json")).encode())
 
-    async def forget(self, key: ResourceKey) -> None:
-        """Delete the observation of a resource that no longer exists."""
-        self.mark_converged(key, None)
-        await self._store.delete(self._keys.actual(key))
+    async def record(self, observed: Observed) -> None:
+        """Write `observed` to actual/ unless the cache already holds that state."""
+        put = self.record_put(observed)
+        if put is not None:
+            await self._store.put(put.key, put.value)
 
     async def run(self) -> None:
         """Poll every observing kind on its interval until cancelled (idle when there is none)."""
@@ -100,25 +126,39 @@ class Observer:
         await asyncio.gather(*loops)
 
     async def _poll_kind(self, kind: str, interval: float) -> None:
+        while True:
+            try:
+                await self._poll_once(kind)
+            except Exception as e:  # the pass's boundary: the next pass tries again
+                log.error("observe.pass_failed", kind=kind, error_type=type(e).__name__, error=str(e)[:300])
+            await asyncio.sleep(interval)
+
+    async def _poll_once(self, kind: str) -> None:
         agent = self.observing_agent(kind)
         assert agent is not None
-        while True:
-            observed: dict[ResourceKey, dict[str, JsonValue]] = {}
-            for entry in list(self._cache.desired.values()):
-                if entry.key.kind != kind or entry.resource is None or entry.error or entry.deleted:
-                    continue
-                try:
-                    observed[entry.key] = await agent.observe(entry.resource)
-                except InvalidResourceError:
-                    pass  # the controller reports it as Invalid
-                except OSError as e:
-                    log.warning("observe.failed", key=str(entry.key), error=str(e))
-            self._drifted[kind] = {
-                key for key, state in observed.items() if key in self._baseline and self._baseline[key] != state
-            }
+        taken: dict[ResourceKey, tuple[int, Observed]] = {}
+        for entry in list(self._cache.desired.values()):
+            if entry.key.kind != kind or entry.resource is None or not entry.valid or entry.deleted:
+                continue
+            epoch = self._epoch.get(entry.key, 0)
             try:
-                for key, state in observed.items():
-                    await self._record(key, state)
-            except StoreUnavailableError as e:
-                log.warning("observe.unavailable", error=str(e))
-            await asyncio.sleep(interval)
+                state = await agent.observe(entry.resource)
+            except InvalidResourceError:
+                continue  # the reconcile reports it as Invalid
+            except Exception as e:  # an agent's bug costs this one observation
+                log.warning("observe.failed", key=str(entry.key), error_type=type(e).__name__, error=str(e)[:300])
+                continue
+            observed = Observed(kind=kind, name=entry.key.name, state=state, observed_at=datetime.now(UTC))
+            taken[entry.key] = (epoch, observed)
+        fresh = {key: observed for key, (epoch, observed) in taken.items() if self._epoch.get(key, 0) == epoch}
+        self._drifted[kind] = {
+            key for key, observed in fresh.items() if key in self._baseline and self._baseline[key] != observed.state
+        }
+        for key, observed in fresh.items():
+            if self._epoch.get(key, 0) != taken[key][0]:
+                continue  # observed again (by a plan) while this pass was writing
+            try:
+                await self.record(observed)
+            except (StoreUnavailableError, StoreError) as e:
+                log.warning("observe.write_failed", key=str(key), error=str(e)[:300])
+                return  # etcd is down or refusing writes: the next pass tries again

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from plans import RiskLevel
+from plans.errors import describe_validation_error
 
 
 class SettingsError(ValueError):
@@ -235,14 +236,6 @@ def _absolutise(data: dict[str, Any], base: Path) -> None:
         ]
 
 
-def _describe(error: ValidationError) -> str:
-    item = error.errors()[0]
-    where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-    if item["type"] == "extra_forbidden":
-        return f"{where} is not a known setting"
-    return f"{where}: {item['msg']}"
-
-
 def load_settings(path: str | Path | None) -> Settings:
     """Settings from `path`, or all defaults when `path` is None."""
     if path is None:
@@ -262,4 +255,5 @@ def load_settings(path: str | Path | None) -> Settings:
     try:
         return Settings.model_validate(raw)
     except ValidationError as e:
-        raise SettingsError(f"settings file {path}: {_describe(e)}") from None
+        reason = describe_validation_error(e, what=None, whole="(top level)", unknown="is not a known setting")
+        raise SettingsError(f"settings file {path}: {reason}") from None

@@ -1,12 +1,22 @@
 """Writes `status/<kind>/<name>`, guarded by the desired revision the outcome is about.
 
-The write is a transaction comparing the desired key's mod_revision with the
-revision the outcome was computed for (0 when the desired key is deleted),
-so a status for an outdated desired value can never overwrite one for the
-current value. Unchanged statuses are not rewritten, which keeps resync and
-polling from churning etcd revisions. A status written without a plan (say,
-`Converged` because nothing needed doing) keeps the id of the last plan run
-for that resource, so `setpoint status` always shows what was last done.
+Every status write is part of a transaction that compares the desired key's
+mod_revision with the revision the outcome was computed for (0 when the
+desired key is deleted), so a status for an outdated desired value can never
+overwrite one for the current value. Unchanged statuses are not rewritten,
+which keeps resync and polling from churning etcd revisions. A status written
+without a plan (say, `Converged` because nothing needed doing) keeps the id of
+the last plan run for that resource, so `setpoint status` always shows what
+was last done.
+
+A status is either written on its own (`write`) or prepared (`prepare`) and
+committed inside a plan's transaction by the journal, which then calls
+`remember`. Every write says what happened (`WriteResult`): there is no flag
+to read afterwards, which another worker could have changed in between.
+
+The writer remembers the last status of every key. At start-up it is seeded
+from the full list of statuses (`seed`), so it needs no read before a key's
+first write; a key it has never heard of is read once.
 
 `applied` is the last desired value the resource converged to. It is what
 makes a deletion durable: when a desired key is deleted while setpoint is
@@ -16,6 +26,8 @@ be torn down.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -23,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from plans import Resource, ResourceKey
 from reconciler.keys import KeySpace
-from reconciler.store import EtcdStore
+from reconciler.store import Delete, EtcdStore, Guard, KeyValue, Put
 
 MAX_MESSAGE_CHARS = 1000  # a status must always fit in etcd, whatever a value or tool said
 
@@ -39,6 +51,12 @@ class Phase(StrEnum):
     INVALID = "Invalid"
 
 
+class WriteResult(StrEnum):
+    WRITTEN = "written"
+    UNCHANGED = "unchanged"  # the stored status already said this: nothing was written
+    STALE = "stale"  # the desired value moved on: nothing was written
+
+
 class Status(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
@@ -50,83 +68,139 @@ class Status(BaseModel):
     applied: Resource | None = None
 
 
+_Signature = tuple[Phase, int, str | None, str, Resource | None]
+# A stored status that cannot be read: it matches nothing, so the next write replaces it.
+_UNREADABLE: _Signature = (Phase.PENDING, -1, None, "", None)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """A status write, ready to go into a transaction."""
+
+    key: ResourceKey
+    put: Put
+    signature: _Signature
+
+
+def guard_for(keys: KeySpace, key: ResourceKey, *, revision: int, deleted: bool) -> Guard:
+    """The condition under which an outcome for `key` at `revision` is still current."""
+    return Guard(keys.desired(key), 0 if deleted else revision)
+
+
 class StatusWriter:
     def __init__(self, *, store: EtcdStore, keys: KeySpace) -> None:
         self._store = store
         self._keys = keys
-        self._last: dict[ResourceKey, tuple[Phase, int, str | None, str, Resource | None]] = {}
-        self.changed = False
+        self._last: dict[ResourceKey, _Signature | None] = {}
+        self._seeded = False
+
+    def seed(self, statuses: Iterable[KeyValue]) -> None:
+        """Remember the statuses listed at start-up; keys not among them have none."""
+        for kv in statuses:
+            parsed = self._keys.parse(kv.key)
+            if parsed is not None and parsed.resource is not None:
+                self._last[parsed.resource] = _signature(kv.value)
+        self._seeded = True
+
+    async def prepare(
+        self,
+        key: ResourceKey,
+        *,
+        phase: Phase,
+        revision: int,
+        message: str = "",
+        plan_id: str | None = None,
+        applied: Resource | None = None,
+    ) -> StatusUpdate | None:
+        """The write that records this status, or None when the stored status already says it.
+
+        `revision` is the desired revision the status describes. `plan_id` and
+        `applied` keep their previous values when not given.
+        """
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
+        previous = await self._previous(key)
+        if previous is not None:
+            plan_id = plan_id if plan_id is not None else previous[2]
+            applied = applied if applied is not None else previous[4]
+        signature = (phase, revision, plan_id, message, applied)
+        if previous == signature:
+            return None
+        status = Status(
+            phase=phase,
+            observed_revision=revision,
+            plan_id=plan_id,
+            message=message,
+            updated_at=datetime.now(UTC),
+            applied=applied,
+        )
+        return StatusUpdate(key, Put(self._keys.status(key), status.model_dump_json().encode()), signature)
+
+    def remember(self, update: StatusUpdate) -> None:
+        """`update` was committed."""
+        self._last[update.key] = update.signature
 
     async def write(
         self,
         key: ResourceKey,
         *,
         phase: Phase,
-        desired_revision: int,
+        revision: int,
+        deleted: bool = False,
         message: str = "",
         plan_id: str | None = None,
-        guard_revision: int | None = None,
         applied: Resource | None = None,
-    ) -> bool:
-        """Write the status if it changed; False when the desired key moved on (nothing written).
+    ) -> WriteResult:
+        """Write the status on its own, if it changed and the desired value is still at `revision`."""
+        update = await self.prepare(
+            key, phase=phase, revision=revision, message=message, plan_id=plan_id, applied=applied
+        )
+        if update is None:
+            return WriteResult.UNCHANGED
+        guard = guard_for(self._keys, key, revision=revision, deleted=deleted)
+        if not await self._store.txn(guard=guard, then=[update.put]):
+            return WriteResult.STALE
+        self.remember(update)
+        return WriteResult.WRITTEN
 
-        `guard_revision` is the desired key's mod_revision to compare against
-        (defaults to `desired_revision`; pass 0 for a deleted desired key).
-        `plan_id` and `applied` keep their previous values when not given.
-        Sets `self.changed` to whether anything was written.
-        """
-        self.changed = False
-        if len(message) > MAX_MESSAGE_CHARS:
-            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
-        if key not in self._last:
-            await self._load(key)
-        previous = self._last.get(key)
-        if plan_id is None and previous is not None:
-            plan_id = previous[2]
-        if applied is None and previous is not None:
-            applied = previous[4]
-        signature = (phase, desired_revision, plan_id, message, applied)
-        if previous == signature:
-            return True
-        status = Status(
-            phase=phase,
-            observed_revision=desired_revision,
-            plan_id=plan_id,
-            message=message,
-            updated_at=datetime.now(UTC),
-            applied=applied,
-        )
-        written = await self._store.put_if_revision(
-            self._keys.status(key),
-            status.model_dump_json().encode(),
-            guard_key=self._keys.desired(key),
-            guard_mod_revision=desired_revision if guard_revision is None else guard_revision,
-        )
-        if written:
-            self._last[key] = signature
-            self.changed = True
-        return written
+    async def is_converged(self, key: ResourceKey, revision: int) -> bool:
+        """Whether the stored status says `key` converged at desired `revision`."""
+        previous = await self._previous(key)
+        return previous is not None and previous[0] is Phase.CONVERGED and previous[1] == revision
 
     async def applied(self, key: ResourceKey) -> Resource | None:
         """The last desired value `key` converged to, as recorded in its status."""
-        if key not in self._last:
-            await self._load(key)
-        previous = self._last.get(key)
+        previous = await self._previous(key)
         return previous[4] if previous is not None else None
 
-    async def _load(self, key: ResourceKey) -> None:
-        kv = await self._store.get(self._keys.status(key))
-        if kv is None:
-            return
-        try:
-            status = Status.model_validate_json(kv.value)
-        except ValueError:
-            return  # unreadable: it will simply be overwritten
-        self._last[key] = (status.phase, status.observed_revision, status.plan_id, status.message, status.applied)
+    def delete_op(self, key: ResourceKey) -> Delete:
+        return Delete(self._keys.status(key))
+
+    def forget(self, key: ResourceKey) -> None:
+        """`key`'s status was deleted."""
+        self._last[key] = None
 
     async def delete(self, key: ResourceKey) -> None:
+        if await self._previous(key) is None:
+            return  # there is none: no request
         await self._store.delete(self._keys.status(key))
-        self._last.pop(key, None)
+        self.forget(key)
+
+    async def _previous(self, key: ResourceKey) -> _Signature | None:
+        if key not in self._last:
+            if self._seeded:
+                return None  # not in the start-up list and never written since: there is none
+            kv = await self._store.get(self._keys.status(key))
+            self._last[key] = _signature(kv.value) if kv is not None else None
+        return self._last[key]
+
+
+def _signature(value: bytes) -> _Signature | None:
+    try:
+        status = Status.model_validate_json(value)
+    except ValueError:
+        return _UNREADABLE
+    return (status.phase, status.observed_revision, status.plan_id, status.message, status.applied)
 
 
 def applied_from_status(value: bytes) -> Resource | None:

@@ -78,6 +78,33 @@ class KeyValue:
 
 
 @dataclass(frozen=True, slots=True)
+class Put:
+    key: str
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: str
+
+
+Op = Put | Delete
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """A transaction's condition: `key`'s mod_revision is `mod_revision` (0: the key is absent)."""
+
+    key: str
+    mod_revision: int
+
+
+def request_bytes(ops: Sequence[Op]) -> int:
+    """A safe over-estimate of the size of a request carrying `ops`."""
+    return 256 + sum(len(op.key) + (len(op.value) if isinstance(op, Put) else 0) + 32 for op in ops)
+
+
+@dataclass(frozen=True, slots=True)
 class WatchEvent:
     type: Literal["put", "delete"]
     kv: KeyValue
@@ -213,15 +240,30 @@ class EtcdStore:
         resp = await self._call(self._kvs.txn([], ops, timeout=self._timeout))
         return int(resp.header.revision)
 
-    async def put_if_revision(self, key: str, value: bytes, *, guard_key: str, guard_mod_revision: int) -> bool:
-        """Put `key` only if `guard_key`'s mod_revision is `guard_mod_revision` (0: the guard key is absent)."""
-        compare = Compare(
-            result=Compare.EQUAL, target=Compare.MOD, key=guard_key.encode(), mod_revision=guard_mod_revision
-        )
+    async def txn(self, *, guard: Guard | None = None, then: Sequence[Op] = (), otherwise: Sequence[Op] = ()) -> bool:
+        """One transaction: `then` if `guard` holds (or there is none), else `otherwise`; True when `then` ran."""
+        compare = []
+        if guard is not None:
+            key, revision = guard.key.encode(), guard.mod_revision
+            compare.append(Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=revision))
         resp = await self._call(
-            self._kvs.txn([compare], [self._kvs.txn_op_put(key.encode(), value)], timeout=self._timeout)
+            self._kvs.txn(compare, self._ops(then), self._ops(otherwise), timeout=self._timeout)
         )
         return bool(resp.succeeded)
+
+    def _ops(self, ops: Sequence[Op]) -> list[Any]:
+        kvs = self._kvs
+        return [
+            kvs.txn_op_put(op.key.encode(), op.value) if isinstance(op, Put) else kvs.txn_op_delete(op.key.encode())
+            for op in ops
+        ]
+
+    async def server_version(self) -> str:
+        """The etcd version of the member this client talks to."""
+        if self._client.maintenance is None:
+            raise StoreError("etcd client is not connected")
+        resp = await self._call(self._client.maintenance.status(timeout=self._timeout))
+        return str(resp.version)
 
     async def compact(self, revision: int) -> None:
         await self._call(self._kvs.compact(revision, physical=True, timeout=self._timeout))

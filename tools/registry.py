@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ValidationError
 
 from plans import ExecutionPlan, PlanValidationError, RiskLevel, Step
+from plans.errors import describe_validation_error
 from plans.risk import max_risk
 from tools.base import Tool
 
@@ -26,19 +27,6 @@ class ValidatedStep:
     tool: Tool
     params: BaseModel
     risk: RiskLevel
-
-
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(parameters)"
-        if item["type"] == "missing":
-            parts.append(f"missing parameter {where!r}")
-        elif item["type"] == "extra_forbidden":
-            parts.append(f"unexpected parameter {where!r}")
-        else:
-            parts.append(f"parameter {where!r}: {item['msg']}")
-    return "; ".join(parts)
 
 
 class ToolRegistry:
@@ -75,7 +63,8 @@ class ToolRegistry:
         try:
             params = tool.parameters.model_validate(step.parameters, strict=True)
         except ValidationError as e:
-            raise PlanValidationError(f"step {index + 1} ({step.tool}): {_describe(e)}") from None
+            reason = describe_validation_error(e, what="parameter", whole="(parameters)", every=True)
+            raise PlanValidationError(f"step {index + 1} ({step.tool}): {reason}") from None
         return ValidatedStep(
             index=index, step=step, tool=tool, params=params, risk=max_risk(tool.risk, step.risk)
         )

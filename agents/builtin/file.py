@@ -5,19 +5,26 @@ Desired spec: `{"path": absolute path, "content": string, "mode": "0644"}`
 Planning is by rules: write the file when it is missing or its content or
 mode differ; delete it (a high-risk step) when the desired resource is
 deleted. Paths must lie inside `allowed_roots`; anything else is an invalid
-resource and nothing is planned.
+resource and nothing is planned. The path is checked (it resolves symlinks)
+in a thread, never on the event loop.
+
+A valid file resource claims its path as written (`file:` + the normalised
+path), so two resources that name one file are both reported; two spellings
+of one file through a symlink are not caught by that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
-from plans import ExecutionPlan, InvalidResourceError, Issue, Observed, Resource, Step
+from plans import ExecutionPlan, InvalidResourceError, Issue, Resource, Snapshot, Step
+from plans.errors import describe_validation_error
 from tools import Tool
 from tools.builtin.files import MODE_PATTERN, FileDelete, FileWrite, file_tools, parse_mode, stat_file
 from tools.paths import PathNotAllowedError, confine
@@ -40,17 +47,13 @@ class FileSpec(BaseModel):
 
 
 def _spec_error(error: ValidationError) -> str:
-    item = error.errors()[0]
-    where = ".".join(str(p) for p in item["loc"])
-    if len(where) > 60:
-        where = where[:60] + "..."
-    if item["type"] == "missing":
-        return f"spec.{where} is required"
-    if item["type"] == "extra_forbidden":
-        return f"spec.{where} is not a known field (expected path, content, mode)"
-    if item["type"] == "string_pattern_mismatch":
-        return f"spec.{where} must be an octal mode such as \"0644\""
-    return f"spec.{where}: {item['msg']}"
+    return describe_validation_error(
+        error,
+        what=None,
+        prefix="spec.",
+        unknown="is not a known field (expected path, content, mode)",
+        explain={"string_pattern_mismatch": 'must be an octal mode such as "0644"'},
+    )
 
 
 class FileAgent:
@@ -76,13 +79,25 @@ class FileAgent:
             raise InvalidResourceError(f"spec.path: {e}") from None
         return spec, path
 
-    async def observe(self, desired: Resource) -> dict[str, JsonValue]:
-        _, path = self.parse(desired)
-        return await asyncio.to_thread(stat_file, path)
+    def claims(self, desired: Resource) -> frozenset[str]:
+        """The file's path, normalised, when the spec is valid and the path lies inside a root as written."""
+        try:
+            path = FileSpec.model_validate(desired.spec).path
+        except ValidationError:
+            return frozenset()
+        if not os.path.isabs(path) or "\x00" in path:
+            return frozenset()
+        normal = os.path.normpath(path)
+        if not any(normal.startswith(os.path.normpath(root) + os.sep) for root in self._roots):
+            return frozenset()  # refused when planned, for its own reason: it claims nothing
+        return frozenset({f"file:{normal}"})
 
-    async def reconcile(self, desired: Resource, actual: Observed | None) -> ExecutionPlan:
-        spec, path = self.parse(desired)
-        state = actual.state if actual is not None else {}
+    async def observe(self, desired: Resource) -> dict[str, JsonValue]:
+        return await asyncio.to_thread(lambda: stat_file(self.parse(desired)[1]))
+
+    async def reconcile(self, snapshot: Snapshot) -> ExecutionPlan:
+        spec, path = await asyncio.to_thread(self.parse, snapshot.desired)
+        state = snapshot.actual.state if snapshot.actual is not None else {}
         drift = self._drift(spec, state)
         steps: tuple[Step, ...] = ()
         if drift:
@@ -94,42 +109,27 @@ class FileAgent:
                     risk=FileWrite.risk,
                 ),
             )
-        return ExecutionPlan(
-            agent=self.name,
-            resource=desired.key,
-            steps=steps,
-            reasoning=drift or "file matches the desired content and mode",
-            desired_revision=0,
-        )
+        reasoning = drift or "file matches the desired content and mode"
+        return snapshot.plan(agent=self.name, steps=steps, reasoning=reasoning)
 
-    async def retire(self, last: Resource, actual: Observed | None) -> ExecutionPlan:
-        _, path = self.parse(last)
-        if actual is not None and actual.state.get("exists") is False:
-            return ExecutionPlan(
-                agent=self.name, resource=last.key, reasoning="file is already absent", desired_revision=0
-            )
+    async def retire(self, snapshot: Snapshot) -> ExecutionPlan:
+        _, path = await asyncio.to_thread(self.parse, snapshot.desired)
+        if snapshot.actual is not None and snapshot.actual.state.get("exists") is False:
+            return snapshot.plan(agent=self.name, reasoning="file is already absent")
         step = Step(
             tool=FileDelete.name,
             parameters={"path": str(path)},
             description=f"delete {path}: its desired resource was deleted",
             risk=FileDelete.risk,
         )
-        return ExecutionPlan(
-            agent=self.name,
-            resource=last.key,
-            steps=(step,),
-            reasoning="desired resource deleted",
-            desired_revision=0,
-        )
+        return snapshot.plan(agent=self.name, steps=(step,), reasoning="desired resource deleted")
 
-    async def heal(self, issue: Issue, desired: Resource | None, actual: Observed | None) -> ExecutionPlan:
-        if desired is None:
-            raise InvalidResourceError(f"issue {issue.summary!r} names a file with no desired state")
-        plan = await self.reconcile(desired, actual)
+    async def heal(self, issue: Issue, snapshot: Snapshot) -> ExecutionPlan:
+        plan = await self.reconcile(snapshot)
         return plan.model_copy(update={"reasoning": f"{issue.summary}: {plan.reasoning}"})
 
-    async def plan(self, desired: Resource, actual: Observed | None) -> ExecutionPlan:
-        return await self.reconcile(desired, actual)
+    async def plan(self, snapshot: Snapshot) -> ExecutionPlan:
+        return await self.reconcile(snapshot)
 
     @staticmethod
     def _drift(spec: FileSpec, state: dict[str, JsonValue]) -> str:

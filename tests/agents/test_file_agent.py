@@ -11,8 +11,10 @@ import pytest
 from pydantic import JsonValue
 
 from agents.builtin.file import FileAgent
-from plans import ExecutionPlan, InvalidResourceError, Observed, Resource, RiskLevel
+from plans import ExecutionPlan, InvalidResourceError, Observed, Resource, RiskLevel, Snapshot
 from tools import ToolContext, ToolRegistry, ToolStatus
+
+REVISION = 41
 
 
 @pytest.fixture
@@ -39,6 +41,10 @@ async def observe(agent: FileAgent, resource: Resource) -> Observed:
     return Observed(kind=resource.kind, name=resource.name, state=state, observed_at=datetime.now(UTC))
 
 
+def snap(resource: Resource, actual: Observed | None, *, deleted: bool = False) -> Snapshot:
+    return Snapshot(desired=resource, revision=REVISION, deleted=deleted, actual=actual)
+
+
 def on_disk(root: Path, *, content: str, mode: int) -> None:
     (root / "motd").write_text(content)
     (root / "motd").chmod(mode)
@@ -52,23 +58,24 @@ def assert_one_write(plan: ExecutionPlan, root: Path, *, content: str = "hello\n
     assert step.risk is RiskLevel.LOW
     assert plan.risk is RiskLevel.LOW
     assert (plan.agent, str(plan.resource)) == ("file", "file/motd")
+    assert plan.desired_revision == REVISION, "a plan names the desired revision it was made for"
 
 
 async def test_a_missing_file_is_written(agent: FileAgent, root: Path) -> None:
     resource = motd(root)
-    plan = await agent.reconcile(resource, await observe(agent, resource))
+    plan = await agent.reconcile(snap(resource, await observe(agent, resource)))
     assert_one_write(plan, root)
     assert "missing" in plan.reasoning
 
 
 async def test_a_file_never_observed_is_written(agent: FileAgent, root: Path) -> None:
-    assert_one_write(await agent.reconcile(motd(root), None), root)
+    assert_one_write(await agent.reconcile(snap(motd(root), None)), root)
 
 
 async def test_a_file_with_different_content_is_rewritten(agent: FileAgent, root: Path) -> None:
     on_disk(root, content="stale\n", mode=0o644)
     resource = motd(root)
-    plan = await agent.reconcile(resource, await observe(agent, resource))
+    plan = await agent.reconcile(snap(resource, await observe(agent, resource)))
     assert_one_write(plan, root)
     assert "content" in plan.reasoning
 
@@ -76,7 +83,7 @@ async def test_a_file_with_different_content_is_rewritten(agent: FileAgent, root
 async def test_a_file_with_a_different_mode_is_rewritten(agent: FileAgent, root: Path) -> None:
     on_disk(root, content="hello\n", mode=0o600)
     resource = motd(root)
-    plan = await agent.reconcile(resource, await observe(agent, resource))
+    plan = await agent.reconcile(snap(resource, await observe(agent, resource)))
     assert_one_write(plan, root)
     assert "0600" in plan.reasoning
 
@@ -85,7 +92,7 @@ async def test_a_file_with_a_different_mode_is_rewritten(agent: FileAgent, root:
 async def test_a_matching_file_gets_an_empty_plan(agent: FileAgent, root: Path, mode: str) -> None:
     on_disk(root, content="hello\n", mode=0o644)
     resource = motd(root, mode=mode)
-    plan = await agent.reconcile(resource, await observe(agent, resource))
+    plan = await agent.reconcile(snap(resource, await observe(agent, resource)))
     assert plan.is_empty
     assert plan.risk is RiskLevel.READ_ONLY
 
@@ -93,12 +100,12 @@ async def test_a_matching_file_gets_an_empty_plan(agent: FileAgent, root: Path, 
 async def test_running_the_plan_converges(agent: FileAgent, root: Path) -> None:
     on_disk(root, content="stale\n", mode=0o666)
     resource = motd(root, content="fresh\n", mode="0640")
-    plan = await agent.reconcile(resource, await observe(agent, resource))
+    plan = await agent.reconcile(snap(resource, await observe(agent, resource)))
     _, steps = ToolRegistry(agent.tools()).validate_plan(plan)
     for s in steps:
         ctx = ToolContext(plan_id=plan.id, resource=plan.resource, step_index=s.index)
         assert (await s.tool.execute(s.params, ctx)).status is ToolStatus.SUCCESS
-    assert (await agent.reconcile(resource, await observe(agent, resource))).is_empty
+    assert (await agent.reconcile(snap(resource, await observe(agent, resource)))).is_empty
 
 
 INVALID_SPECS = [
@@ -119,16 +126,16 @@ async def test_an_invalid_spec_is_refused_naming_the_field(
 ) -> None:
     spec = {k: v.format(root=root) if isinstance(v, str) else v for k, v in spec.items()}
     with pytest.raises(InvalidResourceError, match=field.replace(".", r"\.")):
-        await agent.reconcile(desired(spec), None)
+        await agent.reconcile(snap(desired(spec), None))
     with pytest.raises(InvalidResourceError, match=field.replace(".", r"\.")):
-        await agent.retire(desired(spec), None)
+        await agent.retire(snap(desired(spec), None, deleted=True))
 
 
 async def test_retire_plans_a_high_risk_delete(agent: FileAgent, root: Path) -> None:
     on_disk(root, content="hello\n", mode=0o644)
     resource = motd(root)
     for actual in (None, await observe(agent, resource)):
-        plan = await agent.retire(resource, actual)
+        plan = await agent.retire(snap(resource, actual, deleted=True))
         assert [(s.tool, s.parameters) for s in plan.steps] == [("file.delete", {"path": str(root / "motd")})]
         assert plan.steps[0].risk is RiskLevel.HIGH
         assert plan.risk is RiskLevel.HIGH
@@ -138,6 +145,15 @@ async def test_retire_of_an_absent_file_is_an_empty_plan(agent: FileAgent, root:
     resource = motd(root)
     actual = await observe(agent, resource)
     assert actual.state["exists"] is False
-    plan = await agent.retire(resource, actual)
+    plan = await agent.retire(snap(resource, actual, deleted=True))
     assert plan.is_empty
     assert plan.risk is RiskLevel.READ_ONLY
+
+
+def test_a_valid_file_claims_its_normalised_path_and_an_invalid_one_claims_nothing(
+    agent: FileAgent, root: Path
+) -> None:
+    assert agent.claims(desired({"path": f"{root}/app/../motd", "content": "x"})) == {f"file:{root}/motd"}
+    for refused in ("relative/motd", str(root), f"{root}/.", f"{root}/../outside", "/elsewhere/motd"):
+        assert agent.claims(desired({"path": refused, "content": "x"})) == frozenset(), refused
+    assert agent.claims(desired({"path": f"{root}/motd", "content": "x", "mode": "999"})) == frozenset()

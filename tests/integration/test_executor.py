@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
@@ -15,10 +16,12 @@ from plans import ExecutionPlan, PlanRecord, PlanState, ResourceKey, RiskLevel, 
 from policies.limits import MutationBudget
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.executor import Executor
+from reconciler.journal import PlanJournal
 from reconciler.keys import KeySpace
 from reconciler.metrics import Metrics
 from reconciler.settings import ToolSettings
-from reconciler.store import EtcdStore
+from reconciler.status import StatusWriter
+from reconciler.store import EtcdStore, Guard
 from tools import Tool, ToolContext, ToolRegistry, ToolResult
 
 
@@ -78,15 +81,36 @@ async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
         yield s
 
 
-def make(store: EtcdStore, *, per_minute: int = 100, time: FakeTime | None = None) -> tuple[Executor, KeySpace]:
+@dataclass
+class Rig:
+    executor: Executor
+    journal: PlanJournal
+    keys: KeySpace
+
+
+def make(store: EtcdStore, *, per_minute: int = 100, time: FakeTime | None = None) -> Rig:
     time = time or FakeTime()
     keys = KeySpace(f"/x-{uuid.uuid4().hex[:8]}")
     budget = MutationBudget(per_minute=per_minute, now=time.now, sleep=time.sleep)
     retries = ToolSettings(retry_attempts=3, retry_backoff_base_seconds=0.001, retry_backoff_max_seconds=0.01)
-    return Executor(store=store, keys=keys, metrics=Metrics(), budget=budget, retries=retries), keys
+    journal = PlanJournal(store=store, keys=keys, status=StatusWriter(store=store, keys=keys))
+    executor = Executor(journal=journal, metrics=Metrics(), budget=budget, stopping=asyncio.Event(), retries=retries)
+    return Rig(executor, journal, keys)
 
 
-async def run(executor: Executor, *tools: Tool, revision: int = 5) -> PlanRecord:
+async def execute(rig: Rig, record: PlanRecord, steps: list, revision: Callable[[], int]) -> PlanRecord:
+    """Run the plan as the runner does: begin with a plain write, settle the outcome afterwards."""
+
+    async def begin(r: PlanRecord) -> bool:
+        await rig.journal.save(r)
+        return True
+
+    execution = await rig.executor.execute(record, steps, begin=begin, current_revision=revision)
+    await rig.journal.settle(execution.record, guard=Guard("/nowhere", 0))
+    return execution.record
+
+
+async def run(rig: Rig, *tools: Tool, revision: int = 5) -> PlanRecord:
     registry = ToolRegistry(tools)
     plan = ExecutionPlan(
         agent="test",
@@ -95,10 +119,7 @@ async def run(executor: Executor, *tools: Tool, revision: int = 5) -> PlanRecord
         desired_revision=5,
     )
     plan, steps = registry.validate_plan(plan)
-    execution = await executor.execute(
-        PlanRecord.start(plan, decision="auto"), steps, current_revision=lambda: revision
-    )
-    return execution.record
+    return await execute(rig, PlanRecord.start(plan, decision="auto"), steps, lambda: revision)
 
 
 async def stored(store: EtcdStore, keys: KeySpace, record: PlanRecord) -> dict:
@@ -108,22 +129,22 @@ async def stored(store: EtcdStore, keys: KeySpace, record: PlanRecord) -> dict:
 
 
 async def test_retryable_errors_are_retried_then_succeed(store: EtcdStore) -> None:
-    executor, keys = make(store)
+    rig = make(store)
     tool = Scripted(["retryable", "retryable", "ok"])
 
-    record = await run(executor, tool)
+    record = await run(rig, tool)
 
     assert tool.calls == 3
     assert record.state is PlanState.SUCCEEDED
-    saved = await stored(store, keys, record)
+    saved = await stored(store, rig.keys, record)
     assert saved["state"] == "succeeded" and saved["steps"][0]["state"] == "succeeded"
 
 
 async def test_retries_are_bounded_and_the_last_error_is_reported(store: EtcdStore) -> None:
-    executor, _ = make(store)
+    rig = make(store)
     tool = Scripted(["retryable"] * 10)
 
-    record = await run(executor, tool)
+    record = await run(rig, tool)
 
     assert tool.calls == 3
     assert record.state is PlanState.FAILED
@@ -131,14 +152,14 @@ async def test_retries_are_bounded_and_the_last_error_is_reported(store: EtcdSto
 
 
 async def test_non_retryable_errors_and_tool_crashes_are_not_retried(store: EtcdStore) -> None:
-    executor, _ = make(store)
+    rig = make(store)
     broken, crashing, never = Scripted(["error"]), Scripted(["raise"]), Scripted([])
     crashing_cls = type("Crashing", (Scripted,), {"name": "test.crashing"})
     never_cls = type("Never", (Scripted,), {"name": "test.never"})
     crashing.__class__, never.__class__ = crashing_cls, never_cls
 
-    first = await run(executor, broken)
-    second = await run(executor, crashing, never)
+    first = await run(rig, broken)
+    second = await run(rig, crashing, never)
 
     assert broken.calls == 1 and first.state is PlanState.FAILED
     assert crashing.calls == 1 and "tool raised RuntimeError: tool bug" in second.message
@@ -147,10 +168,10 @@ async def test_non_retryable_errors_and_tool_crashes_are_not_retried(store: Etcd
 
 
 async def test_a_timed_out_idempotent_tool_is_retried(store: EtcdStore) -> None:
-    executor, _ = make(store)
+    rig = make(store)
     tool = Scripted(["hang", "ok"])
 
-    record = await run(executor, tool)
+    record = await run(rig, tool)
 
     assert tool.calls == 2
     assert record.state is PlanState.SUCCEEDED
@@ -158,21 +179,21 @@ async def test_a_timed_out_idempotent_tool_is_retried(store: EtcdStore) -> None:
 
 async def test_only_mutating_steps_take_from_the_budget_and_wait_their_turn(store: EtcdStore) -> None:
     time = FakeTime()
-    executor, _ = make(store, per_minute=1, time=time)
+    rig = make(store, per_minute=1, time=time)
 
-    await run(executor, ReadOnly([]))
-    await run(executor, ReadOnly([]))
+    await run(rig, ReadOnly([]))
+    await run(rig, ReadOnly([]))
     assert time.slept == 0, "read-only steps never wait for the mutation budget"
-    await run(executor, Scripted([]))
+    await run(rig, Scripted([]))
     assert time.slept == 0
-    record = await run(executor, Scripted([]))
+    record = await run(rig, Scripted([]))
 
     assert record.state is PlanState.SUCCEEDED
     assert time.slept == pytest.approx(60), "the second mutating step waits for the first one's minute to pass"
 
 
 async def test_a_moved_desired_revision_supersedes_before_the_next_step(store: EtcdStore) -> None:
-    executor, _ = make(store)
+    rig = make(store)
     first, second = Scripted([]), type("Second", (Scripted,), {"name": "test.second"})([])
     revisions = iter([5, 6])  # the desired value moves while the first step runs
 
@@ -183,9 +204,7 @@ async def test_a_moved_desired_revision_supersedes_before_the_next_step(store: E
             steps=(Step(tool=first.name), Step(tool=second.name)), desired_revision=5,
         )
     )  # fmt: skip
-    record = (
-        await executor.execute(PlanRecord.start(plan, decision="auto"), steps, current_revision=lambda: next(revisions))
-    ).record
+    record = await execute(rig, PlanRecord.start(plan, decision="auto"), steps, lambda: next(revisions))
 
     assert record.state is PlanState.SUPERSEDED
     assert first.calls == 1 and second.calls == 0

@@ -115,3 +115,32 @@ async def test_mutation_budget_says_how_long_until_a_slot_frees() -> None:
     assert budget.wait_time() == pytest.approx(45)
     clock.t += 45
     assert budget.wait_time() == 0
+
+
+def test_flap_guard_reason_names_the_last_failure_instead_of_blaming_drift() -> None:
+    clock = Clock()
+    guard = FlapGuard(max_plans=2, window=600, now=clock.now)
+    for _ in range(2):
+        guard.record("k")
+        guard.settled("k", error="step 1 (file.write): writing /srv/x failed: Is a directory")
+
+    failing = guard.reason("k")
+    guard.settled("k", error=None)
+    drifting = guard.reason("k")
+
+    assert "the last one failed: step 1 (file.write): writing /srv/x failed: Is a directory" in failing
+    assert "undoing" not in failing
+    assert "something keeps undoing them" in drifting
+
+
+async def test_mutation_budget_try_acquire_never_waits_and_never_jumps_the_queue() -> None:
+    clock = FakeClock(1000)
+    budget = MutationBudget(per_minute=1, now=clock.now, sleep=clock.sleep)
+
+    assert budget.try_acquire() is True
+    assert budget.try_acquire() is False, "the minute's one slot is taken"
+    waiter = asyncio.create_task(budget.acquire())
+    await asyncio.sleep(0)
+    clock.advance(60)
+    assert budget.try_acquire() is False, "a slot that frees goes to the one already waiting"
+    await waiter

@@ -147,3 +147,36 @@ async def test_read_outside_the_roots_is_an_error(root: Path, tmp_path: Path) ->
     assert result.status is ToolStatus.ERROR
     assert not result.ok
     assert "sha256" not in result.output
+
+
+async def test_a_write_abandoned_by_its_timeout_never_lands_after_a_newer_one(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The executor's timeout cancels the await, not the thread doing the write: the late
+    rename of the older content must not land over what a newer write put there."""
+    import asyncio
+    import threading
+
+    target = root / "conf"
+    slow = threading.Event()
+    slow.set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if slow.is_set():
+            threading.Event().wait(0.4)  # a disk that stalls, in the worker thread only
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    tool = FileWrite(allowed_roots=[str(root)])
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await tool.execute(WriteParams(path=str(target), content="old\n"), CTX)
+    slow.clear()
+    newer = await tool.execute(WriteParams(path=str(target), content="new\n"), CTX)
+    assert newer.status is ToolStatus.SUCCESS, newer.error
+    await asyncio.sleep(0.8)  # long enough for the abandoned thread to finish whatever it would do
+
+    assert target.read_text() == "new\n"
+    assert os.listdir(root) == ["conf"], "the abandoned write left its temporary file behind"

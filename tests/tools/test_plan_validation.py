@@ -46,8 +46,8 @@ def test_omitted_optional_parameter_takes_its_default(registry: ToolRegistry) ->
 
 BAD_SECOND_STEPS = [
     pytest.param(Step(tool="file.chmod", parameters={"path": PATH}), "'file.chmod'", id="unknown-tool"),
-    pytest.param(write(path=PATH), "missing parameter 'content'", id="missing"),
-    pytest.param(write(path=PATH, content="x", owner="root"), "unexpected parameter 'owner'", id="extra"),
+    pytest.param(write(path=PATH), "parameter 'content' is required", id="missing"),
+    pytest.param(write(path=PATH, content="x", owner="root"), "parameter 'owner' is not allowed", id="extra"),
     pytest.param(write(path=PATH, content=123), "parameter 'content'", id="content-int"),
     pytest.param(write(path=PATH, content="x", mode=644), "parameter 'mode'", id="mode-int"),
     pytest.param(write(path=PATH, content="x", mode="999"), "parameter 'mode'", id="mode-not-octal"),

@@ -9,6 +9,11 @@ directory, is fsynced, gets its mode, and is renamed over the target; the
 directory is fsynced after the rename. A reader sees the old file or the new
 one, never a half-written one, and a crash leaves at most a stray temporary
 file named `.<name>.setpoint-*`.
+
+All file-system work, path confinement (`realpath`) included, runs in a
+thread, never on the event loop; the rename or unlink that is a tool's effect
+happens under a `Commit` (`tools/blocking.py`), so a call abandoned by its
+timeout cannot land after a newer one.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from plans import RiskLevel
 from tools.base import Tool, ToolContext, ToolResult
+from tools.blocking import Commit, run_blocking
 from tools.paths import PathNotAllowedError, confine
 
 MODE_PATTERN = r"^0?[0-7]{3}$"
@@ -98,29 +104,30 @@ class FileWrite(_FileTool):
 
     async def execute(self, params: BaseModel, ctx: ToolContext) -> ToolResult:
         assert isinstance(params, WriteParams)
-        try:
-            target = self._confine(params.path)
-        except PathNotAllowedError as e:
-            return ToolResult.failure(str(e))
-        try:
-            digest = await asyncio.to_thread(self._write, target, params.content, parse_mode(params.mode))
-        except OSError as e:
-            return _os_failure("writing", target, e)
-        return ToolResult.success(path=str(target), sha256=digest, mode=params.mode.zfill(4))
+        return await run_blocking(lambda commit: self._write(params, commit))
 
     async def verify(self, params: BaseModel, ctx: ToolContext) -> bool | None:
         assert isinstance(params, WriteParams)
         try:
-            target = self._confine(params.path)
-            state = await asyncio.to_thread(stat_file, target)
+            state = await asyncio.to_thread(lambda: stat_file(self._confine(params.path)))
         except (PathNotAllowedError, OSError):
             return None
         want = hashlib.sha256(params.content.encode("utf-8")).hexdigest()
         return state["sha256"] == want and state["mode"] == f"{parse_mode(params.mode):04o}"
 
-    def _write(self, target: Path, content: str, mode: int) -> str:
+    def _write(self, params: WriteParams, commit: Commit) -> ToolResult:
+        try:
+            target = self._confine(params.path)
+        except PathNotAllowedError as e:
+            return ToolResult.failure(str(e))
+        try:
+            digest = self._replace(target, params.content.encode("utf-8"), parse_mode(params.mode), commit)
+        except OSError as e:
+            return _os_failure("writing", target, e)
+        return ToolResult.success(path=str(target), sha256=digest, mode=params.mode.zfill(4))
+
+    def _replace(self, target: Path, data: bytes, mode: int, commit: Commit) -> str:
         self._make_parents(target)
-        data = content.encode("utf-8")
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.setpoint-", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -128,7 +135,8 @@ class FileWrite(_FileTool):
                 f.flush()
                 os.fsync(f.fileno())
                 os.fchmod(f.fileno(), mode)
-            os.replace(tmp, target)
+            with commit():
+                os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -147,31 +155,30 @@ class FileDelete(_FileTool):
 
     async def execute(self, params: BaseModel, ctx: ToolContext) -> ToolResult:
         assert isinstance(params, _PathParams)
-        try:
-            target = self._confine(params.path)
-        except PathNotAllowedError as e:
-            return ToolResult.failure(str(e))
-        try:
-            existed = await asyncio.to_thread(self._delete, target)
-        except OSError as e:
-            return _os_failure("deleting", target, e)
-        return ToolResult.success(path=str(target), existed=existed)
+        return await run_blocking(lambda commit: self._delete(params.path, commit))
 
     async def verify(self, params: BaseModel, ctx: ToolContext) -> bool | None:
         assert isinstance(params, _PathParams)
         try:
-            target = self._confine(params.path)
-            return not await asyncio.to_thread(os.path.lexists, target)
+            return not await asyncio.to_thread(lambda: os.path.lexists(self._confine(params.path)))
         except (PathNotAllowedError, OSError):
             return None
 
-    def _delete(self, target: Path) -> bool:
+    def _delete(self, path: str, commit: Commit) -> ToolResult:
         try:
-            os.unlink(target)
+            target = self._confine(path)
+        except PathNotAllowedError as e:
+            return ToolResult.failure(str(e))
+        try:
+            with commit():
+                os.unlink(target)
         except FileNotFoundError:
-            return False
-        _fsync_dir(target.parent)
-        return True
+            return ToolResult.success(path=str(target), existed=False)
+        except OSError as e:
+            return _os_failure("deleting", target, e)
+        with contextlib.suppress(OSError):  # the file is gone; a failed directory fsync does not undo that
+            _fsync_dir(target.parent)
+        return ToolResult.success(path=str(target), existed=True)
 
 
 class FileRead(_FileTool):
@@ -184,12 +191,15 @@ class FileRead(_FileTool):
 
     async def execute(self, params: BaseModel, ctx: ToolContext) -> ToolResult:
         assert isinstance(params, _PathParams)
+        return await asyncio.to_thread(self._read, params.path)
+
+    def _read(self, path: str) -> ToolResult:
         try:
-            target = self._confine(params.path)
+            target = self._confine(path)
         except PathNotAllowedError as e:
             return ToolResult.failure(str(e))
         try:
-            state = await asyncio.to_thread(stat_file, target)
+            state = stat_file(target)
         except OSError as e:
             return _os_failure("reading", target, e)
         if not state["exists"]:

@@ -24,7 +24,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from agents import AgentRegistry
-from plans import ExecutionPlan, Issue, Observed, Resource, RiskLevel, Step
+from plans import ExecutionPlan, Issue, RiskLevel, Snapshot, Step
 from policies import PolicySet, RiskCeiling
 from reconciler.assembly import Assembly
 from reconciler.daemon import Daemon
@@ -109,25 +109,24 @@ class JobAgent:
     def tools(self) -> Sequence[Tool]:
         return self._tools
 
-    async def reconcile(self, desired: Resource, actual: Observed | None) -> ExecutionPlan:
-        directory = Path(str(desired.spec["dir"]))
-        launch = "job.launch_verifiable" if desired.spec.get("verifiable") else "job.launch"
+    async def reconcile(self, snapshot: Snapshot) -> ExecutionPlan:
+        directory = Path(str(snapshot.desired.spec["dir"]))
+        launch = "job.launch_verifiable" if snapshot.desired.spec.get("verifiable") else "job.launch"
         steps = tuple(
             Step(tool=tool, parameters={"dir": str(directory)}, description=marker, risk=RiskLevel.LOW)
             for marker, tool in (("prepare", "job.prepare"), ("launch", launch), ("finish", "job.finish"))
             if not (directory / marker).exists()
         )
-        return ExecutionPlan(agent=self.name, resource=desired.key, steps=steps, desired_revision=0)
+        return snapshot.plan(agent=self.name, steps=steps)
 
-    async def retire(self, last: Resource, actual: Observed | None) -> ExecutionPlan:
-        return ExecutionPlan(agent=self.name, resource=last.key, desired_revision=0)
+    async def retire(self, snapshot: Snapshot) -> ExecutionPlan:
+        return snapshot.plan(agent=self.name)
 
-    async def heal(self, issue: Issue, desired: Resource | None, actual: Observed | None) -> ExecutionPlan:
-        assert desired is not None
-        return await self.reconcile(desired, actual)
+    async def heal(self, issue: Issue, snapshot: Snapshot) -> ExecutionPlan:
+        return await self.reconcile(snapshot)
 
-    async def plan(self, desired: Resource, actual: Observed | None) -> ExecutionPlan:
-        return await self.reconcile(desired, actual)
+    async def plan(self, snapshot: Snapshot) -> ExecutionPlan:
+        return await self.reconcile(snapshot)
 
 
 def main() -> int:

@@ -1,8 +1,10 @@
 """etcd refusing a journal write mid-plan must not make the retry repeat a step that already ran.
 
-Our own etcd wrapper (`EtcdStore.put`) fails exactly once, on the write that
-records the non-idempotent `launch` step as succeeded. The step has run; the
-retry must resume from the in-memory journal, not re-plan and launch again.
+Our own etcd wrapper fails exactly once, on the write that records a chosen
+journal state: the non-idempotent `launch` step succeeded (it ran: the retry
+must resume from the in-memory journal, not re-plan and launch again), or
+started (it never ran: the retry must run it, not hold the resource), or a
+failed plan's outcome (the retry must record the failure, not success).
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from typing import Any
 
 import pytest
 from counting_daemon import JobAgent
-from harness import eventually, make_settings
+from harness import Harness, eventually, make_settings
+from injection import fail_writes, is_plan_record
 
 from agents import AgentRegistry
 from policies import PolicySet, RiskCeiling
 from reconciler.assembly import Assembly
 from reconciler.daemon import Daemon
 from reconciler.embedded import EmbeddedEtcd
-from reconciler.store import EtcdStore, StoreUnavailableError
+from reconciler.store import EtcdStore
 from tools import ToolRegistry
 
 
@@ -32,30 +35,14 @@ async def test_a_failed_journal_write_after_a_step_ran_resumes_instead_of_repeat
     prefix = f"/outage-{uuid.uuid4().hex[:8]}"
     job = tmp_path / "job"
     job.mkdir()
-    real_put = EtcdStore.put
-    failed: list[str] = []
-
-    async def flaky_put(self: EtcdStore, key: str, value: bytes) -> int:
-        if not failed and "/plans/" in key:
-            steps = json.loads(value)["steps"]
-            if steps[1]["state"] == "succeeded":
-                failed.append(key)
-                raise StoreUnavailableError("injected: etcd did not answer the journal write")
-        return await real_put(self, key, value)
-
-    monkeypatch.setattr(EtcdStore, "put", flaky_put)
-    agents = AgentRegistry([JobAgent()])
-    assembly = Assembly(
-        agents=agents, tools=ToolRegistry(agents.tools()), policies=PolicySet([RiskCeiling()]), poll_seconds={}
-    )
-    settings = make_settings(etcd, prefix, tmp_path, backoff_base_seconds=0.05)
-    daemon = Daemon(settings, assembly=assembly)
+    faults = fail_writes(monkeypatch, is_plan_record(prefix, lambda r: r["steps"][1]["state"] == "succeeded"))
+    daemon = _job_daemon(etcd, prefix, tmp_path)
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     try:
         async with EtcdStore([etcd.endpoint]) as store:
             value = {"kind": "job", "name": "work", "spec": {"dir": str(job), "verifiable": False}}
-            await real_put(store, f"{prefix}/desired/job/work", json.dumps(value).encode())
+            await store.put(f"{prefix}/desired/job/work", json.dumps(value).encode())
 
             async def converged() -> dict[str, Any] | None:
                 kv = await store.get(f"{prefix}/status/job/work")
@@ -70,10 +57,81 @@ async def test_a_failed_journal_write_after_a_step_ran_resumes_instead_of_repeat
         stop.set()
         assert await asyncio.wait_for(task, 30) == 0
 
-    assert failed, "the injected failure never happened"
+    assert faults.failed, "the injected failure never happened"
     calls = (job / "calls.log").read_text().split()
     assert calls.count("launch") == 1, calls
     assert calls.count("prepare") == 1, calls
     assert record["state"] == "succeeded"
     # The same 3-step plan finished (a fresh plan would have had only the steps left to do).
     assert [s["state"] for s in record["steps"]] == ["succeeded"] * 3
+
+
+def _job_daemon(etcd: EmbeddedEtcd, prefix: str, tmp_path: Path) -> Daemon:
+    agents = AgentRegistry([JobAgent()])
+    assembly = Assembly(
+        agents=agents, tools=ToolRegistry(agents.tools()), policies=PolicySet([RiskCeiling()]), poll_seconds={}
+    )
+    return Daemon(make_settings(etcd, prefix, tmp_path, backoff_base_seconds=0.05), assembly=assembly)
+
+
+async def test_a_failed_journal_write_before_a_step_runs_does_not_hold_the_resource(
+    etcd: EmbeddedEtcd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write that marks the non-idempotent step `running` fails: the tool was never called,
+    so the retry must run it (once), not hold the resource as "outcome unknown"."""
+    prefix = f"/outage-{uuid.uuid4().hex[:8]}"
+    job = tmp_path / "job"
+    job.mkdir()
+    faults = fail_writes(monkeypatch, is_plan_record(prefix, lambda r: r["steps"][1]["state"] == "running"))
+    daemon = _job_daemon(etcd, prefix, tmp_path)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        async with EtcdStore([etcd.endpoint]) as store:
+            value = {"kind": "job", "name": "work", "spec": {"dir": str(job), "verifiable": False}}
+            await store.put(f"{prefix}/desired/job/work", json.dumps(value).encode())
+
+            async def settled() -> dict[str, Any] | None:
+                kv = await store.get(f"{prefix}/status/job/work")
+                status = json.loads(kv.value) if kv else None
+                return status if status and status["phase"] in ("Converged", "Failed") else None
+
+            status = await eventually(settled, timeout=20, what="the job to converge or fail")
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+
+    assert faults.failed, "the injected failure never happened"
+    assert status["phase"] == "Converged", status["message"]
+    calls = (job / "calls.log").read_text().split()
+    assert calls == ["prepare", "launch", "finish"], calls
+
+
+async def test_a_failed_plan_whose_last_journal_write_failed_is_not_recorded_as_success(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step fails, then the write recording that fails too: the retry must settle the plan as
+    failed, never run nothing and call it succeeded."""
+    (harness.root / "adir").mkdir()  # writing a file over a directory fails: "Is a directory"
+    faults = fail_writes(monkeypatch, is_plan_record(harness.keys.prefix, lambda r: r["state"] == "failed"))
+    await harness.start()
+
+    await harness.put_desired(harness.resource("adir", "x\n"))
+
+    await eventually(lambda: _true(bool(faults.failed)), what="the injected failure")
+    plan_id = faults.failed[0].rsplit("/", 1)[1]
+
+    async def finished() -> dict[str, Any] | None:
+        record = await harness.plan_record(plan_id)
+        return record if record["state"] not in ("executing", "pending") else None
+
+    record = await eventually(finished, what=f"plan {plan_id} to be settled")
+    assert record["state"] == "failed", record
+    assert [s["state"] for s in record["steps"]] == ["failed"]
+    assert "Is a directory" in record["message"]
+    status = await harness.status("adir")
+    assert status is not None and status["applied"] is None, "a plan that failed must not count as converged"
+
+
+async def _true(value: bool) -> bool:
+    return value

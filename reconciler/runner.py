@@ -1,0 +1,182 @@
+"""Runs an accepted plan: begins it, drives the executor, and settles the outcome with its status.
+
+`run` begins the plan (its record and status `Executing` in one transaction,
+refused when the desired value has moved on), runs its steps, and settles:
+the final record, the final status and the resource's new observation go to
+etcd together (`journal.py`), and the observer's baseline moves to what the
+resource looks like once converged. Each way a plan can end has one outcome:
+
+- succeeded: `Converged`; for a deleted resource, its status and observation
+  are removed and its tombstone dropped (`remove`);
+- failed: `Failed` with the step's error, then a `TemporaryError`, so the key
+  is retried with backoff; the flap guard remembers the error;
+- superseded: the record says so and the key is planned again at once;
+- interrupted by shutdown: `Pending`, and the plan is resumed at the next start;
+- refused at begin: nothing was written or run (`STALE`); the key is looked
+  at again once the cache has caught up with etcd.
+
+If etcd fails a write mid-plan, the record in memory is the truth: it is
+kept (`Unfinished`) for the retry, which settles or continues that record
+(`resume.py`) and never plans afresh a step that may have run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+
+from plans import Observed, PlanRecord, PlanState, Resource, TemporaryError
+from policies.limits import FlapGuard
+from reconciler.cache import Cache, DesiredEntry
+from reconciler.executor import Executor
+from reconciler.journal import PlanJournal
+from reconciler.keys import KeySpace
+from reconciler.observer import Observer
+from reconciler.outcome import Outcome, Result
+from reconciler.resume import Unfinished
+from reconciler.status import Phase, StatusWriter, guard_for
+from reconciler.store import Guard, Op
+from tools import ValidatedStep
+
+log = structlog.get_logger("setpoint.runner")
+
+STALE_RECHECK_SECONDS = 0.1  # the watch delivers the change that made a write stale within milliseconds
+
+
+class Runner:
+    def __init__(
+        self,
+        *,
+        executor: Executor,
+        journal: PlanJournal,
+        status: StatusWriter,
+        observer: Observer,
+        cache: Cache,
+        keys: KeySpace,
+        flap: FlapGuard,
+        unfinished: Unfinished,
+    ) -> None:
+        self._executor = executor
+        self._journal = journal
+        self._status = status
+        self._observer = observer
+        self._cache = cache
+        self._keys = keys
+        self._flap = flap
+        self._unfinished = unfinished
+
+    async def run(
+        self, entry: DesiredEntry, record: PlanRecord, steps: Sequence[ValidatedStep], *, message: str, stored: bool
+    ) -> Outcome:
+        """Run `steps` of `record` for `entry`; `stored` when the record is already in etcd (a resumed plan)."""
+        key, plan = entry.key, record.plan
+        guard = self._guard(entry)
+
+        async def begin(r: PlanRecord) -> bool:
+            update = await self._status.prepare(
+                key, phase=Phase.EXECUTING, revision=entry.mod_revision, message=message, plan_id=plan.id
+            )
+            if not await self._journal.begin(r, guard=guard, status=update):
+                return False
+            self._flap.record(key)
+            log.info("plan.executing", steps=len(steps), risk=plan.risk.value, reasoning=plan.reasoning)
+            return True
+
+        with structlog.contextvars.bound_contextvars(plan_id=plan.id):
+            try:
+                execution = await self._executor.execute(
+                    record, steps, begin=begin, current_revision=lambda: self._revision(entry)
+                )
+            except Exception:
+                self._unfinished.keep(key, record)
+                raise
+            if execution.refused:
+                if stored:
+                    self._unfinished.keep(key, record)  # settled once the cache shows where the value went
+                log.info("plan.stale")
+                return Outcome(Result.STALE, requeue_after=STALE_RECHECK_SECONDS)
+            if not execution.begun and not stored:  # stopped before its first write: nothing to settle
+                result = Result.SUPERSEDED if record.state is PlanState.SUPERSEDED else Result.INTERRUPTED
+                return Outcome(result, requeue_after=0 if result is Result.SUPERSEDED else None)
+            return await self.settle(entry, record)
+
+    async def settle(self, entry: DesiredEntry, record: PlanRecord) -> Outcome:
+        """Write the outcome `record` holds, with the status that says it."""
+        with structlog.contextvars.bound_contextvars(plan_id=record.plan.id):
+            try:
+                outcome = await self._settle(entry, record)
+            except Exception:
+                self._unfinished.keep(entry.key, record)
+                raise
+        if record.state is PlanState.FAILED:
+            raise TemporaryError(record.message)
+        return outcome
+
+    async def remove(self, entry: DesiredEntry, record: PlanRecord | None) -> Outcome:
+        """Forget a deleted resource: its status and observation go, with `record` when a plan tore it down."""
+        key = entry.key
+        guarded: list[Op] = [self._status.delete_op(key)]
+        observation = self._observer.delete_op(key)
+        if observation is not None:
+            guarded.append(observation)
+        if not await self._journal.settle(record, guard=self._guard(entry), guarded=guarded):
+            return Outcome(Result.STALE, requeue_after=STALE_RECHECK_SECONDS)  # re-created meanwhile
+        self._status.forget(key)
+        self._observer.forget(key)
+        self._cache.forget_tombstone(key, entry.mod_revision)
+        log.info("resource.removed")
+        return Outcome(Result.REMOVED)
+
+    async def _settle(self, entry: DesiredEntry, record: PlanRecord) -> Outcome:
+        key, plan = entry.key, record.plan
+        state = record.state
+        if state is PlanState.SUPERSEDED:
+            await self._journal.save(record)
+            return Outcome(Result.SUPERSEDED, requeue_after=0)
+        if state is PlanState.SUCCEEDED and entry.deleted:
+            log.info("plan.succeeded")
+            return await self.remove(entry, record)
+        # Whatever the outcome, actual/ shows the world as the plan left it.
+        observed = await self._observe_after(entry.resource) if entry.resource and not entry.deleted else None
+        put = self._observer.record_put(observed) if observed is not None else None
+        if state is PlanState.SUCCEEDED:
+            update = await self._status.prepare(
+                key, phase=Phase.CONVERGED, revision=entry.mod_revision, message=f"plan succeeded: {plan.reasoning}",
+                plan_id=plan.id, applied=entry.resource,
+            )  # fmt: skip
+            current = await self._journal.settle(record, guard=self._guard(entry), status=update, observed=put)
+            self._flap.settled(key, error=None)
+            if current:
+                self._observer.mark_converged(key, observed.state if observed is not None else None)
+            log.info("plan.succeeded")
+            return Outcome(Result.CONVERGED)
+        interrupted = state is PlanState.INTERRUPTED
+        update = await self._status.prepare(
+            key,
+            phase=Phase.PENDING if interrupted else Phase.FAILED,
+            revision=entry.mod_revision,
+            message=f"interrupted by shutdown: {record.message}" if interrupted else record.message,
+            plan_id=plan.id,
+        )
+        await self._journal.settle(record, guard=self._guard(entry), status=update, observed=put)
+        if interrupted:
+            return Outcome(Result.INTERRUPTED)
+        self._flap.settled(key, error=record.message)
+        return Outcome(Result.RETRY)
+
+    async def _observe_after(self, resource: Resource) -> Observed | None:
+        try:
+            return await self._observer.observe(resource)
+        except Exception as e:  # the plan ran: a failed look at its result must not undo the record of it
+            log.warning("observe.after_plan_failed", error_type=type(e).__name__, error=str(e)[:300])
+            return None
+
+    def _guard(self, entry: DesiredEntry) -> Guard:
+        return guard_for(self._keys, entry.key, revision=entry.mod_revision, deleted=entry.deleted)
+
+    def _revision(self, entry: DesiredEntry) -> int | None:
+        current = self._cache.desired.get(entry.key)
+        if current is None:
+            return None
+        return current.mod_revision

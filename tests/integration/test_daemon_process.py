@@ -1,0 +1,162 @@
+"""`setpoint run` as a real process: signals, start-up errors and what it says when it starts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from reconciler.embedded import EmbeddedEtcd, find_etcd_binary
+
+
+class Process:
+    """A `setpoint run` child whose JSON log lines are collected as they come."""
+
+    def __init__(self, config: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> None:
+        self.path = tmp / "config.yaml"
+        self.path.write_text(yaml.safe_dump(config))
+        self.env = {**os.environ, **(env or {})}
+        self.lines: list[str] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "reconciler.cli", "run", "-c", str(self.path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=self.env,
+        )  # fmt: skip
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            self.lines.append(line.decode().rstrip("\n"))
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        return next((e for e in self.events() if e["event"] == name), None)
+
+    async def wait_event(self, name: str, timeout: float = 20) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (found := self.event(name)) is None:
+            assert self.proc is not None
+            if self.proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"no {name} line; the daemon said:\n" + "\n".join(self.lines[-20:]))
+            await asyncio.sleep(0.05)
+        return found
+
+    async def wait(self, timeout: float = 20) -> int:
+        assert self.proc is not None and self._reader is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await self._reader
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+
+@pytest.fixture
+def processes() -> Any:
+    started: list[Process] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+def _config(tmp: Path, **extra: Any) -> dict[str, Any]:
+    return {"http": {"listen": "127.0.0.1:0"}, "state_dir": str(tmp / "state"), "log": {"level": "info"}, **extra}
+
+
+async def test_sighup_drains_like_sigterm_and_cleans_up(tmp_path: Path, processes: list[Process]) -> None:
+    p = Process(_config(tmp_path), tmp_path)  # embedded etcd: an endpoint file to clean up
+    processes.append(p)
+    await p.start()
+    await p.wait_event("daemon.ready")
+    assert (tmp_path / "state" / "endpoint").exists()
+
+    assert p.proc is not None
+    p.proc.send_signal(signal.SIGHUP)
+
+    assert await p.wait() == 0
+    stopping = p.event("daemon.stopping")
+    assert stopping is not None and stopping["signal"] == "SIGHUP"
+    assert p.events()[-1]["event"] == "etcd.embedded.stopped" or p.event("daemon.stopped") is not None
+    assert not (tmp_path / "state" / "endpoint").exists(), "a stale endpoint file was left behind"
+
+
+async def test_a_taken_http_port_is_one_sentence_not_a_traceback(
+    etcd: EmbeddedEtcd, tmp_path: Path, processes: list[Process]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = Process(
+            _config(tmp_path, etcd={"endpoints": [etcd.endpoint]}, http={"listen": f"127.0.0.1:{port}"}), tmp_path
+        )
+        processes.append(p)
+        await p.start()
+        code = await p.wait()
+
+    assert code == 1
+    text = "\n".join(p.lines)
+    assert "Traceback" not in text, text
+    assert p.lines[-1] == f"setpoint: cannot listen on 127.0.0.1:{port} (http.listen): address already in use"
+
+
+async def test_start_up_logs_the_version_the_etcd_version_and_the_effective_settings(
+    etcd: EmbeddedEtcd, tmp_path: Path, processes: list[Process]
+) -> None:
+    p = Process(_config(tmp_path, etcd={"endpoints": [etcd.endpoint]}), tmp_path)
+    processes.append(p)
+    await p.start()
+    await p.wait_event("daemon.ready")
+    assert p.proc is not None
+    p.proc.terminate()
+    assert await p.wait() == 0
+
+    starting = p.event("daemon.starting")
+    connected = p.event("etcd.connected")
+    assert starting is not None and connected is not None
+    assert starting["version"] == "0.1.0"
+    assert starting["settings"]["etcd"]["endpoints"] == [etcd.endpoint]
+    assert starting["settings"]["reconciler"]["workers"] == 4, "every effective setting, defaults included"
+    assert connected["etcd_version"].startswith("3.5.")
+
+
+async def test_an_old_etcd_on_path_for_the_embedded_default_is_named_and_warned_about(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    real = find_etcd_binary()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "etcd"  # says it is 3.4 when asked, and is the real etcd otherwise
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--version" ]; then echo "etcd Version: 3.4.27"; echo "Git SHA: 0"; exit 0; fi\n'
+        f'exec "{real}" "$@"\n'
+    )
+    fake.chmod(0o755)
+    p = Process(_config(tmp_path), tmp_path, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    processes.append(p)
+    await p.start()
+    await p.wait_event("daemon.ready")
+    assert p.proc is not None
+    p.proc.terminate()
+    assert await p.wait() == 0
+
+    embedded = p.event("etcd.embedded")
+    assert embedded is not None and embedded["etcd_version"] == "3.4.27" and embedded["binary"] == str(fake)
+    warning = p.event("etcd.embedded.too_old")
+    assert warning is not None and warning["level"] == "warning", p.lines

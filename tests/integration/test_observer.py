@@ -1,0 +1,92 @@
+"""The observer against a real etcd: what it writes under actual/ is never older than what a plan saw."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+from pydantic import JsonValue
+
+from agents import AgentRegistry
+from plans import ExecutionPlan, Resource, ResourceKey
+from reconciler.cache import Cache, DesiredEntry
+from reconciler.embedded import EmbeddedEtcd
+from reconciler.keys import KeySpace
+from reconciler.observer import Observer
+from reconciler.store import EtcdStore
+from tools import Tool
+
+
+class Probe:
+    """An observing agent whose world is a dict; observing a key in `hold` waits for `release`."""
+
+    name = "probe"
+    kinds = frozenset({"probe"})
+
+    def __init__(self) -> None:
+        self.world: dict[str, str] = {}
+        self.hold: set[str] = set()
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def observe(self, desired: Resource) -> dict[str, JsonValue]:
+        seen = self.world[desired.name]  # what the world looks like when the observation is taken
+        if desired.name in self.hold:
+            self.holding.set()
+            await self.release.wait()
+        return {"v": seen}
+
+    def tools(self) -> Sequence[Tool]:
+        return []
+
+    async def reconcile(self, *args: object, **kwargs: object) -> ExecutionPlan:  # never planned here
+        raise AssertionError("not used")
+
+    retire = heal = plan = reconcile
+
+
+@pytest.fixture
+async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
+    async with EtcdStore([etcd.endpoint]) as s:
+        yield s
+
+
+def _resource(name: str) -> Resource:
+    return Resource(kind="probe", name=name, spec={})
+
+
+async def test_an_observation_taken_before_a_plan_ran_is_not_written_after_it(store: EtcdStore) -> None:
+    keys = KeySpace(f"/obs-{uuid.uuid4().hex[:8]}")
+    cache = Cache(keys)
+    for i, name in enumerate(("x", "y"), start=1):
+        key = ResourceKey(kind="probe", name=name)
+        cache.desired[key] = DesiredEntry(key=key, mod_revision=i, resource=_resource(name))
+    probe = Probe()
+    probe.world = {"x": "old", "y": "steady"}
+    probe.hold = {"y"}  # the poll pass observes x, then stalls on y
+    agents = AgentRegistry([probe])
+    observer = Observer(store=store, keys=keys, cache=cache, agents=agents, poll_seconds={"probe": 3600})
+    x = ResourceKey(kind="probe", name="x")
+    poller = asyncio.create_task(observer.run())
+    try:
+        await asyncio.wait_for(probe.holding.wait(), 5)  # the pass has seen x as "old"
+
+        probe.world["x"] = "new"  # a plan changes x...
+        probe.hold = set()
+        observed = await observer.observe(_resource("x"))  # ...and the runner observes the result
+        assert observed is not None
+        await observer.record(observed)
+        observer.mark_converged(x, {"v": "new"})
+        probe.release.set()  # the stalled pass finishes
+        await asyncio.sleep(0.3)
+
+        kv = await store.get(keys.actual(x))
+        assert kv is not None
+        assert json.loads(kv.value)["state"] == {"v": "new"}, "the pass wrote back what it saw before the plan"
+        assert x not in observer.drifted("probe"), "the stale observation marked x drifted"
+    finally:
+        poller.cancel()
+        await asyncio.gather(poller, return_exceptions=True)

@@ -1,0 +1,60 @@
+"""The status writer says what each write did: written, unchanged, or stale (the desired value moved)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from plans import ResourceKey
+from reconciler.embedded import EmbeddedEtcd
+from reconciler.keys import KeySpace
+from reconciler.status import Phase, StatusWriter, WriteResult
+from reconciler.store import EtcdStore
+
+A, B = ResourceKey(kind="file", name="a"), ResourceKey(kind="file", name="b")
+
+
+@pytest.fixture
+async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
+    async with EtcdStore([etcd.endpoint]) as s:
+        yield s
+
+
+async def test_each_write_returns_its_own_result_even_when_writes_interleave(store: EtcdStore) -> None:
+    keys = KeySpace(f"/st-{uuid.uuid4().hex[:8]}")
+    writer = StatusWriter(store=store, keys=keys)
+    ra = await store.put(keys.desired(A), b"{}")
+    rb = await store.put(keys.desired(B), b"{}")
+
+    assert await writer.write(A, phase=Phase.CONVERGED, revision=ra) is WriteResult.WRITTEN
+    assert await writer.write(A, phase=Phase.CONVERGED, revision=ra) is WriteResult.UNCHANGED
+    assert await writer.write(B, phase=Phase.CONVERGED, revision=rb) is WriteResult.WRITTEN
+
+    async def a_changes() -> WriteResult:
+        result = await writer.write(A, phase=Phase.INVALID, revision=ra, message="bad value")
+        await asyncio.sleep(0.05)  # another await before the caller looks at what happened
+        return result
+
+    async def b_unchanged() -> WriteResult:
+        await asyncio.sleep(0.02)
+        return await writer.write(B, phase=Phase.CONVERGED, revision=rb)
+
+    assert await asyncio.gather(a_changes(), b_unchanged()) == [WriteResult.WRITTEN, WriteResult.UNCHANGED]
+
+
+async def test_a_status_for_a_value_that_moved_on_is_stale_and_not_written(store: EtcdStore) -> None:
+    keys = KeySpace(f"/st-{uuid.uuid4().hex[:8]}")
+    writer = StatusWriter(store=store, keys=keys)
+    old = await store.put(keys.desired(A), b"{}")
+    await store.put(keys.desired(A), b'{"newer": true}')
+
+    assert await writer.write(A, phase=Phase.CONVERGED, revision=old) is WriteResult.STALE
+    assert await store.get(keys.status(A)) is None
+
+    deleted_at = await store.put(keys.desired(B), b"{}") + 1
+    await store.delete(keys.desired(B))
+    result = await writer.write(B, phase=Phase.BLOCKED, revision=deleted_at, deleted=True, message="held")
+    assert result is WriteResult.WRITTEN, "a status about a deletion is current while the key stays deleted"
