@@ -125,7 +125,8 @@ class ReconcilerSettings(_Group):
         default=30.0, gt=0, description="How long SIGTERM waits for running steps. Defaults to 30 s."
     )
     rate_limit_per_second: float = Field(
-        default=50.0, gt=0, description="Reconciles started per second across all keys. Defaults to 50."
+        default=50.0, gt=0,
+        description="Reconciles started per second across all keys; below 1, one every 1/rate s. Defaults to 50.",
     )
 
     @model_validator(mode="after")

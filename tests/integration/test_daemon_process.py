@@ -74,6 +74,18 @@ def processes() -> Any:
         p.kill()
 
 
+async def _run_until_ready_then_stop(p: Process) -> Process:
+    await p.start()
+    try:
+        await p.wait_event("daemon.ready")
+        assert p.proc is not None
+        p.proc.terminate()
+        assert await p.wait() == 0
+    finally:
+        p.kill()
+    return p
+
+
 def _config(tmp: Path, **extra: Any) -> dict[str, Any]:
     return {"http": {"listen": "127.0.0.1:0"}, "state_dir": str(tmp / "state"), "log": {"level": "info"}, **extra}
 
@@ -118,13 +130,8 @@ async def test_a_taken_http_port_is_one_sentence_not_a_traceback(
 async def test_start_up_logs_the_version_the_etcd_version_and_the_effective_settings(
     etcd: EmbeddedEtcd, tmp_path: Path, processes: list[Process]
 ) -> None:
-    p = Process(_config(tmp_path, etcd={"endpoints": [etcd.endpoint]}), tmp_path)
+    p = await _run_until_ready_then_stop(Process(_config(tmp_path, etcd={"endpoints": [etcd.endpoint]}), tmp_path))
     processes.append(p)
-    await p.start()
-    await p.wait_event("daemon.ready")
-    assert p.proc is not None
-    p.proc.terminate()
-    assert await p.wait() == 0
 
     starting = p.event("daemon.starting")
     connected = p.event("etcd.connected")
@@ -148,13 +155,10 @@ async def test_an_old_etcd_on_path_for_the_embedded_default_is_named_and_warned_
         f'exec "{real}" "$@"\n'
     )
     fake.chmod(0o755)
-    p = Process(_config(tmp_path), tmp_path, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    p = await _run_until_ready_then_stop(
+        Process(_config(tmp_path), tmp_path, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    )
     processes.append(p)
-    await p.start()
-    await p.wait_event("daemon.ready")
-    assert p.proc is not None
-    p.proc.terminate()
-    assert await p.wait() == 0
 
     embedded = p.event("etcd.embedded")
     assert embedded is not None and embedded["etcd_version"] == "3.4.27" and embedded["binary"] == str(fake)

@@ -29,66 +29,18 @@ from reconciler.store import EtcdStore
 from tools import ToolRegistry
 
 
-async def test_a_failed_journal_write_after_a_step_ran_resumes_instead_of_repeating_it(
-    etcd: EmbeddedEtcd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    prefix = f"/outage-{uuid.uuid4().hex[:8]}"
-    job = tmp_path / "job"
-    job.mkdir()
-    faults = fail_writes(monkeypatch, is_plan_record(prefix, lambda r: r["steps"][1]["state"] == "succeeded"))
-    daemon = _job_daemon(etcd, prefix, tmp_path)
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    try:
-        async with EtcdStore([etcd.endpoint]) as store:
-            value = {"kind": "job", "name": "work", "spec": {"dir": str(job), "verifiable": False}}
-            await store.put(f"{prefix}/desired/job/work", json.dumps(value).encode())
-
-            async def converged() -> dict[str, Any] | None:
-                kv = await store.get(f"{prefix}/status/job/work")
-                status = json.loads(kv.value) if kv else None
-                return status if status and status["phase"] == "Converged" else None
-
-            status = await eventually(converged, timeout=20, what="the job to converge after the outage")
-            kv = await store.get(f"{prefix}/plans/{status['plan_id']}")
-            assert kv is not None
-            record = json.loads(kv.value)
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
-
-    assert faults.failed, "the injected failure never happened"
-    calls = (job / "calls.log").read_text().split()
-    assert calls.count("launch") == 1, calls
-    assert calls.count("prepare") == 1, calls
-    assert record["state"] == "succeeded"
-    # The same 3-step plan finished (a fresh plan would have had only the steps left to do).
-    assert [s["state"] for s in record["steps"]] == ["succeeded"] * 3
-
-
-def _job_daemon(etcd: EmbeddedEtcd, prefix: str, tmp_path: Path) -> Daemon:
+async def _run_job(etcd: EmbeddedEtcd, prefix: str, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the daemon with the job agent until job/work is Converged or Failed; its status and plan record."""
     agents = AgentRegistry([JobAgent()])
     assembly = Assembly(
         agents=agents, tools=ToolRegistry(agents.tools()), policies=PolicySet([RiskCeiling()]), poll_seconds={}
     )
-    return Daemon(make_settings(etcd, prefix, tmp_path, backoff_base_seconds=0.05), assembly=assembly)
-
-
-async def test_a_failed_journal_write_before_a_step_runs_does_not_hold_the_resource(
-    etcd: EmbeddedEtcd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The write that marks the non-idempotent step `running` fails: the tool was never called,
-    so the retry must run it (once), not hold the resource as "outcome unknown"."""
-    prefix = f"/outage-{uuid.uuid4().hex[:8]}"
-    job = tmp_path / "job"
-    job.mkdir()
-    faults = fail_writes(monkeypatch, is_plan_record(prefix, lambda r: r["steps"][1]["state"] == "running"))
-    daemon = _job_daemon(etcd, prefix, tmp_path)
+    daemon = Daemon(make_settings(etcd, prefix, tmp_path, backoff_base_seconds=0.05), assembly=assembly)
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     try:
         async with EtcdStore([etcd.endpoint]) as store:
-            value = {"kind": "job", "name": "work", "spec": {"dir": str(job), "verifiable": False}}
+            value = {"kind": "job", "name": "work", "spec": {"dir": str(tmp_path / "job"), "verifiable": False}}
             await store.put(f"{prefix}/desired/job/work", json.dumps(value).encode())
 
             async def settled() -> dict[str, Any] | None:
@@ -97,13 +49,47 @@ async def test_a_failed_journal_write_before_a_step_runs_does_not_hold_the_resou
                 return status if status and status["phase"] in ("Converged", "Failed") else None
 
             status = await eventually(settled, timeout=20, what="the job to converge or fail")
+            kv = await store.get(f"{prefix}/plans/{status['plan_id']}")
+            assert kv is not None
+            return status, json.loads(kv.value)
     finally:
         stop.set()
         assert await asyncio.wait_for(task, 30) == 0
 
+
+async def test_a_failed_journal_write_after_a_step_ran_resumes_instead_of_repeating_it(
+    etcd: EmbeddedEtcd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = f"/outage-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "job").mkdir()
+    faults = fail_writes(monkeypatch, is_plan_record(prefix, lambda r: r["steps"][1]["state"] == "succeeded"))
+
+    status, record = await _run_job(etcd, prefix, tmp_path)
+
     assert faults.failed, "the injected failure never happened"
     assert status["phase"] == "Converged", status["message"]
-    calls = (job / "calls.log").read_text().split()
+    calls = (tmp_path / "job" / "calls.log").read_text().split()
+    assert calls.count("launch") == 1, calls
+    assert calls.count("prepare") == 1, calls
+    assert record["state"] == "succeeded"
+    # The same 3-step plan finished (a fresh plan would have had only the steps left to do).
+    assert [s["state"] for s in record["steps"]] == ["succeeded"] * 3
+
+
+async def test_a_failed_journal_write_before_a_step_runs_does_not_hold_the_resource(
+    etcd: EmbeddedEtcd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write that marks the non-idempotent step `running` fails: the tool was never called,
+    so the retry must run it (once), not hold the resource as "outcome unknown"."""
+    prefix = f"/outage-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "job").mkdir()
+    faults = fail_writes(monkeypatch, is_plan_record(prefix, lambda r: r["steps"][1]["state"] == "running"))
+
+    status, _ = await _run_job(etcd, prefix, tmp_path)
+
+    assert faults.failed, "the injected failure never happened"
+    assert status["phase"] == "Converged", status["message"]
+    calls = (tmp_path / "job" / "calls.log").read_text().split()
     assert calls == ["prepare", "launch", "finish"], calls
 
 
