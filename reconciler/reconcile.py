@@ -70,6 +70,12 @@ class Reconciler:
         self._status = status
 
     async def reconcile(self, key: ResourceKey) -> Outcome:
+        outcome = await self._reconcile(key)
+        if outcome.result is Result.REMOVED:
+            self._claims.update(key)  # its tombstone is gone from the cache, and so are its claims
+        return outcome
+
+    async def _reconcile(self, key: ResourceKey) -> Outcome:
         entry = self._cache.desired.get(key)
         # Every log line of this reconcile says which desired revision it acted on.
         structlog.contextvars.bind_contextvars(revision=entry.mod_revision if entry is not None else None)

@@ -180,11 +180,15 @@ class StatusWriter:
         """`key`'s status was deleted."""
         self._last[key] = None
 
-    async def delete(self, key: ResourceKey) -> None:
+    async def delete(self, key: ResourceKey) -> WriteResult:
+        """Delete `key`'s status, if its desired key is still absent."""
         if await self._previous(key) is None:
-            return  # there is none: no request
-        await self._store.delete(self._keys.status(key))
+            return WriteResult.UNCHANGED  # there is none: no request
+        guard = guard_for(self._keys, key, revision=0, deleted=True)
+        if not await self._store.txn(guard=guard, then=[self.delete_op(key)]):
+            return WriteResult.STALE
         self.forget(key)
+        return WriteResult.WRITTEN
 
     async def _previous(self, key: ResourceKey) -> _Signature | None:
         if key not in self._last:

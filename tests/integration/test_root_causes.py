@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 
-from harness import Harness
+from harness import Harness, eventually, make_settings
 
+from reconciler.embedded import EmbeddedEtcd
+from reconciler.keys import Section
 from reconciler.settings import LimitsSettings
+from reconciler.store import Delete, Put
 
 
 async def test_a_failing_plan_keeps_its_error_when_the_flap_guard_stops_it(harness: Harness) -> None:
@@ -47,3 +50,30 @@ async def test_two_resources_that_claim_one_file_are_both_invalid_and_name_each_
 def _json(value: dict) -> bytes:
     return json.dumps(value).encode()
 
+
+
+async def test_a_renamed_resource_hands_its_file_over_instead_of_deleting_it(
+    harness: Harness, etcd: EmbeddedEtcd
+) -> None:
+    harness.settings = make_settings(etcd, harness.keys.prefix, harness.root, max_auto_risk="high")  # deletes run
+    await harness.start()
+    path = str(harness.root / "app.conf")
+    await harness.put_desired(harness.resource("old-name", "conf\n", path=path))
+    await harness.wait_status("old-name", "Converged")
+
+    new = harness.resource("new-name", "conf\n", path=path)
+    await harness.store.txn(  # the rename, as one change
+        then=[Delete(harness.keys.desired(harness.daemon_key("old-name"))),
+              Put(harness.keys.desired(harness.daemon_key("new-name")), json.dumps(new).encode())]
+    )  # fmt: skip
+
+    await harness.wait_status("new-name", "Converged")
+
+    async def old_gone() -> bool:
+        return await harness.status("old-name") is None
+
+    await eventually(old_gone, what="the old name to be forgotten")
+    plans, _ = await harness.store.get_prefix(harness.keys.section(Section.PLANS))
+    tools = [s["tool"] for kv in plans for s in json.loads(kv.value)["plan"]["steps"]]
+    assert "file.delete" not in tools, "the old name's teardown would delete the file the new name manages"
+    assert (harness.root / "app.conf").read_text() == "conf\n"
