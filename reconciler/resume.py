@@ -8,7 +8,9 @@ keeps the record in memory (`Unfinished.keep`), because it, not etcd, says
 what ran. Either way the key's next reconcile finishes that record instead
 of planning afresh:
 
-- a record whose outcome was decided but not written is settled;
+- a record whose outcome was decided but not written is settled, if its
+  desired value is still the one it was made for; else the outcome goes to
+  its record only, and the key is planned afresh for the value there is now;
 - a step found `running` is run again if its tool is idempotent; else its
   tool's read-only `verify` decides (done: succeeded; not done: run it);
   without an answer the plan fails with "step N outcome unknown" and the
@@ -169,8 +171,6 @@ class Resumer:
                 return await self._hold(entry, record, steps[record.outcome_unknown_step - 1])
             await self._save(entry, record)
             return None  # the operator changed the value: plan afresh
-        if record.state in _DECIDED:
-            return await self._runner.settle(entry, record)  # decided, but the write saying so failed
         for validated in steps:
             if record.steps[validated.index].state is StepState.RUNNING:
                 if not await self._settle_step(validated, record) and current:
@@ -178,7 +178,12 @@ class Resumer:
         if record.outcome_unknown_step is None and any(s.state is StepState.FAILED for s in record.steps):
             record.state = PlanState.FAILED
             record.message = record.message or "a step of this plan failed before setpoint stopped"
-            return await self._runner.settle(entry, record)
+        if record.state in _DECIDED:  # decided, but the write saying so failed
+            if current:
+                return await self._runner.settle(entry, record)
+            # Its outcome is about a value that is gone: record it, and plan for the value there is now.
+            await self._save(entry, record)
+            return None
         stored = record.state is not PlanState.PENDING
         if not current:
             if not stored:

@@ -9,22 +9,16 @@ exactly a watch that has not delivered the latest event yet.
 
 from __future__ import annotations
 
-import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from pipeline import pipeline
 
-from plans import Resource, ResourceKey
-from reconciler.assembly import assemble, build
-from reconciler.cache import Cache, DesiredEntry
-from reconciler.clock import SystemClock
+from reconciler.cache import DesiredEntry
 from reconciler.embedded import EmbeddedEtcd
-from reconciler.keys import KeySpace, Section
-from reconciler.metrics import Metrics
+from reconciler.keys import Section
 from reconciler.outcome import Result
-from reconciler.settings import Settings
 from reconciler.store import EtcdStore
 
 
@@ -34,37 +28,26 @@ async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
         yield s
 
 
-def _resource(path: Path, content: str) -> Resource:
-    return Resource(kind="file", name="x", spec={"path": str(path), "content": content})
-
-
 @pytest.mark.parametrize("lag", ["re-created", "changed"])
 async def test_a_plan_for_a_value_etcd_has_moved_past_runs_nothing(
     store: EtcdStore, tmp_path: Path, lag: str
 ) -> None:
-    settings = Settings.model_validate(
-        {"agents": {"file": {"allowed_roots": [str(tmp_path)]}}, "reconciler": {"max_auto_risk": "high"}}
-    )
-    keys = KeySpace(f"/stale-{uuid.uuid4().hex[:8]}")
-    cache = Cache(keys)
-    runtime = build(
-        settings, parts=assemble(settings), store=store, keys=keys, cache=cache, metrics=Metrics(), clock=SystemClock()
-    )
-    target = tmp_path / "x"
-    target.write_text("what the newest value wants\n")
-    key = ResourceKey(kind="file", name="x")
-    newest = _resource(target, "what the newest value wants\n")
-    revision = await store.put(keys.desired(key), json.dumps(newest.model_dump()).encode())
+    p = pipeline(store, tmp_path, max_auto_risk="high")  # deletes run
+    (tmp_path / "x").write_text("what the newest value wants\n")
+    newest = p.file("x", "what the newest value wants\n")
+    revision = await p.put(newest, cached=False)
     if lag == "re-created":  # the cache still holds the deletion: its plan would delete the file
-        cache.desired[key] = DesiredEntry(key=key, mod_revision=revision - 1, resource=newest, deleted=True)
+        p.cache.desired[newest.key] = DesiredEntry(
+            key=newest.key, mod_revision=revision - 1, resource=newest, deleted=True
+        )
     else:  # the cache still holds the previous value: its plan would write the old content
-        old = _resource(target, "what an older value wanted\n")
-        cache.desired[key] = DesiredEntry(key=key, mod_revision=revision - 1, resource=old)
+        old = p.file("x", "what an older value wanted\n")
+        p.cache.desired[newest.key] = DesiredEntry(key=newest.key, mod_revision=revision - 1, resource=old)
 
-    outcome = await runtime.reconciler.reconcile(key)
+    outcome = await p.runtime.reconciler.reconcile(newest.key)
 
     assert outcome.result is Result.STALE
-    assert target.read_text() == "what the newest value wants\n"
-    statuses, _ = await store.get_prefix(keys.section(Section.STATUS))
-    plans, _ = await store.get_prefix(keys.section(Section.PLANS))
+    assert (tmp_path / "x").read_text() == "what the newest value wants\n"
+    statuses, _ = await store.get_prefix(p.keys.section(Section.STATUS))
+    plans, _ = await store.get_prefix(p.keys.section(Section.PLANS))
     assert statuses == [] and plans == [], "a refused plan writes nothing"
