@@ -47,7 +47,7 @@ class PlanJournal:
     async def begin(self, record: PlanRecord, *, guard: Guard, status: StatusUpdate | None) -> bool:
         """Write the record and its `Executing` status if `guard` holds; False (nothing written) if not."""
         guarded: list[Op] = [status.put] if status is not None else []
-        if not await self._commit(guard, guarded=[*guarded, self.record_put(record)], always=[]):
+        if not await self._commit(guard, guarded=[*guarded, self.record_put(record)], always=[], status=status):
             return False
         if status is not None:
             self._status.remember(status)
@@ -71,12 +71,22 @@ class PlanJournal:
             always.append(observed)
         conditional: list[Op] = [status.put] if status is not None else []
         conditional.extend(guarded)
-        held = await self._commit(guard, guarded=conditional, always=always)
+        held = await self._commit(guard, guarded=conditional, always=always, status=status)
         if held and status is not None:
             self._status.remember(status)
         return held
 
-    async def _commit(self, guard: Guard, *, guarded: list[Op], always: list[Op]) -> bool:
+    async def _commit(
+        self, guard: Guard, *, guarded: list[Op], always: list[Op], status: StatusUpdate | None
+    ) -> bool:
+        try:
+            return await self._write(guard, guarded=guarded, always=always)
+        except BaseException:
+            if status is not None:
+                self._status.unknown(status.key)  # etcd may have applied it all the same
+            raise
+
+    async def _write(self, guard: Guard, *, guarded: list[Op], always: list[Op]) -> bool:
         if request_bytes([*always, *guarded]) <= MAX_REQUEST_BYTES:
             return await self._store.txn(guard=guard, then=[*always, *guarded], otherwise=always)
         for op in always:

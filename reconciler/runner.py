@@ -120,7 +120,12 @@ class Runner:
         observation = self._observer.delete_op(key)
         if observation is not None:
             guarded.append(observation)
-        if not await self._journal.settle(record, guard=self._guard(entry), guarded=guarded):
+        try:
+            removed = await self._journal.settle(record, guard=self._guard(entry), guarded=guarded)
+        except BaseException:
+            self._status.unknown(key)  # the delete may have been applied all the same
+            raise
+        if not removed:
             return Outcome(Result.STALE, requeue_after=STALE_RECHECK_SECONDS)  # re-created meanwhile
         self._status.forget(key)
         self._observer.forget(key)

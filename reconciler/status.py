@@ -16,7 +16,9 @@ to read afterwards, which another worker could have changed in between.
 
 The writer remembers the last status of every key. At start-up it is seeded
 from the full list of statuses (`seed`), so it needs no read before a key's
-first write; a key it has never heard of is read once.
+first write; a key it has never heard of is read once. A write that failed
+may still have been applied (etcd committed it, the answer was lost), so
+after any failure the key is read again before it is trusted (`unknown`).
 
 `applied` is the last desired value the resource converged to. It is what
 makes a deletion durable: when a desired key is deleted while setpoint is
@@ -93,6 +95,7 @@ class StatusWriter:
         self._keys = keys
         self._last: dict[ResourceKey, _Signature | None] = {}
         self._seeded = False
+        self._unknown: set[ResourceKey] = set()
 
     def seed(self, statuses: Iterable[KeyValue]) -> None:
         """Remember the statuses listed at start-up; keys not among them have none."""
@@ -139,6 +142,12 @@ class StatusWriter:
     def remember(self, update: StatusUpdate) -> None:
         """`update` was committed."""
         self._last[update.key] = update.signature
+        self._unknown.discard(update.key)
+
+    def unknown(self, key: ResourceKey) -> None:
+        """A write of `key`'s status failed and may or may not have been applied: read it before trusting it."""
+        self._last.pop(key, None)
+        self._unknown.add(key)
 
     async def write(
         self,
@@ -158,7 +167,12 @@ class StatusWriter:
         if update is None:
             return WriteResult.UNCHANGED
         guard = guard_for(self._keys, key, revision=revision, deleted=deleted)
-        if not await self._store.txn(guard=guard, then=[update.put]):
+        try:
+            written = await self._store.txn(guard=guard, then=[update.put])
+        except BaseException:
+            self.unknown(key)
+            raise
+        if not written:
             return WriteResult.STALE
         self.remember(update)
         return WriteResult.WRITTEN
@@ -179,23 +193,30 @@ class StatusWriter:
     def forget(self, key: ResourceKey) -> None:
         """`key`'s status was deleted."""
         self._last[key] = None
+        self._unknown.discard(key)
 
     async def delete(self, key: ResourceKey) -> WriteResult:
         """Delete `key`'s status, if its desired key is still absent."""
         if await self._previous(key) is None:
             return WriteResult.UNCHANGED  # there is none: no request
         guard = guard_for(self._keys, key, revision=0, deleted=True)
-        if not await self._store.txn(guard=guard, then=[self.delete_op(key)]):
+        try:
+            deleted = await self._store.txn(guard=guard, then=[self.delete_op(key)])
+        except BaseException:
+            self.unknown(key)
+            raise
+        if not deleted:
             return WriteResult.STALE
         self.forget(key)
         return WriteResult.WRITTEN
 
     async def _previous(self, key: ResourceKey) -> _Signature | None:
         if key not in self._last:
-            if self._seeded:
+            if self._seeded and key not in self._unknown:
                 return None  # not in the start-up list and never written since: there is none
             kv = await self._store.get(self._keys.status(key))
             self._last[key] = _signature(kv.value) if kv is not None else None
+            self._unknown.discard(key)
         return self._last[key]
 
 

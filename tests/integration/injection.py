@@ -2,8 +2,10 @@
 
 `fail_writes(monkeypatch, predicate, times=n)` makes the next `n` write
 requests that carry a (key, value) matching `predicate` raise instead of
-reaching etcd. Every write method of `EtcdStore` is covered, so a test keeps
-working when the code under test batches writes differently.
+reaching etcd; with `applied=True` the request reaches etcd and takes effect,
+and only its answer is lost (a timeout after the commit). Every write method
+of `EtcdStore` is covered, so a test keeps working when the code under test
+batches writes differently.
 """
 
 from __future__ import annotations
@@ -19,20 +21,33 @@ Predicate = Callable[[str, bytes], bool]
 
 
 class WriteFaults:
-    def __init__(self, predicate: Predicate, *, times: int, error: Callable[[str], Exception]) -> None:
+    def __init__(
+        self, predicate: Predicate, *, times: int, error: Callable[[str], Exception], applied: bool
+    ) -> None:
         self.predicate = predicate
         self.left = times
         self.error = error
+        self.applied = applied
         self.failed: list[str] = []  # keys of the writes that were refused
 
-    def check(self, items: Iterable[tuple[str, bytes]]) -> None:
+    def hit(self, items: Iterable[tuple[str, bytes]]) -> str | None:
+        """The key of the write this request fails on, or None to let it through."""
         if self.left <= 0:
-            return
+            return None
         for key, value in items:
             if self.predicate(key, value):
                 self.left -= 1
                 self.failed.append(key)
-                raise self.error(f"injected: etcd did not answer the write of {key}")
+                return key
+        return None
+
+    async def call(self, items: Iterable[tuple[str, bytes]], write: Any) -> Any:
+        key = self.hit(items)
+        if key is None:
+            return await write()
+        if self.applied:
+            await write()
+        raise self.error(f"injected: etcd did not answer the write of {key}")
 
 
 def _ops(ops: Iterable[Any]) -> list[tuple[str, bytes]]:
@@ -45,31 +60,20 @@ def fail_writes(
     *,
     times: int = 1,
     error: Callable[[str], Exception] = StoreUnavailableError,
+    applied: bool = False,
 ) -> WriteFaults:
-    faults = WriteFaults(predicate, times=times, error=error)
-    put = EtcdStore.put
+    faults = WriteFaults(predicate, times=times, error=error, applied=applied)
+    put, txn = EtcdStore.put, EtcdStore.txn
 
     async def failing_put(self: EtcdStore, key: str, value: bytes) -> int:
-        faults.check([(key, value)])
-        return await put(self, key, value)
+        return int(await faults.call([(key, value)], lambda: put(self, key, value)))
+
+    async def failing_txn(self: EtcdStore, **kwargs: Any) -> Any:
+        items = _ops([*kwargs.get("then", ()), *kwargs.get("otherwise", ())])
+        return await faults.call(items, lambda: txn(self, **kwargs))
 
     monkeypatch.setattr(EtcdStore, "put", failing_put)
-    if hasattr(EtcdStore, "put_if_revision"):
-        put_if_revision = EtcdStore.put_if_revision
-
-        async def failing_put_if_revision(self: EtcdStore, key: str, value: bytes, **kwargs: Any) -> bool:
-            faults.check([(key, value)])
-            return bool(await put_if_revision(self, key, value, **kwargs))
-
-        monkeypatch.setattr(EtcdStore, "put_if_revision", failing_put_if_revision)
-    if hasattr(EtcdStore, "txn"):
-        txn = EtcdStore.txn
-
-        async def failing_txn(self: EtcdStore, **kwargs: Any) -> Any:
-            faults.check(_ops([*kwargs.get("then", ()), *kwargs.get("otherwise", ())]))
-            return await txn(self, **kwargs)
-
-        monkeypatch.setattr(EtcdStore, "txn", failing_txn)
+    monkeypatch.setattr(EtcdStore, "txn", failing_txn)
     return faults
 
 

@@ -7,12 +7,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from injection import fail_writes
 
 from plans import ResourceKey
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.keys import KeySpace
 from reconciler.status import Phase, StatusWriter, WriteResult
-from reconciler.store import EtcdStore
+from reconciler.store import EtcdStore, StoreUnavailableError
 
 A, B = ResourceKey(kind="file", name="a"), ResourceKey(kind="file", name="b")
 
@@ -58,3 +59,22 @@ async def test_a_status_for_a_value_that_moved_on_is_stale_and_not_written(store
     await store.delete(keys.desired(B))
     result = await writer.write(B, phase=Phase.BLOCKED, revision=deleted_at, deleted=True, message="held")
     assert result is WriteResult.WRITTEN, "a status about a deletion is current while the key stays deleted"
+
+
+async def test_after_a_write_whose_answer_was_lost_the_writer_reads_again(
+    store: EtcdStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd applied the write but the answer never came: the writer cannot know what is stored,
+    so it must read it again rather than trust its memory."""
+    keys = KeySpace(f"/st-{uuid.uuid4().hex[:8]}")
+    writer = StatusWriter(store=store, keys=keys)
+    writer.seed([])  # as at start-up: every status is known
+    revision = await store.put(keys.desired(A), b"{}")
+    assert await writer.write(A, phase=Phase.CONVERGED, revision=revision) is WriteResult.WRITTEN
+    fail_writes(monkeypatch, lambda key, value: key == keys.status(A), applied=True)
+
+    with pytest.raises(StoreUnavailableError):
+        await writer.write(A, phase=Phase.BLOCKED, revision=revision, message="flap guard: ...")
+
+    assert await writer.is_converged(A, revision) is False, "etcd says Blocked"
+    assert await writer.write(A, phase=Phase.CONVERGED, revision=revision) is WriteResult.WRITTEN
