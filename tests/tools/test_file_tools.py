@@ -180,3 +180,45 @@ async def test_a_write_abandoned_by_its_timeout_never_lands_after_a_newer_one(
 
     assert target.read_text() == "new\n"
     assert os.listdir(root) == ["conf"], "the abandoned write left its temporary file behind"
+
+
+async def test_a_timeout_during_a_hung_rename_does_not_block_the_event_loop(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung file system (say a hard NFS mount) stalls the rename the timeout fires during: the
+    event loop must go on serving everything else, and the timed-out call must still not return
+    while its rename may yet land."""
+    import asyncio
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    real_replace = os.replace
+
+    def hung_replace(src: str, dst: str) -> None:
+        entered.set()
+        release.wait(10)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", hung_replace)
+    unblock = threading.Timer(3.0, release.set)  # if the loop is blocked, only this frees it
+    unblock.start()
+    try:
+
+        async def write() -> ToolResult:
+            async with asyncio.timeout(0.05):
+                return await FileWrite(allowed_roots=[str(root)]).execute(
+                    WriteParams(path=str(root / "conf"), content="x\n"), CTX
+                )
+
+        call = asyncio.create_task(write())
+        await asyncio.to_thread(entered.wait, 5)  # the rename is under way, and hangs
+        await asyncio.sleep(0.3)  # the timeout fires meanwhile
+
+        assert not release.is_set(), "the event loop stood still until the hung rename ended"
+        assert not call.done(), "the timed-out call returned while its rename could still land"
+        release.set()
+        with pytest.raises(TimeoutError):
+            await call
+    finally:
+        release.set()
+        unblock.cancel()
