@@ -15,8 +15,9 @@ Every branch logs once and counts `setpoint_reconcile_total{kind, result}`.
 
 The workers are supervised: `run` ends with `WorkerDiedError` if one of them
 dies (only a bug in this loop can do that), so the daemon stops instead of
-standing ready with nobody working. `shutdown` stops taking keys and lets the
-reconciles under way finish, up to a timeout.
+standing ready with nobody working; the other workers go on with the key in
+hand. `shutdown` stops taking keys and lets the reconciles under way finish,
+up to a timeout.
 """
 
 from __future__ import annotations
@@ -68,14 +69,19 @@ class Controller:
         self._workers: list[asyncio.Task[None]] = []
 
     async def run(self) -> None:
-        """Run the workers until `shutdown`; raises WorkerDiedError if one of them dies."""
+        """Run the workers until `shutdown`; raises WorkerDiedError if one of them dies.
+
+        The others keep working then, so that `shutdown` can drain them; they are
+        cancelled only if `run` itself is.
+        """
         self._workers = [asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self._count)]
         try:
             done, _ = await asyncio.wait(self._workers, return_when=asyncio.FIRST_EXCEPTION)
-        finally:
+        except asyncio.CancelledError:
             for task in self._workers:
                 task.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
+            raise
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 raise WorkerDiedError(f"{task.get_name()} died: {task.exception()!r}") from task.exception()

@@ -4,13 +4,15 @@ A reconcile request is only a key; everything is read again from the cache,
 so coalesced events and resyncs are handled the same way. The path, in order:
 
 1. no desired value and nothing to tear down: remove any status left (`absent`);
-2. a value that cannot be read, a kind no agent owns, or a resource claiming
-   a target that another live resource claims too: `Invalid`, with the reason;
+2. a value that cannot be read, or a kind no agent owns: `Invalid`, with the reason;
 3. held after a step's outcome became unknown, until the value changes (`held`);
 4. a plan left unfinished (a crash, a failed journal write): finish it (`resume.py`);
-5. a deleted resource whose target a live resource now claims: forgotten
+5. a resource claiming a target that another live resource claims too:
+   `Invalid`, naming the other. It comes after 3 and 4: a hold, and a plan
+   already half done, are settled for the value they were about first;
+6. a deleted resource whose target a live resource now claims: forgotten
    without teardown, which would destroy what the live one wants;
-6. otherwise: observe, let the agent plan from the snapshot (`reconcile`, or
+7. otherwise: observe, let the agent plan from the snapshot (`reconcile`, or
    `retire` for a deleted resource), and act on the gate's verdict: run the
    plan (`runner.py`), or say in the status why it does not run. The
    observation is written to `actual/` when it changed, unless a plan runs:
@@ -82,14 +84,18 @@ class Reconciler:
         if entry is None:
             await self._status.delete(key)  # a status left behind would describe a resource that is gone
             return Outcome(Result.ABSENT)
-        reason = self._invalid_reason(entry)
-        if reason is not None:
-            return await self._invalid(entry, reason)
+        if entry.error is not None or entry.resource is None:
+            return await self._invalid(entry, entry.error or "value could not be read")
+        if self._agents.for_kind(key.kind) is None:
+            return await self._invalid(entry, f"no agent handles kind {key.kind!r}")
         if self._unfinished.held(entry):
             return Outcome(Result.HELD)  # the Failed status written when the hold began still says why
         resumed = await self._resumer.resume(entry)
         if resumed is not None:
             return resumed
+        rivals = self._rivals(key)
+        if rivals is not None:
+            return await self._invalid(entry, rivals)
         if entry.deleted and (successor := self._claims.successor(key)) is not None:
             log.info("resource.released", claimed_by=str(successor))
             return await self._runner.remove(entry, None)
@@ -106,12 +112,9 @@ class Reconciler:
             await self._observer.record(observed)  # a plan that runs records what it leaves instead
         return await self._act(entry, snapshot, verdict)
 
-    def _invalid_reason(self, entry: DesiredEntry) -> str | None:
-        if entry.error is not None or entry.resource is None:
-            return entry.error or "value could not be read"
-        if self._agents.for_kind(entry.key.kind) is None:
-            return f"no agent handles kind {entry.key.kind!r}"
-        for target, others in self._claims.rivals(entry.key).items():
+    def _rivals(self, key: ResourceKey) -> str | None:
+        """Why `key` may not act: the other resources that claim one of its targets, if any do."""
+        for target, others in self._claims.rivals(key).items():
             names = ", ".join(str(other) for other in others)
             return (
                 f"{names} also claim{'s' if len(others) == 1 else ''} {target}: a target can have only one owner, "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from plans import Resource, ResourceKey
-from reconciler.assembly import Runtime, assemble, build
+from reconciler.assembly import Assembly, Runtime, assemble, build
 from reconciler.cache import Cache, DesiredEntry
 from reconciler.clock import SystemClock
 from reconciler.keys import KeySpace
@@ -59,12 +59,13 @@ class Pipeline:
         return dict(json.loads(kv.value))
 
 
-def pipeline(store: EtcdStore, root: Path, **settings: Any) -> Pipeline:
-    """`settings` are reconciler settings (say `max_auto_risk="high"`)."""
+def pipeline(store: EtcdStore, root: Path, *, parts: Assembly | None = None, **settings: Any) -> Pipeline:
+    """`settings` are reconciler settings (say `max_auto_risk="high"`); `parts` replace the built-in agents."""
     config = Settings.model_validate({"agents": {"file": {"allowed_roots": [str(root)]}}, "reconciler": settings})
     keys = KeySpace(f"/pipe-{uuid.uuid4().hex[:8]}")
     cache = Cache(keys)
     runtime = build(
-        config, parts=assemble(config), store=store, keys=keys, cache=cache, metrics=Metrics(), clock=SystemClock()
-    )
+        config, parts=parts or assemble(config), store=store, keys=keys, cache=cache, metrics=Metrics(),
+        clock=SystemClock(),
+    )  # fmt: skip
     return Pipeline(runtime=runtime, store=store, keys=keys, cache=cache, root=root)

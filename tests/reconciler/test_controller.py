@@ -92,3 +92,28 @@ async def test_every_way_a_reconcile_ends_is_counted_once_and_requeued_as_it_sho
     await run
     assert metrics.registry.get_sample_value("setpoint_reconcile_total", sample) == 1
     assert waiting == (1 if requeued else 0)
+
+
+async def test_a_dead_worker_leaves_the_others_to_finish_their_reconcile() -> None:
+    """The daemon drains after a worker died; that drain must find the others still at work."""
+    other, release, finished = ResourceKey(kind="file", name="b"), asyncio.Event(), asyncio.Event()
+
+    async def reconcile(key: ResourceKey) -> Outcome:
+        if key == KEY:
+            await asyncio.sleep(0.05)  # the other worker is mid-reconcile by now
+            raise Escape()
+        await release.wait()  # a step in progress
+        finished.set()
+        return Outcome(Result.CONVERGED)
+
+    queue: WorkQueue[ResourceKey] = WorkQueue()
+    c = controller(reconcile, queue)
+    queue.add(other)
+    queue.add(KEY)
+
+    with pytest.raises(WorkerDiedError):
+        await asyncio.wait_for(c.run(), 5)
+    release.set()
+
+    assert await c.shutdown(5), "the other worker was cancelled instead of drained"
+    assert finished.is_set()
