@@ -109,7 +109,10 @@ class Daemon:
         await self.embedded.astart()
         self.embedded.write_endpoint_file(state_dir)
         self.endpoints = [self.embedded.endpoint]
-        log.info("etcd.embedded.started", endpoint=self.embedded.endpoint, data_dir=str(self.embedded.data_dir))
+        log.info(
+            "etcd.embedded.started", endpoint=self.embedded.endpoint, data_dir=str(self.embedded.data_dir),
+            pid=self.embedded.pid,
+        )  # fmt: skip
 
     async def _connect(self, stop: asyncio.Event) -> EtcdStore | None:
         store = EtcdStore(
@@ -145,6 +148,8 @@ class Daemon:
         self.http_port = http.port
         log.info("http.listening", address=f"{s.http.listen.rpartition(':')[0]}:{http.port}")
         parts = [asyncio.create_task(rt.reflector.run(), name="reflector")]
+        if self.embedded is not None:  # the daemon's own etcd is one of its parts: without it, nothing works
+            parts.append(asyncio.create_task(self.embedded.watch(), name="etcd"))
         try:
             if not await self._start(rt, stop, parts):
                 return 0 if stop.is_set() else 1
@@ -164,7 +169,7 @@ class Daemon:
 
     async def _start(self, rt: Runtime, stop: asyncio.Event, parts: list[asyncio.Task[None]]) -> bool:
         """Wait for the initial list, recover, then start working; False if stopped or crashed first."""
-        if not await self._wait_synced(rt, stop, parts[0]):
+        if not await self._wait_synced(rt, stop, parts):
             return False
         resume_first = await rt.resumer.load(stop)
         if resume_first is None:
@@ -182,16 +187,15 @@ class Daemon:
         log.info("daemon.ready", keys=len(self.cache.desired), workers=self.settings.reconciler.workers)
         return True
 
-    async def _wait_synced(self, rt: Runtime, stop: asyncio.Event, task: asyncio.Task[None]) -> bool:
-        waiters = {asyncio.ensure_future(rt.reflector.synced.wait()), asyncio.ensure_future(stop.wait()), task}
-        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    async def _wait_synced(self, rt: Runtime, stop: asyncio.Event, parts: list[asyncio.Task[None]]) -> bool:
+        waiters = [asyncio.ensure_future(rt.reflector.synced.wait()), asyncio.ensure_future(stop.wait())]
+        done, _ = await asyncio.wait([*waiters, *parts], return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
-            if waiter is not task:
-                waiter.cancel()
-        if task in done:
+            waiter.cancel()
+        crashed = [task for task in parts if task in done]
+        for task in crashed:
             self._report_crash(task)
-            return False
-        return rt.reflector.synced.is_set() and not stop.is_set()
+        return not crashed and rt.reflector.synced.is_set() and not stop.is_set()
 
     async def _wait(self, stop: asyncio.Event, parts: list[asyncio.Task[None]]) -> int:
         stopper = asyncio.ensure_future(stop.wait())

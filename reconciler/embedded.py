@@ -193,6 +193,13 @@ class EmbeddedEtcd:
             proc.kill()
             proc.wait()
 
+    async def watch(self, *, every: float = 0.5) -> None:
+        """Wait while etcd runs; raises EmbeddedEtcdError once it has exited."""
+        while self._proc is not None and self._proc.poll() is None:
+            await asyncio.sleep(every)
+        code = self._proc.returncode if self._proc is not None else None
+        raise EmbeddedEtcdError(f"the embedded etcd exited (code {code}); see {self._log_path}")
+
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
         proc, self._proc = self._proc, None

@@ -164,3 +164,21 @@ async def test_an_old_etcd_on_path_for_the_embedded_default_is_named_and_warned_
     assert embedded is not None and embedded["etcd_version"] == "3.4.27" and embedded["binary"] == str(fake)
     warning = p.event("etcd.embedded.too_old")
     assert warning is not None and warning["level"] == "warning", p.lines
+
+
+async def test_when_the_embedded_etcd_dies_the_daemon_exits_1_instead_of_standing_ready(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    p = Process(_config(tmp_path), tmp_path)
+    processes.append(p)
+    await p.start()
+    await p.wait_event("daemon.ready")
+    started = p.event("etcd.embedded.started")
+    assert started is not None
+
+    os.kill(started["pid"], signal.SIGKILL)
+
+    assert await p.wait(timeout=30) == 1
+    stopped = [e for e in p.events() if e["event"] == "daemon.component_stopped"]
+    assert stopped and stopped[0]["component"] == "etcd", p.lines[-10:]
+    assert "exited" in stopped[0]["error"]
