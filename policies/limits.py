@@ -10,7 +10,8 @@ them; they never act themselves.
   back is a symptom to be looked at, not something to fight forever. It also
   remembers how the last plan ended, so the reason it gives is the truth:
   plans that keep failing are reported with their error, not as drift that
-  something keeps undoing.
+  something keeps undoing. Plans from before a restart can be recorded with
+  their age, so a restart does not reset the window.
 - MutationBudget: at most `per_minute` mutating steps across all keys in any
   60 s window; the rest wait their turn.
 - healing_paused: when more than `max_fraction` of a kind's resources need
@@ -34,7 +35,7 @@ class FlapGuard:
         self.window = window
         self._now = now
         self._executed: dict[Hashable, deque[float]] = {}
-        self._last_error: dict[Hashable, str] = {}
+        self._last_error: dict[Hashable, str | None] = {}  # absent: how the last plan ended is not known
 
     def _recent(self, key: Hashable) -> deque[float]:
         times = self._executed.get(key)
@@ -59,21 +60,26 @@ class FlapGuard:
         # No countdown here: the reason must stay the same while the key stays blocked.
         head = f"flap guard: {self.max_plans} plans already ran for this resource within {self.window:g} s"
         resume = "automatic changes resume when the oldest leaves that window"
-        error = self._last_error.get(key)
+        if key not in self._last_error:  # plans from before a restart: how they ended is not known here
+            return f"{head}; {resume}"
+        error = self._last_error[key]
         if error is not None:
             return f"{head}, and the last one failed: {error}; {resume}"
         return f"{head}, and each time it drifted again: something keeps undoing them; {resume}"
 
-    def record(self, key: Hashable) -> None:
-        """Count one executed plan for `key`."""
+    def record(self, key: Hashable, *, ago: float = 0.0) -> None:
+        """Count one executed plan for `key`, begun `ago` seconds before now (record them oldest first)."""
         self._recent(key)
-        self._executed.setdefault(key, deque()).append(self._now())
+        self._executed.setdefault(key, deque()).append(self._now() - ago)
+
+    def ages(self, key: Hashable) -> list[float]:
+        """How many seconds ago each plan in `key`'s window began, oldest first."""
+        now = self._now()
+        return [now - at for at in self._recent(key)]
 
     def settled(self, key: Hashable, *, error: str | None) -> None:
         """How `key`'s last executed plan ended: None when it succeeded, else its error."""
-        if error is None:
-            self._last_error.pop(key, None)
-        elif key in self._executed:
+        if key in self._executed:
             self._last_error[key] = error
 
 

@@ -110,7 +110,7 @@ def build(
     )  # fmt: skip
     resumer = Resumer(
         store=store, keys=keys, tools=parts.tools, status=status, journal=journal, runner=runner,
-        unfinished=unfinished,
+        unfinished=unfinished, cache=cache, flap=flap, observer=observer,
     )  # fmt: skip
     gate = Gate(
         tools=parts.tools, policies=parts.policies, flap=flap, budget=budget, observer=observer, cache=cache,

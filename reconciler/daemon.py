@@ -178,9 +178,11 @@ class Daemon:
             rt.enqueue(key)
         self.ready.set()
         self.metrics.ready.set(1)
+        # What has drifted is known before the first plan, so a mass failure is seen as one.
+        await rt.observer.poll_all()
         parts += [
             asyncio.create_task(rt.controller.run(), name="workers"),
-            asyncio.create_task(rt.observer.run(), name="observer"),
+            asyncio.create_task(rt.observer.run(wait_first=True), name="observer"),
             asyncio.create_task(self._resync(rt), name="resync"),
         ]
         sd_notify("READY=1")

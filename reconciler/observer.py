@@ -114,24 +114,34 @@ class Observer:
         if put is not None:
             await self._store.put(put.key, put.value)
 
-    async def run(self) -> None:
-        """Poll every observing kind on its interval until cancelled (idle when there is none)."""
-        loops = [
-            self._poll_kind(kind, interval)
-            for kind, interval in self._poll.items()
-            if self.observing_agent(kind) is not None
-        ]
+    async def poll_all(self) -> None:
+        """One poll pass over every observing kind (at start-up, before any worker plans)."""
+        for kind in self._kinds():
+            await self._poll_guarded(kind)
+
+    async def run(self, *, wait_first: bool = False) -> None:
+        """Poll every observing kind on its interval until cancelled (idle when there is none);
+        `wait_first` when a pass has just been made."""
+        loops = [self._poll_kind(kind, self._poll[kind], wait_first=wait_first) for kind in self._kinds()]
         if not loops:
             await asyncio.Event().wait()
         await asyncio.gather(*loops)
 
-    async def _poll_kind(self, kind: str, interval: float) -> None:
-        while True:
-            try:
-                await self._poll_once(kind)
-            except Exception as e:  # the pass's boundary: the next pass tries again
-                log.error("observe.pass_failed", kind=kind, error_type=type(e).__name__, error=str(e)[:300])
+    def _kinds(self) -> list[str]:
+        return [kind for kind in self._poll if self.observing_agent(kind) is not None]
+
+    async def _poll_kind(self, kind: str, interval: float, *, wait_first: bool) -> None:
+        if wait_first:
             await asyncio.sleep(interval)
+        while True:
+            await self._poll_guarded(kind)
+            await asyncio.sleep(interval)
+
+    async def _poll_guarded(self, kind: str) -> None:
+        try:
+            await self._poll_once(kind)
+        except Exception as e:  # the pass's boundary: the next pass tries again
+            log.error("observe.pass_failed", kind=kind, error_type=type(e).__name__, error=str(e)[:300])
 
     async def _poll_once(self, kind: str) -> None:
         agent = self.observing_agent(kind)

@@ -143,7 +143,11 @@ class Reconciler:
                 return await self._runner.remove(entry, None)
             self._observer.mark_converged(entry.key, snapshot.actual.state if snapshot.actual is not None else None)
             if not await self._status.is_converged(entry.key, entry.mod_revision):  # else it says what made it so
-                await self._write(entry, Phase.CONVERGED, plan.reasoning, applied=entry.resource)
+                baseline = snapshot.actual.state if snapshot.actual is not None else None
+                await self._status.write(
+                    entry.key, phase=Phase.CONVERGED, revision=entry.mod_revision, message=plan.reasoning,
+                    applied=entry.resource, baseline=baseline,
+                )  # fmt: skip
             return Outcome(Result.CONVERGED)
         if check is Check.INVALID_PLAN:
             await self._write(entry, Phase.FAILED, verdict.message)

@@ -19,6 +19,12 @@ of planning afresh:
 - a plan whose desired value moved on while setpoint was down is superseded;
 - otherwise the steps still pending run, in the same plan.
 
+The limits remember across restarts too, through the statuses: the flap
+guard is given the times the recent plans for each resource began, and the
+observer the state each resource looked like when it converged, so that a
+mass failure seen right after a restart still pauses healing (the daemon
+observes everything once before any worker starts).
+
 An etcd blip while loading is retried with backoff, never fatal.
 """
 
@@ -27,16 +33,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
 
 from plans import PlanRecord, PlanState, PlanValidationError, ResourceKey, StepState
-from reconciler.cache import DesiredEntry
+from policies.limits import FlapGuard
+from reconciler.cache import Cache, DesiredEntry
 from reconciler.journal import PlanJournal
 from reconciler.keys import KeySpace, Section
+from reconciler.observer import Observer
 from reconciler.outcome import Outcome, Result
-from reconciler.status import Phase, Status, StatusWriter, guard_for
+from reconciler.status import Phase, StatusWriter, guard_for, parse_status
 from reconciler.store import EtcdStore, KeyValue, StoreError, StoreUnavailableError
 from tools import ToolContext, ToolRegistry, ValidatedStep
 
@@ -91,6 +100,9 @@ class Resumer:
         journal: PlanJournal,
         runner: Runner,
         unfinished: Unfinished,
+        cache: Cache,
+        flap: FlapGuard,
+        observer: Observer,
     ) -> None:
         self._store = store
         self._keys = keys
@@ -99,6 +111,9 @@ class Resumer:
         self._journal = journal
         self._runner = runner
         self._unfinished = unfinished
+        self._cache = cache
+        self._flap = flap
+        self._observer = observer
 
     async def load(self, stop: asyncio.Event) -> set[ResourceKey] | None:
         """Read what a previous run left; the keys to reconcile first, or None if `stop` came first."""
@@ -114,8 +129,25 @@ class Resumer:
                 delay = min(delay * 2, 5.0)
                 continue
             self._status.seed(statuses)
+            self._restore_limits(statuses)
             return self._unfinished.keys
         return None
+
+    def _restore_limits(self, statuses: Iterable[KeyValue]) -> None:
+        """Give the flap guard and the observer back what they knew before the restart."""
+        now = datetime.now(UTC)
+        for kv in statuses:
+            parsed = self._keys.parse(kv.key)
+            status = parse_status(kv.value)
+            if parsed is None or parsed.resource is None or status is None:
+                continue
+            key = parsed.resource
+            for began in sorted(status.recent_plans):
+                self._flap.record(key, ago=max(0.0, (now - began).total_seconds()))
+            entry = self._cache.desired.get(key)
+            if status.baseline is not None and entry is not None and entry.valid and not entry.deleted:
+                if entry.resource == status.applied:  # it converged to this very value
+                    self._observer.mark_converged(key, status.baseline)
 
     async def _adopt(self, statuses: Iterable[KeyValue]) -> None:
         found = unfinished = 0
@@ -123,9 +155,8 @@ class Resumer:
             parsed = self._keys.parse(kv.key)
             if parsed is None or parsed.resource is None:
                 continue
-            try:
-                status = Status.model_validate_json(kv.value)
-            except ValueError:
+            status = parse_status(kv.value)
+            if status is None:
                 continue
             if status.plan_id is None or status.phase not in (Phase.EXECUTING, Phase.PENDING, Phase.FAILED):
                 continue

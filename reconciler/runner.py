@@ -23,10 +23,11 @@ kept (`Unfinished`) for the retry, which settles or continues that record
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from plans import Observed, PlanRecord, PlanState, Resource, TemporaryError
+from plans import Observed, PlanRecord, PlanState, Resource, ResourceKey, TemporaryError
 from policies.limits import FlapGuard
 from reconciler.cache import Cache, DesiredEntry
 from reconciler.executor import Executor
@@ -75,8 +76,9 @@ class Runner:
 
         async def begin(r: PlanRecord) -> bool:
             update = await self._status.prepare(
-                key, phase=Phase.EXECUTING, revision=entry.mod_revision, message=message, plan_id=plan.id
-            )
+                key, phase=Phase.EXECUTING, revision=entry.mod_revision, message=message, plan_id=plan.id,
+                recent_plans=self._recent_plans(key),
+            )  # fmt: skip
             if not await self._journal.begin(r, guard=guard, status=update):
                 return False
             self._flap.record(key)
@@ -148,7 +150,7 @@ class Runner:
         if state is PlanState.SUCCEEDED:
             update = await self._status.prepare(
                 key, phase=Phase.CONVERGED, revision=entry.mod_revision, message=f"plan succeeded: {plan.reasoning}",
-                plan_id=plan.id, applied=entry.resource,
+                plan_id=plan.id, applied=entry.resource, baseline=observed.state if observed is not None else None,
             )  # fmt: skip
             current = await self._journal.settle(record, guard=self._guard(entry), status=update, observed=put)
             self._flap.settled(key, error=None)
@@ -176,6 +178,12 @@ class Runner:
         except Exception as e:  # the plan ran: a failed look at its result must not undo the record of it
             log.warning("observe.after_plan_failed", error_type=type(e).__name__, error=str(e)[:300])
             return None
+
+    def _recent_plans(self, key: ResourceKey) -> list[datetime]:
+        """When the plans in `key`'s flap window began, this one included: what its status remembers."""
+        now = datetime.now(UTC)
+        began = [now - timedelta(seconds=age) for age in self._flap.ages(key)] + [now]
+        return began[-self._flap.max_plans :]
 
     def _guard(self, entry: DesiredEntry) -> Guard:
         return guard_for(self._keys, entry.key, revision=entry.mod_revision, deleted=entry.deleted)

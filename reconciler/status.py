@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from plans import Resource, ResourceKey
 from reconciler.keys import KeySpace
@@ -68,11 +68,20 @@ class Status(BaseModel):
     message: str = ""
     updated_at: datetime
     applied: Resource | None = None
+    baseline: dict[str, JsonValue] | None = Field(
+        default=None, description="What the resource looked like when it converged to `applied`."
+    )
+    recent_plans: list[datetime] = Field(
+        default_factory=list, description="When the last plans for this resource began (the flap guard's memory)."
+    )
+
+    def says_what(self, other: Status | None) -> bool:
+        """Whether `other` says the same as this, whenever it was written."""
+        return other is not None and self.model_copy(update={"updated_at": other.updated_at}) == other
 
 
-_Signature = tuple[Phase, int, str | None, str, Resource | None]
-# A stored status that cannot be read: it matches nothing, so the next write replaces it.
-_UNREADABLE: _Signature = (Phase.PENDING, -1, None, "", None)
+# A stored status that cannot be read: it says nothing, so the next write replaces it.
+_UNREADABLE = Status(phase=Phase.PENDING, observed_revision=-1, updated_at=datetime.fromtimestamp(0, UTC))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +90,7 @@ class StatusUpdate:
 
     key: ResourceKey
     put: Put
-    signature: _Signature
+    status: Status
 
 
 def guard_for(keys: KeySpace, key: ResourceKey, *, revision: int, deleted: bool) -> Guard:
@@ -89,11 +98,18 @@ def guard_for(keys: KeySpace, key: ResourceKey, *, revision: int, deleted: bool)
     return Guard(keys.desired(key), 0 if deleted else revision)
 
 
+def parse_status(value: bytes) -> Status | None:
+    try:
+        return Status.model_validate_json(value)
+    except ValueError:
+        return None
+
+
 class StatusWriter:
     def __init__(self, *, store: EtcdStore, keys: KeySpace) -> None:
         self._store = store
         self._keys = keys
-        self._last: dict[ResourceKey, _Signature | None] = {}
+        self._last: dict[ResourceKey, Status | None] = {}
         self._seeded = False
         self._unknown: set[ResourceKey] = set()
 
@@ -102,7 +118,7 @@ class StatusWriter:
         for kv in statuses:
             parsed = self._keys.parse(kv.key)
             if parsed is not None and parsed.resource is not None:
-                self._last[parsed.resource] = _signature(kv.value)
+                self._last[parsed.resource] = parse_status(kv.value) or _UNREADABLE
         self._seeded = True
 
     async def prepare(
@@ -114,34 +130,35 @@ class StatusWriter:
         message: str = "",
         plan_id: str | None = None,
         applied: Resource | None = None,
+        baseline: dict[str, JsonValue] | None = None,
+        recent_plans: list[datetime] | None = None,
     ) -> StatusUpdate | None:
         """The write that records this status, or None when the stored status already says it.
 
-        `revision` is the desired revision the status describes. `plan_id` and
-        `applied` keep their previous values when not given.
+        `revision` is the desired revision the status describes. `plan_id`,
+        `applied`, `baseline` and `recent_plans` keep their values when not given.
         """
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[: MAX_MESSAGE_CHARS - 1] + "…"
-        previous = await self._previous(key)
-        if previous is not None:
-            plan_id = plan_id if plan_id is not None else previous[2]
-            applied = applied if applied is not None else previous[4]
-        signature = (phase, revision, plan_id, message, applied)
-        if previous == signature:
-            return None
+        kept = await self._previous(key) or _UNREADABLE  # what is not given stays as it was
         status = Status(
             phase=phase,
             observed_revision=revision,
-            plan_id=plan_id,
+            plan_id=plan_id if plan_id is not None else kept.plan_id,
             message=message,
             updated_at=datetime.now(UTC),
-            applied=applied,
+            applied=applied if applied is not None else kept.applied,
+            baseline=baseline if baseline is not None else kept.baseline,
+            recent_plans=recent_plans if recent_plans is not None else kept.recent_plans,
         )
-        return StatusUpdate(key, Put(self._keys.status(key), status.model_dump_json().encode()), signature)
+        previous = self._last.get(key)
+        if status.says_what(previous):
+            return None
+        return StatusUpdate(key, Put(self._keys.status(key), status.model_dump_json().encode()), status)
 
     def remember(self, update: StatusUpdate) -> None:
         """`update` was committed."""
-        self._last[update.key] = update.signature
+        self._last[update.key] = update.status
         self._unknown.discard(update.key)
 
     def unknown(self, key: ResourceKey) -> None:
@@ -159,10 +176,11 @@ class StatusWriter:
         message: str = "",
         plan_id: str | None = None,
         applied: Resource | None = None,
+        baseline: dict[str, JsonValue] | None = None,
     ) -> WriteResult:
         """Write the status on its own, if it changed and the desired value is still at `revision`."""
         update = await self.prepare(
-            key, phase=phase, revision=revision, message=message, plan_id=plan_id, applied=applied
+            key, phase=phase, revision=revision, message=message, plan_id=plan_id, applied=applied, baseline=baseline
         )
         if update is None:
             return WriteResult.UNCHANGED
@@ -178,14 +196,19 @@ class StatusWriter:
         return WriteResult.WRITTEN
 
     async def is_converged(self, key: ResourceKey, revision: int) -> bool:
-        """Whether the stored status says `key` converged at desired `revision`."""
+        """Whether the stored status says `key` converged at desired `revision` (and to what it looked like)."""
         previous = await self._previous(key)
-        return previous is not None and previous[0] is Phase.CONVERGED and previous[1] == revision
+        return (
+            previous is not None
+            and previous.phase is Phase.CONVERGED
+            and previous.observed_revision == revision
+            and previous.baseline is not None
+        )
 
     async def applied(self, key: ResourceKey) -> Resource | None:
         """The last desired value `key` converged to, as recorded in its status."""
         previous = await self._previous(key)
-        return previous[4] if previous is not None else None
+        return previous.applied if previous is not None else None
 
     def delete_op(self, key: ResourceKey) -> Delete:
         return Delete(self._keys.status(key))
@@ -210,27 +233,17 @@ class StatusWriter:
         self.forget(key)
         return WriteResult.WRITTEN
 
-    async def _previous(self, key: ResourceKey) -> _Signature | None:
+    async def _previous(self, key: ResourceKey) -> Status | None:
         if key not in self._last:
             if self._seeded and key not in self._unknown:
                 return None  # not in the start-up list and never written since: there is none
             kv = await self._store.get(self._keys.status(key))
-            self._last[key] = _signature(kv.value) if kv is not None else None
+            self._last[key] = (parse_status(kv.value) or _UNREADABLE) if kv is not None else None
             self._unknown.discard(key)
         return self._last[key]
 
 
-def _signature(value: bytes) -> _Signature | None:
-    try:
-        status = Status.model_validate_json(value)
-    except ValueError:
-        return _UNREADABLE
-    return (status.phase, status.observed_revision, status.plan_id, status.message, status.applied)
-
-
 def applied_from_status(value: bytes) -> Resource | None:
     """The `applied` resource recorded in a status value, or None if there is none or it cannot be read."""
-    try:
-        return Status.model_validate_json(value).applied
-    except ValueError:
-        return None
+    status = parse_status(value)
+    return status.applied if status is not None else None

@@ -77,6 +77,8 @@ class FileAgent:
             path = confine(spec.path, self._roots)
         except PathNotAllowedError as e:
             raise InvalidResourceError(f"spec.path: {e}") from None
+        if path.is_dir():  # no plan could ever turn it into the file: say so, rather than fail forever
+            raise InvalidResourceError(f"spec.path: {path} is a directory; a file resource manages one regular file")
         return spec, path
 
     def claims(self, desired: Resource) -> frozenset[str]:

@@ -157,3 +157,12 @@ def test_a_valid_file_claims_its_normalised_path_and_an_invalid_one_claims_nothi
     for refused in ("relative/motd", str(root), f"{root}/.", f"{root}/../outside", "/elsewhere/motd"):
         assert agent.claims(desired({"path": refused, "content": "x"})) == frozenset(), refused
     assert agent.claims(desired({"path": f"{root}/motd", "content": "x", "mode": "999"})) == frozenset()
+
+
+async def test_a_path_that_is_a_directory_is_invalid_instead_of_a_plan_that_always_fails(
+    agent: FileAgent, root: Path
+) -> None:
+    (root / "motd").mkdir()
+
+    with pytest.raises(InvalidResourceError, match=r"spec\.path: .*motd is a directory"):
+        await agent.reconcile(snap(motd(root), None))

@@ -15,14 +15,14 @@ from reconciler.store import Delete, Put
 
 async def test_a_failing_plan_keeps_its_error_when_the_flap_guard_stops_it(harness: Harness) -> None:
     harness.settings = harness.settings.model_copy(update={"limits": LimitsSettings(flap_max_plans=2)})
-    (harness.root / "adir").mkdir()  # the wanted path is a directory: every write fails
+    (harness.root / "not-a-dir").write_text("")  # every write under it fails
     await harness.start()
 
-    await harness.put_desired(harness.resource("adir", "x\n"))
+    await harness.put_desired(harness.resource("stuck", "x\n", path=str(harness.root / "not-a-dir" / "stuck")))
 
-    status = await harness.wait_status("adir", "Blocked")
+    status = await harness.wait_status("stuck", "Blocked")
     assert "flap guard" in status["message"]
-    assert "Is a directory" in status["message"], status["message"]
+    assert "not-a-dir is in the way: it is not a directory" in status["message"], status["message"]
     assert "keeps undoing" not in status["message"], "a plan that failed was not undone by anything"
 
 

@@ -144,3 +144,16 @@ async def test_mutation_budget_try_acquire_never_waits_and_never_jumps_the_queue
     clock.advance(60)
     assert budget.try_acquire() is False, "a slot that frees goes to the one already waiting"
     await waiter
+
+
+def test_flap_guard_takes_plans_from_before_a_restart_by_age_and_claims_nothing_about_them() -> None:
+    clock = Clock()
+    guard = FlapGuard(max_plans=2, window=600, now=clock.now)
+
+    guard.record("k", ago=500)
+    guard.record("k", ago=30)
+
+    assert guard.blocked_for("k") == pytest.approx(100), "the oldest leaves the window 100 s from now"
+    assert guard.ages("k") == [pytest.approx(500), pytest.approx(30)]
+    reason = guard.reason("k")
+    assert "failed" not in reason and "undoing" not in reason, reason

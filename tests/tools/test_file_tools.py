@@ -11,7 +11,7 @@ import pytest
 
 from plans import ResourceKey
 from tools import ToolContext, ToolResult, ToolStatus
-from tools.builtin.files import FileDelete, FileRead, FileWrite, WriteParams, _PathParams
+from tools.builtin.files import FileDelete, FileRead, FileWrite, WriteParams, _PathParams, stat_file
 
 CTX = ToolContext(plan_id="p1", resource=ResourceKey(kind="file", name="motd"), step_index=0)
 
@@ -222,3 +222,14 @@ async def test_a_timeout_during_a_hung_rename_does_not_block_the_event_loop(
     finally:
         release.set()
         unblock.cancel()
+
+
+async def test_a_file_where_a_directory_should_be_is_observed_as_missing_and_named_when_writing(root: Path) -> None:
+    (root / "etc").write_text("a file, not a directory\n")
+    target = root / "etc" / "motd"
+
+    assert stat_file(target) == {"exists": False, "sha256": None, "mode": None}
+    result = await write(root, str(target), "x\n")
+
+    assert result.status is ToolStatus.ERROR
+    assert result.error == f"writing {target} failed: {root / 'etc'} is in the way: it is not a directory"

@@ -60,7 +60,7 @@ def stat_file(path: Path) -> dict[str, JsonValue]:
     """The observed state of a file: exists, sha256 of its content and mode; never follows a final symlink."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing, or a file where a directory should be
         return {"exists": False, "sha256": None, "mode": None}
     if not stat.S_ISREG(st.st_mode):
         return {"exists": True, "sha256": None, "mode": format_mode(st.st_mode)}
@@ -91,6 +91,9 @@ class _FileTool(Tool):
 
     def _make_parents(self, target: Path) -> None:
         # confine() already placed the (lexically resolved) parent inside a root.
+        for directory in reversed(target.parents):
+            if os.path.lexists(directory) and not directory.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{directory} is in the way: it is not a directory")
         target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
 
 

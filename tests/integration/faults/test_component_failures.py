@@ -81,7 +81,7 @@ async def test_etcd_refusing_observation_writes_does_not_stop_the_daemon(
 async def test_a_crashed_component_stops_the_daemon_cleanly_with_exit_code_1(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async def crash(self: Observer) -> None:
+    async def crash(self: Observer, **kwargs: object) -> None:
         await asyncio.sleep(0.2)
         raise RuntimeError("observer bug")
 

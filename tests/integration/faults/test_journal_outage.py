@@ -98,11 +98,11 @@ async def test_a_failed_plan_whose_last_journal_write_failed_is_not_recorded_as_
 ) -> None:
     """A step fails, then the write recording that fails too: the retry must settle the plan as
     failed, never run nothing and call it succeeded."""
-    (harness.root / "adir").mkdir()  # writing a file over a directory fails: "Is a directory"
+    (harness.root / "not-a-dir").write_text("")  # every write under it fails
     faults = fail_writes(monkeypatch, is_plan_record(harness.keys.prefix, lambda r: r["state"] == "failed"))
     await harness.start()
 
-    await harness.put_desired(harness.resource("adir", "x\n"))
+    await harness.put_desired(harness.resource("stuck", "x\n", path=str(harness.root / "not-a-dir" / "stuck")))
 
     await eventually(lambda: _true(bool(faults.failed)), what="the injected failure")
     plan_id = faults.failed[0].rsplit("/", 1)[1]
@@ -114,8 +114,8 @@ async def test_a_failed_plan_whose_last_journal_write_failed_is_not_recorded_as_
     record = await eventually(finished, what=f"plan {plan_id} to be settled")
     assert record["state"] == "failed", record
     assert [s["state"] for s in record["steps"]] == ["failed"]
-    assert "Is a directory" in record["message"]
-    status = await harness.status("adir")
+    assert "not-a-dir is in the way: it is not a directory" in record["message"]
+    status = await harness.status("stuck")
     assert status is not None and status["applied"] is None, "a plan that failed must not count as converged"
 
 

@@ -75,9 +75,9 @@ async def test_a_failure_that_was_unwritten_is_not_reported_against_a_newer_valu
     store: EtcdStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p = pipeline(store, tmp_path)
-    (tmp_path / "adir").mkdir()
-    broken = Resource(kind="file", name="a", spec={"path": str(tmp_path / "adir"), "content": "x"})
-    await p.put(broken)  # writing over a directory fails: "Is a directory"
+    (tmp_path / "not-a-dir").write_text("")
+    broken = Resource(kind="file", name="a", spec={"path": str(tmp_path / "not-a-dir" / "a"), "content": "x"})
+    await p.put(broken)  # every write under a file fails
     plan_id = await _decided_but_unwritten(p, broken, monkeypatch, "failed")
 
     await p.put(p.file("a", "fixed\n"))  # the operator points it somewhere sensible
