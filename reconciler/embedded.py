@@ -193,11 +193,10 @@ class EmbeddedEtcd:
             proc.kill()
             proc.wait()
 
-    async def watch(self, *, every: float = 0.5) -> None:
+    async def watch(self) -> None:
         """Wait while etcd runs; raises EmbeddedEtcdError once it has exited."""
-        while self._proc is not None and self._proc.poll() is None:
-            await asyncio.sleep(every)
-        code = self._proc.returncode if self._proc is not None else None
+        proc = self._proc
+        code = await asyncio.to_thread(proc.wait) if proc is not None else None
         raise EmbeddedEtcdError(f"the embedded etcd exited (code {code}); see {self._log_path}")
 
     def kill(self) -> None:
