@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import traceback
@@ -204,7 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         code: int = args.func(args, settings)
+        sys.stdout.flush()  # here, where a closed pipe can still be answered quietly
         return code
+    except BrokenPipeError:
+        # The reader stopped reading (`setpoint status | head -1`): end quietly, as a
+        # process ended by SIGPIPE would, and keep the exit from flushing into the pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (CliError, SettingsError, DocumentError, StartupError, StoreError, StoreUnavailableError,
             ValueError) as e:  # fmt: skip
         if args.debug:

@@ -1,21 +1,23 @@
 """The daemon's lifecycle: start everything in order, run until asked to stop, drain, stop in reverse.
 
-Start: log the version and every effective setting; start the embedded etcd
-when no endpoints are configured (its version is logged, and one older than
-3.5 is warned about); connect (the server's version is logged); open the
-HTTP endpoint (a port that cannot be had is one sentence and exit code 1);
-list and watch (ready once the initial list is cached); read what a previous
-run left unfinished (retried while etcd blips); then start the workers, the
-observer and the resync timer. `assembly.build` wires the parts.
+Start: log the version and every effective setting; open the HTTP endpoint
+first (a port that cannot be had is one sentence and exit code 1, before
+anything else is started); start the embedded etcd when no endpoints are
+configured (its version is logged, and one older than 3.5 is warned about);
+connect (the server's version is logged); list and watch (ready once the
+initial list is cached); read what a previous run left unfinished (retried
+while etcd blips); observe every resource once; then start the workers, the
+observer's polling and the resync timer. `assembly.build` wires the parts.
 
-Every long-running part is supervised. If one ends, which only a bug can
-make happen, the daemon logs which part and why, drains and stops the rest
-cleanly, and exits 1, so systemd or the container runtime restarts it.
+Every long-running part is supervised, the embedded etcd included. If one
+ends, which only a bug or a dead etcd can make happen, the daemon logs which
+part and why, drains and stops the rest cleanly, and exits 1, so systemd or
+the container runtime restarts it.
 
 Stop (SIGTERM, SIGINT, and SIGHUP until a reload exists): stop taking keys,
 let each running plan finish its current step and write its status (bounded
-by `reconciler.shutdown_timeout_seconds`), then stop the watch, the HTTP
-endpoint, the client and the embedded etcd.
+by `reconciler.shutdown_timeout_seconds`), then stop the watch, the client,
+the embedded etcd and the HTTP endpoint.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> int:
         """Run until `stop` is set; returns the exit code."""
         log.info("daemon.starting", version=setpoint_version(), settings=self.settings.model_dump(mode="json"))
+        # First what is most likely to be refused (a taken port), before an etcd is started for nothing.
+        http = HttpServer(listen=self.settings.http.listen, metrics=self.metrics, ready=self.ready.is_set)
+        await http.start()
+        self.http_port = http.port
+        log.info("http.listening", address=f"{self.settings.http.listen.rpartition(':')[0]}:{http.port}")
         try:
             if not self.endpoints:
                 await self._start_embedded()
@@ -85,6 +92,8 @@ class Daemon:
                 log.info("etcd.embedded.stopped")
             if self._lock is not None:
                 self._lock.release()
+            await http.stop()
+            log.info("daemon.stopped")
 
     async def _start_embedded(self) -> None:
         state_dir = self.settings.resolved_state_dir()
@@ -143,10 +152,6 @@ class Daemon:
             s, parts=self._assembly or assemble(s), store=store, keys=self.keys, cache=self.cache,
             metrics=self.metrics, clock=SystemClock(),
         )  # fmt: skip
-        http = HttpServer(listen=s.http.listen, metrics=self.metrics, ready=self.ready.is_set)
-        await http.start()
-        self.http_port = http.port
-        log.info("http.listening", address=f"{s.http.listen.rpartition(':')[0]}:{http.port}")
         parts = [asyncio.create_task(rt.reflector.run(), name="reflector")]
         if self.embedded is not None:  # the daemon's own etcd is one of its parts: without it, nothing works
             parts.append(asyncio.create_task(self.embedded.watch(), name="etcd"))
@@ -164,8 +169,6 @@ class Daemon:
             for task in parts:
                 task.cancel()
             await asyncio.gather(*parts, return_exceptions=True)  # a crash was reported when it happened
-            await http.stop()
-            log.info("daemon.stopped")
 
     async def _start(self, rt: Runtime, stop: asyncio.Event, parts: list[asyncio.Task[None]]) -> bool:
         """Wait for the initial list, recover, then start working; False if stopped or crashed first."""

@@ -40,8 +40,9 @@ class HttpServer:
         except OSError as e:
             await self._runner.cleanup()
             self._runner = None
-            reason = os.strerror(e.errno).lower() if e.errno else str(e)
-            raise StartupError(f"cannot listen on {self._listen} (http.listen): {reason}") from None
+            # A bind error's own text repeats the address; a lookup error's number is not an errno.
+            reason = os.strerror(e.errno) if e.errno and e.errno > 0 else e.strerror or str(e)
+            raise StartupError(f"cannot listen on {self._listen} (http.listen): {reason.lower()}") from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else self._port

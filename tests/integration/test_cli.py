@@ -159,3 +159,15 @@ def test_sigterm_while_a_plan_is_running_exits_zero_with_no_step_left_running(
     for record in records:
         assert record["state"] != "executing", record
         assert all(step["state"] != "running" for step in record["steps"]), record
+
+
+def test_output_into_a_closed_pipe_ends_quietly_like_other_unix_tools(config: Path) -> None:
+    """`setpoint status | head -1`: the reader may be gone before setpoint writes."""
+    read, write = os.pipe()
+    proc = subprocess.Popen([*SETPOINT, "status", "-c", str(config)], stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    os.close(read)  # the reader is gone before setpoint has written anything
+    _, err = proc.communicate(timeout=60)
+
+    assert err.decode() == "", "no traceback, no message: the reader chose to stop reading"
+    assert proc.returncode == 128 + signal.SIGPIPE, "as a shell reports a process ended by SIGPIPE"

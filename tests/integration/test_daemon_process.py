@@ -107,16 +107,12 @@ async def test_sighup_drains_like_sigterm_and_cleans_up(tmp_path: Path, processe
     assert not (tmp_path / "state" / "endpoint").exists(), "a stale endpoint file was left behind"
 
 
-async def test_a_taken_http_port_is_one_sentence_not_a_traceback(
-    etcd: EmbeddedEtcd, tmp_path: Path, processes: list[Process]
-) -> None:
+async def test_a_taken_http_port_is_one_sentence_not_a_traceback(tmp_path: Path, processes: list[Process]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        p = Process(
-            _config(tmp_path, etcd={"endpoints": [etcd.endpoint]}, http={"listen": f"127.0.0.1:{port}"}), tmp_path
-        )
+        p = Process(_config(tmp_path, http={"listen": f"127.0.0.1:{port}"}), tmp_path)  # the embedded etcd
         processes.append(p)
         await p.start()
         code = await p.wait()
@@ -125,6 +121,17 @@ async def test_a_taken_http_port_is_one_sentence_not_a_traceback(
     text = "\n".join(p.lines)
     assert "Traceback" not in text, text
     assert p.lines[-1] == f"setpoint: cannot listen on 127.0.0.1:{port} (http.listen): address already in use"
+    assert p.event("etcd.embedded.started") is None, "it found out only after starting etcd"
+
+
+async def test_an_address_that_does_not_resolve_says_so(tmp_path: Path, processes: list[Process]) -> None:
+    p = Process(_config(tmp_path, http={"listen": "no-such-host.invalid:9464"}), tmp_path)
+    processes.append(p)
+    await p.start()
+
+    assert await p.wait() == 1
+    assert p.lines[-1].startswith("setpoint: cannot listen on no-such-host.invalid:9464 (http.listen): ")
+    assert "unknown error" not in p.lines[-1].lower(), p.lines[-1]
 
 
 async def test_start_up_logs_the_version_the_etcd_version_and_the_effective_settings(
