@@ -52,6 +52,8 @@ def start(config: Path, settings: Settings) -> int:
         print(f"setpoint is already running (pid {pid})")
         return pid
     log_path = state_dir / "setpoint.log"
+    endpoint = state_dir / "endpoint"
+    endpoint.unlink(missing_ok=True)  # left by a daemon that was killed; ours writes it anew
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [*SETPOINT, "run", "-c", str(config)],
@@ -59,7 +61,8 @@ def start(config: Path, settings: Settings) -> int:
         )  # fmt: skip
     (state_dir / "setpoint.pid").write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + 30
-    while not _ready(settings):
+    # Ready means this daemon: another one may be answering on the same port.
+    while not (endpoint.exists() and _ready(settings) and proc.poll() is None):
         if proc.poll() is not None or time.monotonic() > deadline:
             tail = log_path.read_text(errors="replace").splitlines()[-10:]
             sys.exit("setpoint did not become ready; last log lines:\n" + "\n".join(tail))

@@ -231,10 +231,14 @@ class StateDirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
             raise EmbeddedEtcdError(
-                f"another setpoint daemon is using state directory {self._path.parent}"
+                f"another setpoint daemon{who} is using state directory {self._path.parent}"
             ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # so that the one refused can say who holds it
         self._fd = fd
 
     def release(self) -> None:

@@ -39,7 +39,9 @@ def confine(path: str, roots: Sequence[str]) -> Path:
     resolved = parent / candidate.name
     for root in roots:
         real_root = Path(os.path.realpath(root))
-        if resolved != real_root and resolved.is_relative_to(real_root):
+        if resolved == real_root:
+            raise PathNotAllowedError(f"path {_show(path)} is the allowed root {root} itself and names no file in it")
+        if resolved.is_relative_to(real_root):
             if resolved.is_symlink():
                 raise PathNotAllowedError(f"path {_show(path)} is a symbolic link")
             return resolved

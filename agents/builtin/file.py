@@ -47,6 +47,9 @@ class FileSpec(BaseModel):
 
 
 def _spec_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    if first["loc"] == ("mode",) and first["type"] == "string_type":  # YAML reads an unquoted 0644 as 420
+        return 'spec.mode must be a quoted octal string such as "0644" (unquoted, YAML reads it as a number)'
     return describe_validation_error(
         error,
         what=None,

@@ -166,3 +166,9 @@ async def test_a_path_that_is_a_directory_is_invalid_instead_of_a_plan_that_alwa
 
     with pytest.raises(InvalidResourceError, match=r"spec\.path: .*motd is a directory"):
         await agent.reconcile(snap(motd(root), None))
+
+
+async def test_an_unquoted_mode_says_to_quote_it(agent: FileAgent, root: Path) -> None:
+    """YAML reads an unquoted 0644 as the number 420: the message must say what to do."""
+    with pytest.raises(InvalidResourceError, match=r'spec\.mode must be a quoted octal string such as "0644"'):
+        await agent.reconcile(snap(desired({"path": str(root / "motd"), "content": "x", "mode": 420}), None))

@@ -92,7 +92,7 @@ def test_embedded_etcd_serves_apply_and_status_and_survives_a_daemon_crash(confi
         assert json.loads(status.stdout)["phase"] == "Converged"
         second = subprocess.run([*SETPOINT, "run", "-c", str(config)], capture_output=True, text=True, timeout=30)
         assert second.returncode == 1
-        assert "another setpoint daemon is using state directory" in second.stderr
+        assert f"another setpoint daemon (pid {daemon.pid}) is using state directory" in second.stderr
         etcd_pids = _etcd_children(daemon.pid)
         assert len(etcd_pids) == 1
         daemon.send_signal(signal.SIGTERM)

@@ -83,10 +83,12 @@ def test_a_final_component_symlink_is_refused_wherever_it_points(root: Path, tmp
         confine(f"{root}/ln", [str(root)])
 
 
-@pytest.mark.parametrize("suffix", ["", "/", "/."])
-def test_the_root_itself_is_refused(root: Path, suffix: str) -> None:
-    with pytest.raises(PathNotAllowedError):
+@pytest.mark.parametrize("suffix", ["", "/", "/.", "/sub/.."])
+def test_the_root_itself_is_refused_and_the_message_says_so(root: Path, suffix: str) -> None:
+    with pytest.raises(PathNotAllowedError) as refused:
         confine(f"{root}{suffix}", [str(root)])
+    assert "outside" not in str(refused.value), "the root is not outside itself"
+    assert "names no file in it" in str(refused.value) or "does not name a file" in str(refused.value)
 
 
 def test_no_roots_configured_refuses_everything(root: Path) -> None:
