@@ -24,7 +24,7 @@ from __future__ import annotations
 import structlog
 
 from agents import AgentRegistry
-from plans import InvalidResourceError, Observed, PlanValidationError, Resource, ResourceKey, Snapshot
+from plans import InvalidResourceError, Observed, PlanValidationError, ResourceKey, Snapshot
 from reconciler.cache import Cache, DesiredEntry
 from reconciler.claims import ClaimIndex
 from reconciler.gate import Check, Gate, Verdict
@@ -162,9 +162,7 @@ class Reconciler:
             log.warning("resource.invalid", reason=message[:500])
         return Outcome(Result.INVALID)
 
-    async def _write(
-        self, entry: DesiredEntry, phase: Phase, message: str, *, applied: Resource | None = None
-    ) -> WriteResult:
+    async def _write(self, entry: DesiredEntry, phase: Phase, message: str) -> WriteResult:
         return await self._status.write(
-            entry.key, phase=phase, revision=entry.mod_revision, deleted=entry.deleted, message=message, applied=applied
+            entry.key, phase=phase, revision=entry.mod_revision, deleted=entry.deleted, message=message
         )
