@@ -99,7 +99,10 @@ def build(
     stopping = asyncio.Event()
     status = StatusWriter(store=store, keys=keys)
     journal = PlanJournal(store=store, keys=keys, status=status)
-    observer = Observer(store=store, keys=keys, cache=cache, agents=parts.agents, poll_seconds=parts.poll_seconds)
+    observer = Observer(
+        store=store, keys=keys, cache=cache, agents=parts.agents, poll_seconds=parts.poll_seconds,
+        timeout=s.reconciler.observe_timeout_seconds,
+    )  # fmt: skip
     budget = MutationBudget(per_minute=s.limits.max_mutating_steps_per_minute, now=clock.now, sleep=clock.sleep)
     flap = FlapGuard(max_plans=s.limits.flap_max_plans, window=s.limits.flap_window_seconds, now=clock.now)
     unfinished = Unfinished()

@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Awaitable, Coroutine
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+from typing import Any, TypeVar
 
 import structlog
 
@@ -42,6 +44,14 @@ from reconciler.store import EtcdStore, StoreError, StoreUnavailableError
 from reconciler.systemd import sd_notify
 
 log = structlog.get_logger("setpoint.daemon")
+
+
+T = TypeVar("T")
+
+
+async def _done(step: Awaitable[None]) -> bool:
+    await step
+    return True
 
 
 def setpoint_version() -> str:
@@ -174,15 +184,16 @@ class Daemon:
         """Wait for the initial list, recover, then start working; False if stopped or crashed first."""
         if not await self._wait_synced(rt, stop, parts):
             return False
-        resume_first = await rt.resumer.load(stop)
+        resume_first = await self._unless_stopped(rt.resumer.load(stop), stop, parts)
         if resume_first is None:
             return False
         for key in resume_first:
             rt.enqueue(key)
+        # What has drifted is known before the first plan, so a mass failure is seen as one.
+        if not await self._unless_stopped(_done(rt.observer.poll_all()), stop, parts):
+            return False
         self.ready.set()
         self.metrics.ready.set(1)
-        # What has drifted is known before the first plan, so a mass failure is seen as one.
-        await rt.observer.poll_all()
         parts += [
             asyncio.create_task(rt.controller.run(), name="workers"),
             asyncio.create_task(rt.observer.run(wait_first=True), name="observer"),
@@ -191,6 +202,23 @@ class Daemon:
         sd_notify("READY=1")
         log.info("daemon.ready", keys=len(self.cache.desired), workers=self.settings.reconciler.workers)
         return True
+
+    async def _unless_stopped(
+        self, step: Coroutine[Any, Any, T], stop: asyncio.Event, parts: list[asyncio.Task[None]]
+    ) -> T | None:
+        """`step`'s result, or None (`step` cancelled) if a stop or a crashed part comes first."""
+        task = asyncio.ensure_future(step)
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait([task, stopper, *parts], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for part in parts:
+            if part in done:
+                self._report_crash(part)
+        return None
 
     async def _wait_synced(self, rt: Runtime, stop: asyncio.Event, parts: list[asyncio.Task[None]]) -> bool:
         waiters = [asyncio.ensure_future(rt.reflector.synced.wait()), asyncio.ensure_future(stop.wait())]

@@ -22,8 +22,9 @@ the max-unhealthy pause counts; because it is complete before the first
 reconcile the pass triggers, a mass failure is seen as one.
 
 A poll pass is a boundary: an agent raising while it observes one resource,
-or etcd refusing a write, is logged and costs that observation only; the
-loop ends only when cancelled.
+an observation that takes longer than its timeout (a hung mount), or etcd
+refusing a write, is logged and costs that observation only; the loop ends
+only when cancelled. A reconcile's observation that times out is retried.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import structlog
 from pydantic import JsonValue
 
 from agents import AgentRegistry, ObservingAgent
-from plans import InvalidResourceError, Observed, Resource, ResourceKey
+from plans import InvalidResourceError, Observed, Resource, ResourceKey, TemporaryError
 from reconciler.cache import Cache
 from reconciler.keys import KeySpace
 from reconciler.store import Delete, EtcdStore, Put, StoreError, StoreUnavailableError
@@ -54,7 +55,10 @@ class Observer:
         cache: Cache,
         agents: AgentRegistry,
         poll_seconds: Mapping[str, float],
+        timeout: float = 30.0,
     ) -> None:
+        """`timeout` bounds one observation (defaults to 30 s)."""
+        self._timeout = timeout
         self._store = store
         self._keys = keys
         self._cache = cache
@@ -98,8 +102,17 @@ class Observer:
         if agent is None:
             return None
         self._move_epoch(resource.key)  # what a poll pass saw of it before now is older than this
-        state = await agent.observe(resource)
+        state = await self._observe(agent, resource)
         return Observed(kind=resource.kind, name=resource.name, state=state, observed_at=datetime.now(UTC))
+
+    async def _observe(self, agent: ObservingAgent, resource: Resource) -> dict[str, JsonValue]:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await agent.observe(resource)
+        except TimeoutError:
+            raise TemporaryError(
+                f"observing {resource.key} took longer than {self._timeout:g} s (reconciler.observe_timeout_seconds)"
+            ) from None
 
     def record_put(self, observed: Observed) -> Put | None:
         """The write that records `observed`, or None when the cache already holds that state."""
@@ -152,7 +165,7 @@ class Observer:
                 continue
             epoch = self._epoch.get(entry.key, 0)
             try:
-                state = await agent.observe(entry.resource)
+                state = await self._observe(agent, entry.resource)
             except InvalidResourceError:
                 continue  # the reconcile reports it as Invalid
             except Exception as e:  # an agent's bug costs this one observation

@@ -124,6 +124,11 @@ class ReconcilerSettings(_Group):
     shutdown_timeout_seconds: float = Field(
         default=30.0, gt=0, description="How long SIGTERM waits for running steps. Defaults to 30 s."
     )
+    observe_timeout_seconds: float = Field(
+        default=30.0, gt=0,
+        description="How long one observation of a resource may take (a hung mount); past it, that resource is "
+        "skipped and retried. Defaults to 30 s.",
+    )  # fmt: skip
     rate_limit_per_second: float = Field(
         default=50.0, gt=0,
         description="Reconciles started per second across all keys; below 1, one every 1/rate s. Defaults to 50.",
