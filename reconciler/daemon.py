@@ -1,8 +1,9 @@
 """The daemon's lifecycle: start everything in order, run until asked to stop, drain, stop in reverse.
 
-Start: log the version and every effective setting; open the HTTP endpoint
-first (a port that cannot be had is one sentence and exit code 1, before
-anything else is started); start the embedded etcd when no endpoints are
+Start: log the version and every effective setting; take the state
+directory (with the embedded etcd) and open the HTTP endpoint first (another
+daemon on that directory, or a port that cannot be had, is one sentence and
+exit code 1 before anything else is started); start the embedded etcd when no endpoints are
 configured (its version is logged, and one older than 3.5 is warned about);
 connect (the server's version is logged); list and watch (ready once the
 initial list is cached); read what a previous run left unfinished (retried
@@ -80,7 +81,20 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> int:
         """Run until `stop` is set; returns the exit code."""
         log.info("daemon.starting", version=setpoint_version(), settings=self.settings.model_dump(mode="json"))
-        # First what is most likely to be refused (a taken port), before an etcd is started for nothing.
+        # First what is most likely to be refused, before an etcd is started for nothing: the state
+        # directory (another daemon has it), then the port.
+        if not self.endpoints:
+            state_dir = self.settings.resolved_state_dir()
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = StateDirLock(state_dir)
+            self._lock.acquire()
+        try:
+            return await self._run(stop)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    async def _run(self, stop: asyncio.Event) -> int:
         http = HttpServer(listen=self.settings.http.listen, metrics=self.metrics, ready=self.ready.is_set)
         await http.start()
         self.http_port = http.port
@@ -100,16 +114,11 @@ class Daemon:
                 remove_endpoint_file(self.settings.resolved_state_dir())
                 await asyncio.to_thread(self.embedded.stop)
                 log.info("etcd.embedded.stopped")
-            if self._lock is not None:
-                self._lock.release()
             await http.stop()
             log.info("daemon.stopped")
 
     async def _start_embedded(self) -> None:
         state_dir = self.settings.resolved_state_dir()
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = StateDirLock(state_dir)
-        self._lock.acquire()
         embedded_settings = self.settings.etcd.embedded
         self.embedded = EmbeddedEtcd(
             state_dir / "etcd",

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,21 @@ class Process:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
 
+    async def reap(self) -> None:
+        """Kill if still running, and wait, while the event loop that started it still runs."""
+        self.kill()
+        if self.proc is not None:
+            await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+
 
 @pytest.fixture
-def processes() -> Any:
+async def processes() -> AsyncIterator[list[Process]]:
     started: list[Process] = []
     yield started
     for p in started:
-        p.kill()
+        await p.reap()
 
 
 async def _run_until_ready_then_stop(p: Process) -> Process:
@@ -189,3 +198,28 @@ async def test_when_the_embedded_etcd_dies_the_daemon_exits_1_instead_of_standin
     stopped = [e for e in p.events() if e["event"] == "daemon.component_stopped"]
     assert stopped and stopped[0]["component"] == "etcd", p.lines[-10:]
     assert "exited" in stopped[0]["error"]
+
+
+async def test_a_second_daemon_on_the_same_state_directory_names_the_first(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = _config(tmp_path, http={"listen": f"127.0.0.1:{port}"})  # one config, as a second start would use
+    first = Process(config, tmp_path)
+    processes.append(first)
+    await first.start()
+    await first.wait_event("daemon.ready")
+
+    (tmp_path / "second").mkdir()
+    second = Process(config, tmp_path / "second")  # the same settings, the same absolute state_dir
+    processes.append(second)
+    await second.start()
+
+    assert await second.wait() == 1
+    assert first.proc is not None
+    state = tmp_path / "state"
+    assert second.lines[-1] == (
+        f"setpoint: another setpoint daemon (pid {first.proc.pid}) is using state directory {state}"
+    )
