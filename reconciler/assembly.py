@@ -67,6 +67,7 @@ class Runtime:
     reflector: Reflector
     observer: Observer
     resumer: Resumer
+    status: StatusWriter
     reconciler: Reconciler
     controller: Controller
     stopping: asyncio.Event
@@ -129,6 +130,6 @@ def build(
     )  # fmt: skip
     reflector = Reflector(store=store, keys=keys, cache=cache, on_change=on_change, metrics=metrics, settings=s.watch)
     return Runtime(
-        queue=queue, reflector=reflector, observer=observer, resumer=resumer, reconciler=reconciler,
+        queue=queue, reflector=reflector, observer=observer, resumer=resumer, status=status, reconciler=reconciler,
         controller=controller, stopping=stopping, enqueue=on_change,
     )  # fmt: skip

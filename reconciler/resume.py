@@ -144,6 +144,8 @@ class Resumer:
             key = parsed.resource
             for began in sorted(status.recent_plans):
                 self._flap.record(key, ago=max(0.0, (now - began).total_seconds()))
+            if status.last_error is not None:
+                self._flap.settled(key, error=status.last_error)
             entry = self._cache.desired.get(key)
             if status.baseline is not None and entry is not None and entry.valid and not entry.deleted:
                 if entry.resource == status.applied:  # it converged to this very value

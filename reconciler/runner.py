@@ -75,13 +75,15 @@ class Runner:
         guard = self._guard(entry)
 
         async def begin(r: PlanRecord) -> bool:
+            # A stored plan was counted when it first began: resuming it is not another plan.
             update = await self._status.prepare(
                 key, phase=Phase.EXECUTING, revision=entry.mod_revision, message=message, plan_id=plan.id,
-                recent_plans=self._recent_plans(key),
+                recent_plans=None if stored else self._recent_plans(key),
             )  # fmt: skip
             if not await self._journal.begin(r, guard=guard, status=update):
                 return False
-            self._flap.record(key)
+            if not stored:
+                self._flap.record(key)
             log.info("plan.executing", steps=len(steps), risk=plan.risk.value, reasoning=plan.reasoning)
             return True
 
@@ -165,6 +167,7 @@ class Runner:
             revision=entry.mod_revision,
             message=f"interrupted by shutdown: {record.message}" if interrupted else record.message,
             plan_id=plan.id,
+            last_error=None if interrupted else record.message,
         )
         await self._journal.settle(record, guard=self._guard(entry), status=update, observed=put)
         if interrupted:

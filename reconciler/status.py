@@ -74,6 +74,9 @@ class Status(BaseModel):
     recent_plans: list[datetime] = Field(
         default_factory=list, description="When the last plans for this resource began (the flap guard's memory)."
     )
+    last_error: str | None = Field(
+        default=None, description="What the last plan failed with, until the resource converges again."
+    )
 
     def says_what(self, other: Status | None) -> bool:
         """Whether `other` says the same as this, whenever it was written."""
@@ -132,15 +135,20 @@ class StatusWriter:
         applied: Resource | None = None,
         baseline: dict[str, JsonValue] | None = None,
         recent_plans: list[datetime] | None = None,
+        last_error: str | None = None,
     ) -> StatusUpdate | None:
         """The write that records this status, or None when the stored status already says it.
 
         `revision` is the desired revision the status describes. `plan_id`,
-        `applied`, `baseline` and `recent_plans` keep their values when not given.
+        `applied`, `baseline`, `recent_plans` and `last_error` keep their values
+        when not given, except that a new `applied` given without a baseline has
+        none, and `Converged` clears `last_error`.
         """
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[: MAX_MESSAGE_CHARS - 1] + "…"
         kept = await self._previous(key) or _UNREADABLE  # what is not given stays as it was
+        if applied is not None and applied != kept.applied and baseline is None:
+            kept = kept.model_copy(update={"baseline": None})  # the old value's look says nothing of the new one
         status = Status(
             phase=phase,
             observed_revision=revision,
@@ -150,6 +158,7 @@ class StatusWriter:
             applied=applied if applied is not None else kept.applied,
             baseline=baseline if baseline is not None else kept.baseline,
             recent_plans=recent_plans if recent_plans is not None else kept.recent_plans,
+            last_error=last_error if last_error is not None or phase is Phase.CONVERGED else kept.last_error,
         )
         previous = self._last.get(key)
         if status.says_what(previous):

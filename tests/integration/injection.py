@@ -51,7 +51,8 @@ class WriteFaults:
 
 
 def _ops(ops: Iterable[Any]) -> list[tuple[str, bytes]]:
-    return [(op.key, op.value) for op in ops if hasattr(op, "value")]
+    """The keys a transaction writes, with their values (empty for a delete)."""
+    return [(op.key, getattr(op, "value", b"")) for op in ops]
 
 
 def fail_writes(
@@ -82,6 +83,6 @@ def is_plan_record(prefix: str, check: Callable[[dict[str, Any]], bool]) -> Pred
     import json
 
     def predicate(key: str, value: bytes) -> bool:
-        return key.startswith(f"{prefix}/plans/") and check(json.loads(value))
+        return key.startswith(f"{prefix}/plans/") and bool(value) and check(json.loads(value))
 
     return predicate

@@ -76,6 +76,7 @@ async def test_the_flap_guard_window_survives_a_restart(harness: Harness) -> Non
 
     status = await harness.status("stuck")
     assert status is not None and status["phase"] == "Blocked" and "flap guard" in status["message"], status
+    assert "the last one failed" in status["message"] and "is in the way" in status["message"], "root cause lost"
     plans, _ = await harness.store.get_prefix(harness.keys.section(Section.PLANS))
     assert len(plans) == 2, "a restart gave the flapping resource a new budget of plans"
     assert [json.loads(kv.value)["state"] for kv in plans] == ["failed", "failed"]
