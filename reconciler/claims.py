@@ -39,8 +39,10 @@ class ClaimIndex:
     def update(self, key: ResourceKey) -> set[ResourceKey]:
         """Re-read `key`'s claims from the cache; the other resources whose conflicts this changed."""
         entry = self._cache.desired.get(key)
-        claim = self._claim_of(entry)
         old = self._claims.get(key)
+        if entry is not None and old is not None and old.revision == entry.mod_revision:
+            return set()  # the value already indexed (an actual/ event, a resync): no need to read it again
+        claim = self._claim_of(entry)
         if claim == old:
             return set()
         touched = (old.targets if old is not None else frozenset()) | (claim.targets if claim else frozenset())
@@ -51,7 +53,7 @@ class ClaimIndex:
                 if not self._owners[target]:
                     del self._owners[target]
             del self._claims[key]
-        if claim is not None and claim.targets:
+        if claim is not None:  # kept even without targets, so the same value is not read again
             self._claims[key] = claim
             for target in claim.targets:
                 self._owners.setdefault(target, set()).add(key)

@@ -236,7 +236,7 @@ class EtcdStore:
         """Write every item in one transaction (so all or none land); at most MAX_TXN_OPS items."""
         if len(items) > MAX_TXN_OPS:
             raise StoreError(f"{len(items)} writes exceed etcd's {MAX_TXN_OPS} operations per transaction")
-        ops = [self._kvs.txn_op_put(k.encode(), v) for k, v in items]
+        ops = self._ops([Put(key, value) for key, value in items])
         resp = await self._call(self._kvs.txn([], ops, timeout=self._timeout))
         return int(resp.header.revision)
 

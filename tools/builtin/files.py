@@ -91,10 +91,14 @@ class _FileTool(Tool):
 
     def _make_parents(self, target: Path) -> None:
         # confine() already placed the (lexically resolved) parent inside a root.
-        for directory in reversed(target.parents):
-            if os.path.lexists(directory) and not directory.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, f"{directory} is in the way: it is not a directory")
-        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # say which file stands where a directory should be
+            for directory in reversed(target.parents):
+                if os.path.lexists(directory) and not directory.is_dir():
+                    message = f"{directory} is in the way: it is not a directory"
+                    raise NotADirectoryError(errno.ENOTDIR, message) from None
+            raise
 
 
 class FileWrite(_FileTool):
