@@ -5,6 +5,6 @@ what they return. Agents and their tools are assembled explicitly at start-up
 (`reconciler/assembly.py`); nothing registers itself on import.
 """
 
-from agents.base import Agent, AgentRegistry, ClaimingAgent, ObservingAgent
+from agents.base import Agent, AgentRegistry, ClaimingAgent, DiffingAgent, ObservingAgent, ValidatingAgent
 
-__all__ = ["Agent", "AgentRegistry", "ClaimingAgent", "ObservingAgent"]
+__all__ = ["Agent", "AgentRegistry", "ClaimingAgent", "DiffingAgent", "ObservingAgent", "ValidatingAgent"]

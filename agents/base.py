@@ -58,6 +58,24 @@ class ObservingAgent(Protocol):
 
 
 @runtime_checkable
+class ValidatingAgent(Protocol):
+    """An agent that can tell, before anything is written, that a desired value can never work."""
+
+    def validate(self, desired: Resource) -> None:
+        """Raise InvalidResourceError naming what is wrong with `desired`, as the daemon would."""
+        ...
+
+
+@runtime_checkable
+class DiffingAgent(Protocol):
+    """An agent that can show what a plan would change, for `setpoint plan`."""
+
+    async def diff(self, snapshot: Snapshot) -> str:
+        """A human-readable diff from what the resource is to what `snapshot.desired` wants ("" when none)."""
+        ...
+
+
+@runtime_checkable
 class ClaimingAgent(Protocol):
     """An agent whose resources manage targets that only one resource may own."""
 

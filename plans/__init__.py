@@ -5,6 +5,7 @@ ours, so the models stay small, frozen and serialisable: a plan written to etcd
 and read back is equal to the one that was written.
 """
 
+from plans.approval import Approval, ApprovalDecision
 from plans.errors import (
     InvalidResourceError,
     PermanentError,
@@ -12,7 +13,7 @@ from plans.errors import (
     SetpointError,
     TemporaryError,
 )
-from plans.journal import PlanRecord, PlanState, StepRecord, StepState
+from plans.journal import ApprovalNote, PlanRecord, PlanState, StepRecord, StepState
 from plans.model import ExecutionPlan, Step, new_plan_id
 from plans.resources import (
     NAME_PATTERN,
@@ -27,6 +28,9 @@ from plans.snapshot import Snapshot
 
 __all__ = [
     "NAME_PATTERN",
+    "Approval",
+    "ApprovalDecision",
+    "ApprovalNote",
     "ExecutionPlan",
     "InvalidResourceError",
     "Issue",

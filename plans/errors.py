@@ -72,5 +72,6 @@ def describe_validation_error(
         elif kind == "extra_forbidden":
             clauses.append(f"{subject} {unknown}")
         else:
-            clauses.append(f"{subject}: {item['msg']}")
+            message = item["msg"].removeprefix("Value error, ")  # our validators' own sentences, as written
+            clauses.append(f"{subject}: {message}")
     return "; ".join(clauses)

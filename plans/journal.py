@@ -52,6 +52,10 @@ class StepState(StrEnum):
 
 
 class PlanState(StrEnum):
+    AWAITING_APPROVAL = "awaiting_approval"  # stored, waiting for a person's decision
+    REJECTED = "rejected"  # a person said no: nothing ran
+    EXPIRED = "expired"  # nobody decided within approvals.plan_ttl_seconds: nothing ran
+    VOIDED = "voided"  # the desired value or the actual state moved on before a decision: nothing ran
     PENDING = "pending"
     EXECUTING = "executing"
     SUCCEEDED = "succeeded"
@@ -59,6 +63,19 @@ class PlanState(StrEnum):
     BLOCKED = "blocked"
     INTERRUPTED = "interrupted"
     SUPERSEDED = "superseded"
+
+
+class ApprovalNote(BaseModel):
+    """A decision taken on a plan (`approval`), or one refused (`refusals`), with who, when and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision: str
+    by: str
+    reason: str = ""
+    at: datetime
+    source: str = ""
+    refused: str = Field(default="", description="Why this decision was not accepted; empty when it was.")
 
 
 class StepRecord(BaseModel):
@@ -80,6 +97,16 @@ class PlanRecord(BaseModel):
     plan_hash: str
     decision: str
     decision_reason: str = ""
+    decision_rule: str = ""
+    approvers: list[str] = Field(default_factory=list, description="Who may approve; empty: anyone.")
+    retiring: bool = Field(default=False, description="The plan tears down a deleted resource.")
+    observed_fingerprint: str | None = Field(
+        default=None, description="sha256 of the observation the plan was made from; a plan awaiting approval "
+        "is voided when the resource no longer looks like this.",
+    )  # fmt: skip
+    expires_at: datetime | None = Field(default=None, description="When a plan awaiting approval expires.")
+    approval: ApprovalNote | None = None
+    refusals: list[ApprovalNote] = Field(default_factory=list)
     state: PlanState = PlanState.PENDING
     steps: list[StepRecord]
     created_at: datetime = Field(default_factory=utcnow)
@@ -99,11 +126,21 @@ class PlanRecord(BaseModel):
         return all(step.state is StepState.SUCCEEDED for step in self.steps)
 
     @classmethod
-    def start(cls, plan: ExecutionPlan, *, decision: str, decision_reason: str = "") -> PlanRecord:
+    def start(
+        cls,
+        plan: ExecutionPlan,
+        *,
+        decision: str,
+        decision_reason: str = "",
+        decision_rule: str = "",
+        approvers: list[str] | None = None,
+    ) -> PlanRecord:
         return cls(
             plan=plan,
             plan_hash=plan.content_hash(),
             decision=decision,
             decision_reason=decision_reason,
+            decision_rule=decision_rule,
+            approvers=approvers or [],
             steps=[StepRecord(index=i, tool=step.tool) for i, step in enumerate(plan.steps)],
         )

@@ -9,6 +9,8 @@ no one has to patch that in afterwards.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +30,12 @@ class Snapshot(BaseModel):
     @property
     def key(self) -> ResourceKey:
         return self.desired.key
+
+    def actual_fingerprint(self) -> str:
+        """sha256 of what was observed (not when): a plan awaiting approval is for exactly this state."""
+        state = self.actual.state if self.actual is not None else None
+        canonical = json.dumps(state, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def plan(
         self, *, agent: str, steps: Sequence[Step] = (), reasoning: str = "", planner: str = "rules"

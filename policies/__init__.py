@@ -1,11 +1,12 @@
-"""Policies decide whether a validated plan runs on its own, waits for a human, or is refused.
+"""Policies decide whether a validated plan runs on its own, is announced, waits for a person, or never runs.
 
-This first version has one built-in policy, the risk ceiling: plans up to
-`max_auto_risk` run automatically, riskier ones need approval. Policy files,
-limits (flap guard, blast radius, max-unhealthy) and approval hooks build on
-the `Policy` protocol and `Decision` here.
+`policy.py` is the policy file (defaults per risk, ordered rules, time
+windows, approvers); `limits.py` the limits that keep automation from doing
+too much, too often (flap guard, mutation budget, max-unhealthy).
 """
 
-from policies.decision import Action, Decision, Policy, PolicySet, RiskCeiling
+from policies.limits import Limits
+from policies.policy import Action, Decision, Policies, PolicyError, Rule, load_policies, may_approve
+from policies.windows import Window
 
-__all__ = ["Action", "Decision", "Policy", "PolicySet", "RiskCeiling"]
+__all__ = ["Action", "Decision", "Limits", "Policies", "PolicyError", "Rule", "Window", "load_policies", "may_approve"]

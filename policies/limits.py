@@ -26,6 +26,35 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Limits(BaseModel):
+    """The limits' settings: the `limits` section of the policy file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    flap_max_plans: int = Field(
+        default=6, ge=1, description="Executed plans allowed per resource per flap window. Defaults to 6."
+    )
+    flap_window_seconds: float = Field(
+        default=600.0, gt=0, description="The flap guard's sliding window. Defaults to 600 s (10 minutes)."
+    )
+    max_mutating_steps_per_minute: int = Field(
+        default=60, ge=1,
+        description="Mutating (not read_only) steps run per minute across all keys; the rest wait. Defaults to 60.",
+    )  # fmt: skip
+    max_unhealthy_fraction: float = Field(
+        default=0.4, gt=0, le=1,
+        description="When more than this share of a kind's resources need healing at once, automatic healing of "
+        "that kind pauses. Defaults to 0.4.",
+    )  # fmt: skip
+    max_unhealthy_min_count: int = Field(
+        default=3, ge=1,
+        description="The pause needs at least this many resources needing healing, so one drifted file of two "
+        "does not stop all healing. Defaults to 3.",
+    )  # fmt: skip
+
 
 class FlapGuard:
     def __init__(self, *, max_plans: int, window: float, now: Callable[[], float]) -> None:
@@ -77,6 +106,12 @@ class FlapGuard:
         now = self._now()
         return [now - at for at in self._recent(key)]
 
+    def configure(self, *, max_plans: int, window: float) -> None:
+        """New limits (a policy reload); what was counted so far is kept."""
+        if max_plans < 1 or window <= 0:
+            raise ValueError("the flap guard needs max_plans >= 1 and window > 0")
+        self.max_plans, self.window = max_plans, window
+
     def settled(self, key: Hashable, *, error: str | None) -> None:
         """How `key`'s last executed plan ended: None when it succeeded, else its error."""
         if key in self._executed:
@@ -98,6 +133,12 @@ class MutationBudget:
         self._sleep = sleep
         self._taken: deque[float] = deque()
         self._lock = asyncio.Lock()  # first come, first served
+
+    def configure(self, *, per_minute: int) -> None:
+        """A new budget (a policy reload); the slots taken in the last minute still count."""
+        if per_minute < 1:
+            raise ValueError("the mutation budget needs per_minute >= 1")
+        self.per_minute = per_minute
 
     def _expire(self) -> None:
         horizon = self._now() - self.WINDOW

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from agents import AgentRegistry
 from agents.builtin.file import FileAgent
 from plans import ResourceKey
-from policies import PolicySet, RiskCeiling
+from policies import Policies, load_policies
+from policies.hooks import Notifier, Webhook, read_secret
 from policies.limits import FlapGuard, MutationBudget
+from reconciler.approvals import Approvals
 from reconciler.cache import Cache
 from reconciler.claims import ClaimIndex
 from reconciler.clock import Clock
 from reconciler.controller import Controller
+from reconciler.errors import StartupError
 from reconciler.executor import Executor
 from reconciler.gate import Gate
 from reconciler.journal import PlanJournal
@@ -44,19 +47,41 @@ from tools import ToolRegistry
 class Assembly:
     agents: AgentRegistry
     tools: ToolRegistry
-    policies: PolicySet
+    policies: Policies
     poll_seconds: dict[str, float]
 
 
 def assemble(settings: Settings) -> Assembly:
+    """The built-in agents and tools, and the policies in `policies.file` (PolicyError when it is invalid)."""
     file_agent = FileAgent(allowed_roots=settings.agents.file.allowed_roots)
     agents = AgentRegistry([file_agent])
+    tools = ToolRegistry(agents.tools())
     return Assembly(
         agents=agents,
-        tools=ToolRegistry(agents.tools()),
-        policies=PolicySet([RiskCeiling(settings.reconciler.max_auto_risk)]),
+        tools=tools,
+        policies=load_policies(settings.policies.file, known_tools=[tool.name for tool in tools]),
         poll_seconds={"file": settings.agents.file.poll_seconds},
     )
+
+
+def webhooks(settings: Settings) -> list[Webhook]:
+    """The approval webhooks, with their secrets read (StartupError naming the hook when one cannot be)."""
+    hooks = []
+    for index, hook in enumerate(settings.approvals.webhooks):
+        try:
+            secret = read_secret(env=hook.secret_env, file=hook.secret_file, what=f"approvals.webhooks.{index}")
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+        hooks.append(
+            Webhook(url=hook.url, secret=secret, format=hook.format, timeout_seconds=hook.timeout_seconds,
+                    attempts=hook.attempts)
+        )  # fmt: skip
+    return hooks
+
+
+def public_url(settings: Settings) -> str:
+    """Where approvers reach the HTTP API: `approvals.public_url`, else the listen address."""
+    return (settings.approvals.public_url or f"http://{settings.http.listen}").rstrip("/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +97,17 @@ class Runtime:
     controller: Controller
     stopping: asyncio.Event
     enqueue: Callable[[ResourceKey], None]  # what the watch calls for every changed key
+    gate: Gate
+    approvals: Approvals
+    notifier: Notifier
+    flap: FlapGuard
+    budget: MutationBudget
+
+    def use_policies(self, policies: Policies) -> None:
+        """Put `policies` in force (a reload): decisions from the next plan on, limits at once."""
+        self.gate.policies = policies
+        self.flap.configure(max_plans=policies.limits.flap_max_plans, window=policies.limits.flap_window_seconds)
+        self.budget.configure(per_minute=policies.limits.max_mutating_steps_per_minute)
 
 
 def build(
@@ -104,8 +140,14 @@ def build(
         store=store, keys=keys, cache=cache, agents=parts.agents, poll_seconds=parts.poll_seconds,
         timeout=s.reconciler.observe_timeout_seconds,
     )  # fmt: skip
-    budget = MutationBudget(per_minute=s.limits.max_mutating_steps_per_minute, now=clock.now, sleep=clock.sleep)
-    flap = FlapGuard(max_plans=s.limits.flap_max_plans, window=s.limits.flap_window_seconds, now=clock.now)
+    limits = parts.policies.limits
+    budget = MutationBudget(per_minute=limits.max_mutating_steps_per_minute, now=clock.now, sleep=clock.sleep)
+    flap = FlapGuard(max_plans=limits.flap_max_plans, window=limits.flap_window_seconds, now=clock.now)
+    notifier = Notifier(webhooks(s), public_url=public_url(s))
+    approvals = Approvals(
+        store=store, keys=keys, cache=cache, status=status, journal=journal, metrics=metrics, notifier=notifier,
+        ttl_seconds=s.approvals.plan_ttl_seconds,
+    )  # fmt: skip
     unfinished = Unfinished()
     executor = Executor(journal=journal, metrics=metrics, budget=budget, stopping=stopping, retries=s.tools)
     runner = Runner(
@@ -114,22 +156,32 @@ def build(
     )  # fmt: skip
     resumer = Resumer(
         store=store, keys=keys, tools=parts.tools, status=status, journal=journal, runner=runner,
-        unfinished=unfinished, cache=cache, flap=flap, observer=observer,
+        unfinished=unfinished, cache=cache, flap=flap, observer=observer, approvals=approvals,
     )  # fmt: skip
     gate = Gate(
         tools=parts.tools, policies=parts.policies, flap=flap, budget=budget, observer=observer, cache=cache,
-        limits=s.limits, metrics=metrics,
+        metrics=metrics,
     )  # fmt: skip
     reconciler = Reconciler(
         cache=cache, agents=parts.agents, claims=claims, observer=observer, gate=gate, runner=runner,
-        resumer=resumer, unfinished=unfinished, status=status,
+        resumer=resumer, unfinished=unfinished, status=status, approvals=approvals,
     )  # fmt: skip
     controller = Controller(
         queue=queue, reconcile=reconciler.reconcile, metrics=metrics, workers=s.reconciler.workers,
         rate_limit_per_second=s.reconciler.rate_limit_per_second,
     )  # fmt: skip
-    reflector = Reflector(store=store, keys=keys, cache=cache, on_change=on_change, metrics=metrics, settings=s.watch)
+
+    def on_approval(plan_id: str) -> None:
+        key = approvals.resource_of(plan_id)
+        if key is not None:  # a decision on a plan nobody waits for is refused by whoever wrote it
+            on_change(key)
+
+    reflector = Reflector(
+        store=store, keys=keys, cache=cache, on_change=on_change, on_approval=on_approval, metrics=metrics,
+        settings=s.watch,
+    )  # fmt: skip
     return Runtime(
         queue=queue, reflector=reflector, observer=observer, resumer=resumer, status=status, reconciler=reconciler,
-        controller=controller, stopping=stopping, enqueue=on_change,
+        controller=controller, stopping=stopping, enqueue=on_change, gate=gate, approvals=approvals,
+        notifier=notifier, flap=flap, budget=budget,
     )  # fmt: skip

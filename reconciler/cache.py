@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from plans import Observed, Resource, ResourceKey
+from plans import Approval, Observed, Resource, ResourceKey
 from plans.errors import describe_validation_error
 from reconciler.keys import KeySpace, ParsedKey, Section
 from reconciler.store import KeyValue
@@ -40,6 +40,24 @@ class DesiredEntry:
     @property
     def valid(self) -> bool:
         return self.resource is not None and self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalEntry:
+    plan_id: str
+    mod_revision: int
+    approval: Approval | None
+    error: str | None = None
+
+
+def parse_approval(plan_id: str, kv: KeyValue) -> ApprovalEntry:
+    """The decision under `approvals/<plan_id>`, or why it cannot be read (never raises)."""
+    try:
+        return ApprovalEntry(plan_id, kv.mod_revision, Approval.model_validate_json(kv.value))
+    except ValidationError as e:
+        return ApprovalEntry(plan_id, kv.mod_revision, None, _truncate(describe_validation_error(e)))
+    except Exception as e:
+        return ApprovalEntry(plan_id, kv.mod_revision, None, _truncate(f"{type(e).__name__}: {e}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +147,7 @@ class Change:
     resource: ResourceKey | None
     rejected_key: str | None = None
     reason: str | None = None
+    plan_id: str | None = None  # a decision on this plan arrived or went
 
 
 class Cache:
@@ -136,6 +155,7 @@ class Cache:
         self._keys = keys
         self.desired: dict[ResourceKey, DesiredEntry] = {}
         self.actual: dict[ResourceKey, ActualEntry] = {}
+        self.approvals: dict[str, ApprovalEntry] = {}  # by plan id
         self.revision = 0
 
     def resource_keys(self) -> Iterator[ResourceKey]:
@@ -145,6 +165,12 @@ class Cache:
         parsed = self._keys.parse(kv.key)
         if parsed is None:
             return None
+        if parsed.plan_id:
+            current_approval = self.approvals.get(parsed.plan_id)
+            if current_approval is not None and current_approval.mod_revision >= kv.mod_revision:
+                return None
+            self.approvals[parsed.plan_id] = parse_approval(parsed.plan_id, kv)
+            return Change(resource=None, plan_id=parsed.plan_id)
         if parsed.resource is None:
             return self._rejected(kv.key, parsed)
         key = parsed.resource
@@ -164,6 +190,12 @@ class Cache:
 
     def apply_delete(self, key_bytes: bytes, revision: int) -> Change | None:
         parsed = self._keys.parse(key_bytes)
+        if parsed is not None and parsed.plan_id:
+            current_approval = self.approvals.get(parsed.plan_id)
+            if current_approval is None or current_approval.mod_revision >= revision:
+                return None
+            del self.approvals[parsed.plan_id]
+            return Change(resource=None, plan_id=parsed.plan_id)
         if parsed is None or parsed.resource is None:
             return None
         key = parsed.resource
@@ -200,8 +232,11 @@ class Cache:
         changes: list[Change] = []
         seen_desired: set[ResourceKey] = set()
         seen_actual: set[ResourceKey] = set()
+        seen_approvals: set[str] = set()
         for kv in kvs:
             parsed = self._keys.parse(kv.key)
+            if parsed is not None and parsed.plan_id:
+                seen_approvals.add(parsed.plan_id)
             if parsed is not None and parsed.resource is not None:
                 if parsed.section is Section.DESIRED:
                     seen_desired.add(parsed.resource)
@@ -218,16 +253,24 @@ class Cache:
             change = self.apply_delete(self._keys.actual(key).encode(), revision)
             if change is not None:
                 changes.append(change)
+        for plan_id in [p for p in self.approvals if p not in seen_approvals]:
+            change = self.apply_delete(self._keys.approval(plan_id).encode(), revision)
+            if change is not None:
+                changes.append(change)
         self.revision = max(self.revision, revision)
         return changes
 
-    def restore_tombstones(self, applied: dict[ResourceKey, Resource], revision: int) -> list[Change]:
-        """Tombstones for resources setpoint had applied whose desired key is gone (deleted while it was down)."""
+    def restore_tombstones(
+        self, applied: dict[ResourceKey, tuple[Resource, int | None]], revision: int
+    ) -> list[Change]:
+        """Tombstones for resources setpoint had applied whose desired key is gone: at the revision of the
+        deletion when a status written for it says so, else at `revision` (deleted while setpoint was down)."""
         changes: list[Change] = []
-        for key, resource in applied.items():
+        for key, (resource, deleted_at) in applied.items():
             if key in self.desired or resource.key != key:
                 continue
-            self.desired[key] = DesiredEntry(key=key, mod_revision=revision, resource=resource, deleted=True)
+            at = deleted_at if deleted_at is not None else revision
+            self.desired[key] = DesiredEntry(key=key, mod_revision=at, resource=resource, deleted=True)
             changes.append(Change(resource=key))
         return changes
 

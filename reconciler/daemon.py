@@ -15,7 +15,10 @@ ends, which only a bug or a dead etcd can make happen, the daemon logs which
 part and why, drains and stops the rest cleanly, and exits 1, so systemd or
 the container runtime restarts it.
 
-Stop (SIGTERM, SIGINT, and SIGHUP until a reload exists): stop taking keys,
+SIGHUP reloads the policy file: a valid one is in force from the next plan
+on; an invalid one is refused with one log line and the old policies stay.
+
+Stop (SIGTERM, SIGINT): stop taking keys,
 let each running plan finish its current step and write its status (bounded
 by `reconciler.shutdown_timeout_seconds`), then stop the watch, the client,
 the embedded etcd and the HTTP endpoint.
@@ -33,11 +36,14 @@ from typing import Any, TypeVar
 
 import structlog
 
+from policies import PolicyError, load_policies
+from policies.hooks import read_secret
 from reconciler.assembly import Assembly, Runtime, assemble, build
 from reconciler.cache import Cache
 from reconciler.clock import SystemClock
 from reconciler.embedded import EmbeddedEtcd, StateDirLock, etcd_version, older_than_supported, remove_endpoint_file
-from reconciler.http import HttpServer
+from reconciler.errors import StartupError
+from reconciler.http import ApprovalApi, HttpServer
 from reconciler.keys import KeySpace
 from reconciler.metrics import Metrics
 from reconciler.settings import Settings
@@ -77,6 +83,24 @@ class Daemon:
         self.endpoints: list[str] = list(settings.etcd.endpoints)
         self.stop_signal: str | None = None  # set by whoever sets `stop` for a signal, for the log
         self._lock: StateDirLock | None = None
+        self._parts: Assembly | None = None
+        self._runtime: Runtime | None = None
+        self._store: EtcdStore | None = None
+
+    def reload_policies(self) -> bool:
+        """Read the policy file again and put it in force; False (old policies kept) when it is invalid."""
+        path = self.settings.policies.file
+        if self._runtime is None or self._parts is None:
+            log.warning("policies.reload_skipped", reason="the daemon is still starting")
+            return False
+        try:
+            policies = load_policies(path, known_tools=[tool.name for tool in self._parts.tools])
+        except PolicyError as e:
+            log.error("policies.reload_refused", error=str(e), advice="the policies in force are unchanged")
+            return False
+        self._runtime.use_policies(policies)
+        log.info("policies.reloaded", file=path, rules=len(policies.rules))
+        return True
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until `stop` is set; returns the exit code."""
@@ -95,7 +119,20 @@ class Daemon:
                 self._lock.release()
 
     async def _run(self, stop: asyncio.Event) -> int:
-        http = HttpServer(listen=self.settings.http.listen, metrics=self.metrics, ready=self.ready.is_set)
+        # The policy file is checked before anything starts: a daemon must not run on policies it cannot read.
+        try:
+            self._parts = self._assembly or assemble(self.settings)
+        except PolicyError as e:
+            raise StartupError(str(e)) from None
+        approvals = self.settings.approvals
+        try:
+            token = read_secret(env=approvals.token_env, file=approvals.token_file, what="the HTTP approval token")
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+        api = ApprovalApi(token=token, keys=self.keys, store=lambda: self._store)
+        http = HttpServer(
+            listen=self.settings.http.listen, metrics=self.metrics, ready=self.ready.is_set, approvals=api
+        )
         await http.start()
         self.http_port = http.port
         log.info("http.listening", address=f"{self.settings.http.listen.rpartition(':')[0]}:{http.port}")
@@ -105,9 +142,11 @@ class Daemon:
             store = await self._connect(stop)
             if store is None:
                 return 0
+            self._store = store
             try:
                 return await self._serve(store, stop)
             finally:
+                self._store = None
                 await store.close()
         finally:
             if self.embedded is not None:
@@ -167,11 +206,16 @@ class Daemon:
 
     async def _serve(self, store: EtcdStore, stop: asyncio.Event) -> int:
         s = self.settings
+        assert self._parts is not None
         rt = build(
-            s, parts=self._assembly or assemble(s), store=store, keys=self.keys, cache=self.cache,
-            metrics=self.metrics, clock=SystemClock(),
+            s, parts=self._parts, store=store, keys=self.keys, cache=self.cache, metrics=self.metrics,
+            clock=SystemClock(),
         )  # fmt: skip
-        parts = [asyncio.create_task(rt.reflector.run(), name="reflector")]
+        self._runtime = rt
+        parts = [
+            asyncio.create_task(rt.reflector.run(), name="reflector"),
+            asyncio.create_task(rt.notifier.run(), name="hooks"),
+        ]
         if self.embedded is not None:  # the daemon's own etcd is one of its parts: without it, nothing works
             parts.append(asyncio.create_task(self.embedded.watch(), name="etcd"))
         try:
@@ -183,6 +227,7 @@ class Daemon:
             rt.stopping.set()
             if not await rt.controller.shutdown(s.reconciler.shutdown_timeout_seconds):
                 log.error("daemon.drain_timeout", timeout=s.reconciler.shutdown_timeout_seconds)
+            await rt.notifier.drain(timeout=5.0)  # what the last plans announced
             return code
         finally:
             for task in parts:

@@ -7,9 +7,11 @@ here, in this order:
 1. validation: every step against its tool's parameter model, and the plan
    must be for the resource and revision it was asked for (`INVALID_PLAN`);
 2. nothing to do (`EMPTY`);
-3. policy: `DENIED`, or `NEEDS_APPROVAL` (approvals plug in here);
-4. size: a plan whose record could outgrow one etcd request never starts,
+3. size: a plan whose record could outgrow one etcd request never starts,
    since nothing may run that cannot be journalled (`TOO_LARGE`);
+4. policy (`policies/policy.py`): `DENIED`, or `NEEDS_APPROVAL` with the
+   record to store while a person decides; a plan already approved passes
+   an `approve` decision, never a `deny`;
 5. limits: the flap guard (`FLAP_GUARD`), the max-unhealthy pause for a plan
    that heals drift from a value the resource had converged to
    (`HEALING_PAUSED`), and the mutation budget (`BUDGET`: the plan has not
@@ -19,16 +21,18 @@ here, in this order:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 
-from plans import ExecutionPlan, PlanRecord, PlanValidationError, ResourceKey, RiskLevel
-from policies import Action, PolicySet
+from agents import Agent
+from plans import ExecutionPlan, PlanRecord, PlanValidationError, ResourceKey, RiskLevel, Snapshot
+from policies import Action, Decision, Policies
 from policies.limits import FlapGuard, MutationBudget, healing_paused
 from reconciler.cache import Cache
 from reconciler.metrics import Metrics
 from reconciler.observer import Observer
-from reconciler.settings import LimitsSettings
 from reconciler.store import MAX_REQUEST_BYTES
 from tools import ToolRegistry, ValidatedStep
 
@@ -55,7 +59,8 @@ class Verdict:
     message: str = ""
     retry_after: float | None = None  # when to look again at a plan held back by a limit
     steps: tuple[ValidatedStep, ...] = ()
-    record: PlanRecord | None = None  # for RUN: the record to journal
+    record: PlanRecord | None = None  # for RUN: the record to journal; for NEEDS_APPROVAL: the one to store
+    decision: Decision | None = None  # the policy's, once it was asked
 
 
 class Gate:
@@ -63,26 +68,36 @@ class Gate:
         self,
         *,
         tools: ToolRegistry,
-        policies: PolicySet,
+        policies: Policies,
         flap: FlapGuard,
         budget: MutationBudget,
         observer: Observer,
         cache: Cache,
-        limits: LimitsSettings,
         metrics: Metrics,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._tools = tools
-        self._policies = policies
+        self.policies = policies  # replaced as a whole when the policy file is reloaded
         self._flap = flap
         self._budget = budget
         self._observer = observer
         self._cache = cache
-        self._limits = limits
         self._metrics = metrics
+        self._now = now
 
-    def check(self, plan: ExecutionPlan, *, key: ResourceKey, revision: int, heals_drift: bool) -> Verdict:
-        """The verdict on `plan`, made for `key` at desired `revision`; `heals_drift` when it restores a
-        value the resource had already converged to (not a new desired value, not a removal)."""
+    def check(
+        self,
+        plan: ExecutionPlan,
+        *,
+        key: ResourceKey,
+        revision: int,
+        heals_drift: bool,
+        labels: Mapping[str, str],
+        approved: bool = False,
+    ) -> Verdict:
+        """The verdict on `plan`, made for `key` (with `labels`) at desired `revision`; `heals_drift` when it
+        restores a value the resource had already converged to (not a new desired value, not a removal);
+        `approved` when a person approved this very plan."""
         if plan.resource != key or plan.desired_revision != revision:
             return Verdict(
                 Check.INVALID_PLAN, plan,
@@ -95,11 +110,13 @@ class Gate:
             return Verdict(Check.INVALID_PLAN, plan, f"agent {plan.agent} made an invalid plan: {e}")
         if plan.is_empty:
             return Verdict(Check.EMPTY, plan, plan.reasoning)
-        decision = self._policies.evaluate(plan)
-        self._metrics.plans.labels(decision=decision.action.value).inc()
-        if decision.action is not Action.AUTO:
-            return self._refused(plan, decision.action, decision.reason)
-        record = PlanRecord.start(plan, decision=decision.action.value, decision_reason=decision.reason)
+        decision = self.policies.evaluate(plan, labels=labels, now=self._now())
+        if not approved:
+            self._metrics.plans.labels(decision=decision.action.value).inc()
+        record = PlanRecord.start(
+            plan, decision=decision.action.value, decision_reason=decision.reason, decision_rule=decision.rule,
+            approvers=list(decision.approvers),
+        )  # fmt: skip
         size = record.worst_case_bytes()
         if size > MAX_RECORD_BYTES:
             return Verdict(
@@ -107,19 +124,17 @@ class Gate:
                 f"the plan for this value cannot be journalled: its record could grow to {size} bytes, more than "
                 f"etcd accepts in one request ({MAX_RECORD_BYTES}); make the value smaller",
             )  # fmt: skip
+        planned = "; ".join(s.description for s in plan.steps)
+        if decision.action is Action.DENY:
+            message = f"plan not run: denied by policy ({decision.reason}); planned: {planned}"
+            return Verdict(Check.DENIED, plan, message, decision=decision)
+        if decision.action is Action.APPROVE and not approved:
+            message = f"awaiting approval ({decision.reason}): {planned}"
+            return Verdict(Check.NEEDS_APPROVAL, plan, message, steps=tuple(steps), record=record, decision=decision)
         held = self._limited(plan, key, heals_drift=heals_drift)
         if held is not None:
             return held
-        return Verdict(Check.RUN, plan, plan.reasoning, steps=tuple(steps), record=record)
-
-    def _refused(self, plan: ExecutionPlan, action: Action, reason: str) -> Verdict:
-        why = "denied by policy" if action is Action.DENY else "needs approval"
-        message = (
-            f"plan not run: {why} ({reason}); "
-            + ("approvals are not available in this version; " if action is Action.APPROVE else "")
-            + f"planned: {'; '.join(s.description for s in plan.steps)}"
-        )
-        return Verdict(Check.DENIED if action is Action.DENY else Check.NEEDS_APPROVAL, plan, message)
+        return Verdict(Check.RUN, plan, plan.reasoning, steps=tuple(steps), record=record, decision=decision)
 
     def _limited(self, plan: ExecutionPlan, key: ResourceKey, *, heals_drift: bool) -> Verdict | None:
         wait = self._flap.blocked_for(key)
@@ -133,8 +148,8 @@ class Gate:
                 kind=key.kind,
                 unhealthy=len(healing),
                 total=total,
-                max_fraction=self._limits.max_unhealthy_fraction,
-                min_count=self._limits.max_unhealthy_min_count,
+                max_fraction=self.policies.limits.max_unhealthy_fraction,
+                min_count=self.policies.limits.max_unhealthy_min_count,
             )
             if reason is not None:
                 self._metrics.healing_paused.labels(kind=key.kind).inc()
@@ -143,3 +158,11 @@ class Gate:
         if wait > 0 and plan.risk > RiskLevel.READ_ONLY:
             return Verdict(Check.BUDGET, plan, "waiting for the mutating-steps-per-minute budget", retry_after=wait)
         return None
+
+
+async def plan_and_check(agent: Agent, gate: Gate, snapshot: Snapshot, *, heals_drift: bool) -> Verdict:
+    """From a snapshot to a gated plan: the one path the daemon and `setpoint plan` share."""
+    plan = await (agent.retire(snapshot) if snapshot.deleted else agent.reconcile(snapshot))
+    return gate.check(
+        plan, key=snapshot.key, revision=snapshot.revision, heals_drift=heals_drift, labels=snapshot.desired.labels
+    )

@@ -44,10 +44,18 @@ class PlanJournal:
         """Write the record on its own."""
         await self._store.txn(then=[self.record_put(record)])
 
-    async def begin(self, record: PlanRecord, *, guard: Guard, status: StatusUpdate | None) -> bool:
-        """Write the record and its `Executing` status if `guard` holds; False (nothing written) if not."""
+    async def begin(
+        self,
+        record: PlanRecord,
+        *,
+        guard: Guard | Sequence[Guard],
+        status: StatusUpdate | None,
+        also: Sequence[Op] = (),
+    ) -> bool:
+        """Write the record, its `Executing` status and `also` if every guard holds; False (nothing written) if not."""
         guarded: list[Op] = [status.put] if status is not None else []
-        if not await self._commit(guard, guarded=[*guarded, self.record_put(record)], always=[], status=status):
+        guarded += [self.record_put(record), *also]
+        if not await self._commit(guard, guarded=guarded, always=[], status=status):
             return False
         if status is not None:
             self._status.remember(status)
@@ -61,14 +69,16 @@ class PlanJournal:
         status: StatusUpdate | None = None,
         guarded: Sequence[Op] = (),
         observed: Put | None = None,
+        also: Sequence[Op] = (),
     ) -> bool:
-        """Write the final record and `observed` in any case, and `status` and `guarded` if `guard` holds.
+        """Write the final record, `observed` and `also` in any case, and `status` and `guarded` if `guard` holds.
 
         True when the guarded writes were made. `record` is None when no plan ran (a removal).
         """
         always: list[Op] = [self.record_put(record)] if record is not None else []
         if observed is not None:
             always.append(observed)
+        always.extend(also)
         conditional: list[Op] = [status.put] if status is not None else []
         conditional.extend(guarded)
         held = await self._commit(guard, guarded=conditional, always=always, status=status)
@@ -77,7 +87,7 @@ class PlanJournal:
         return held
 
     async def _commit(
-        self, guard: Guard, *, guarded: list[Op], always: list[Op], status: StatusUpdate | None
+        self, guard: Guard | Sequence[Guard], *, guarded: list[Op], always: list[Op], status: StatusUpdate | None
     ) -> bool:
         try:
             return await self._write(guard, guarded=guarded, always=always)
@@ -86,7 +96,7 @@ class PlanJournal:
                 self._status.unknown(status.key)  # etcd may have applied it all the same
             raise
 
-    async def _write(self, guard: Guard, *, guarded: list[Op], always: list[Op]) -> bool:
+    async def _write(self, guard: Guard | Sequence[Guard], *, guarded: list[Op], always: list[Op]) -> bool:
         if request_bytes([*always, *guarded]) <= MAX_REQUEST_BYTES:
             return await self._store.txn(guard=guard, then=[*always, *guarded], otherwise=always)
         for op in always:

@@ -7,10 +7,13 @@ is reported as such and the caller decides what to do with it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
 from plans import NAME_PATTERN, ResourceKey
+
+PLAN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 
 class Section(StrEnum):
@@ -29,6 +32,7 @@ class ParsedKey:
     error: str | None = None
     kind: str = ""
     name: str = ""
+    plan_id: str = ""  # for approvals/<plan-id>
 
 
 class KeySpace:
@@ -53,8 +57,12 @@ class KeySpace:
     def plan(self, plan_id: str) -> str:
         return f"{self.prefix}/{Section.PLANS.value}/{plan_id}"
 
+    def approval(self, plan_id: str) -> str:
+        return f"{self.prefix}/{Section.APPROVALS.value}/{plan_id}"
+
     def parse(self, key: bytes) -> ParsedKey | None:
-        """Split `<prefix>/<section>/<kind>/<name>`; None for keys outside desired/actual/status.
+        """Split `<prefix>/<section>/<kind>/<name>`, or `<prefix>/approvals/<plan-id>`; None for keys
+        outside desired/actual/status/approvals.
 
         A key in a known section whose kind or name is malformed comes back
         with `error` set and the raw segments, so it can be reported.
@@ -71,6 +79,10 @@ class KeySpace:
             section = Section(parts[0])
         except ValueError:
             return None
+        if section is Section.APPROVALS:
+            if len(parts) != 2 or PLAN_ID_PATTERN.fullmatch(parts[1]) is None:
+                return ParsedKey(section, None, error="key is not approvals/<plan-id>")
+            return ParsedKey(section, None, plan_id=parts[1])
         if section not in (Section.DESIRED, Section.ACTUAL, Section.STATUS):
             return None
         if len(parts) != 3:

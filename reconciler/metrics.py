@@ -27,8 +27,19 @@ class Metrics:
             "setpoint_plan_steps", "Executed plan steps by tool and result.", ["tool", "result"], registry=r
         )
         self.plans = Counter(
-            "setpoint_plans", "Plans by policy decision (auto, approve, deny).", ["decision"], registry=r
+            "setpoint_plans", "Plans by policy decision (auto, notify, approve, deny).", ["decision"], registry=r
         )
+        self.approvals_pending = Gauge(
+            "setpoint_approvals_pending", "Plans awaiting a person's approval.", registry=r
+        )
+        self.approvals_oldest_age = Gauge(
+            "setpoint_approvals_oldest_age_seconds", "Age of the oldest plan awaiting approval (0: none).", registry=r
+        )
+        self.approvals = Counter(
+            "setpoint_approvals",
+            "Plans awaiting approval, by how it ended: approved, rejected, expired, voided, replanned; and "
+            "decisions refused (refused).", ["result"], registry=r,
+        )  # fmt: skip
         self.invalid_keys = Counter(
             "setpoint_invalid_keys", "Keys under desired/ or actual/ that do not fit the key layout.", registry=r
         )

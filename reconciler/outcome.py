@@ -11,7 +11,8 @@ class Result(StrEnum):
     REMOVED = "removed"  # a deleted resource was torn down (or released) and forgotten
     ABSENT = "absent"  # no desired value and nothing to tear down
     INVALID = "invalid"  # the value cannot be acted on
-    BLOCKED = "blocked"  # policy denied the plan or wants an approval
+    BLOCKED = "blocked"  # policy denied the plan, or a person rejected it, or nobody decided in time
+    AWAITING_APPROVAL = "awaiting_approval"  # a plan waits for a person's decision
     FLAP_GUARD = "flap_guard"
     HEALING_PAUSED = "healing_paused"
     BUDGET = "budget"  # waiting for the mutating-steps-per-minute budget

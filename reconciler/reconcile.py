@@ -10,36 +10,52 @@ so coalesced events and resyncs are handled the same way. The path, in order:
 5. a resource claiming a target that another live resource claims too:
    `Invalid`, naming the other. It comes after 3 and 4: a hold, and a plan
    already half done, are settled for the value they were about first;
-6. a deleted resource whose target a live resource now claims: forgotten
-   without teardown, which would destroy what the live one wants;
-7. otherwise: observe, let the agent plan from the snapshot (`reconcile`, or
+6. a deleted resource whose target a live resource now claims, or whose
+   last value carries the label `setpoint/keep: "true"`: forgotten without
+   teardown (the first would destroy what the live one wants);
+7. held `Blocked` by a rejected or expired plan, until the value changes or
+   a person asks to replan (`approvals.py`);
+8. observe; a plan waiting for approval is reviewed rather than planned
+   again: it keeps waiting, or is rejected, expires, is voided (then the
+   resource is planned afresh), or was approved and runs now;
+9. otherwise: let the agent plan from the snapshot (`reconcile`, or
    `retire` for a deleted resource), and act on the gate's verdict: run the
-   plan (`runner.py`), or say in the status why it does not run. The
-   observation is written to `actual/` when it changed, unless a plan runs:
-   then what the plan leaves behind is written instead, with its outcome.
+   plan (`runner.py`), store it to wait for approval, or say in the status
+   why it does not run. The observation is written to `actual/` when it
+   changed, unless a plan runs: then what the plan leaves behind is written
+   instead, with its outcome.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import structlog
 
 from agents import AgentRegistry
-from plans import InvalidResourceError, Observed, PlanValidationError, ResourceKey, Snapshot
+from plans import InvalidResourceError, Observed, PlanRecord, PlanState, PlanValidationError, ResourceKey, Snapshot
+from policies import Action
+from reconciler.approvals import Approvals, Review
 from reconciler.cache import Cache, DesiredEntry
 from reconciler.claims import ClaimIndex
-from reconciler.gate import Check, Gate, Verdict
+from reconciler.gate import Check, Gate, Verdict, plan_and_check
 from reconciler.observer import Observer
 from reconciler.outcome import Outcome, Result
 from reconciler.resume import Resumer, Unfinished
 from reconciler.runner import Runner
 from reconciler.status import Phase, StatusWriter, WriteResult
+from reconciler.store import Guard, Op
+from tools import ValidatedStep
 
 log = structlog.get_logger("setpoint.reconcile")
+
+KEEP_LABEL = "setpoint/keep"  # on a deleted resource: stop managing it, leave what it made
+
+_ENDED = (PlanState.SUCCEEDED, PlanState.FAILED, PlanState.SUPERSEDED)
 
 # A plan the gate holds back: the phase it puts the resource in, the outcome, and the log event.
 _HELD_BACK = {
     Check.DENIED: (Phase.BLOCKED, Result.BLOCKED, "plan.blocked"),
-    Check.NEEDS_APPROVAL: (Phase.BLOCKED, Result.BLOCKED, "plan.blocked"),
     Check.FLAP_GUARD: (Phase.BLOCKED, Result.FLAP_GUARD, "plan.flap_guard"),
     Check.HEALING_PAUSED: (Phase.BLOCKED, Result.HEALING_PAUSED, "plan.healing_paused"),
     Check.BUDGET: (Phase.PENDING, Result.BUDGET, "plan.waiting_for_budget"),
@@ -60,6 +76,7 @@ class Reconciler:
         resumer: Resumer,
         unfinished: Unfinished,
         status: StatusWriter,
+        approvals: Approvals,
     ) -> None:
         self._cache = cache
         self._agents = agents
@@ -70,6 +87,7 @@ class Reconciler:
         self._resumer = resumer
         self._unfinished = unfinished
         self._status = status
+        self._approvals = approvals
 
     async def reconcile(self, key: ResourceKey) -> Outcome:
         outcome = await self._reconcile(key)
@@ -99,18 +117,68 @@ class Reconciler:
         if entry.deleted and (successor := self._claims.successor(key)) is not None:
             log.info("resource.released", claimed_by=str(successor))
             return await self._runner.remove(entry, None)
+        if entry.deleted and entry.resource.labels.get(KEEP_LABEL) == "true":
+            log.info("resource.released", kept=True)  # `setpoint delete --keep`: forget it, leave what it made
+            return await self._runner.remove(entry, None)
+        closed = await self._approvals.closed(entry)
+        if closed is not None:
+            return closed
         try:
             snapshot, observed = await self._snapshot(entry)
+            review = await self._approvals.review(entry, snapshot)
+            if review.outcome is not None or review.approved is not None:
+                return await self._reviewed(entry, review, observed)
             agent = self._agents.for_kind(key.kind)
             assert agent is not None
-            plan = await (agent.retire(snapshot) if entry.deleted else agent.reconcile(snapshot))
+            heals_drift = not entry.deleted and await self._status.applied(key) == entry.resource
+            verdict = await plan_and_check(agent, self._gate, snapshot, heals_drift=heals_drift)
         except InvalidResourceError as e:
             return await self._invalid(entry, str(e))
-        heals_drift = not entry.deleted and await self._status.applied(key) == entry.resource
-        verdict = self._gate.check(plan, key=key, revision=entry.mod_revision, heals_drift=heals_drift)
         if verdict.check is not Check.RUN and observed is not None:
             await self._observer.record(observed)  # a plan that runs records what it leaves instead
         return await self._act(entry, snapshot, verdict)
+
+    async def _reviewed(self, entry: DesiredEntry, review: Review, observed: Observed | None) -> Outcome:
+        """Act on the review of a plan that waited for approval: keep waiting, or run it now it is approved."""
+        if review.outcome is not None or review.approved is None:
+            if observed is not None:
+                await self._observer.record(observed)
+            return review.outcome or Outcome(Result.AWAITING_APPROVAL)
+        record = review.approved
+        assert entry.resource is not None
+        verdict = self._gate.check(
+            record.plan, key=entry.key, revision=entry.mod_revision, heals_drift=False,
+            labels=entry.resource.labels, approved=True,
+        )  # fmt: skip
+        if verdict.check is not Check.RUN:
+            if observed is not None:
+                await self._observer.record(observed)
+            return await self._held_back(entry, verdict)
+        return await self._run(entry, record, verdict.steps, consume=review.consume)
+
+    async def _run(
+        self,
+        entry: DesiredEntry,
+        record: PlanRecord,
+        steps: Sequence[ValidatedStep],
+        *,
+        consume: tuple[Guard, Op] | None = None,
+    ) -> Outcome:
+        """Run `record`; an approved one (`consume`) or one under `notify` is announced to the hooks."""
+        labels = dict(entry.resource.labels) if entry.resource is not None else {}
+        announced = consume is not None or record.decision == Action.NOTIFY.value
+        if consume is None and announced:
+            self._approvals.announce(record, labels)
+        try:
+            return await self._runner.run(
+                entry, record, steps, message=record.plan.reasoning, stored=False, consume=consume
+            )
+        finally:
+            began = any(step.started_at is not None for step in record.steps)
+            if began and consume is not None:
+                self._approvals.started(entry.key, record)
+            if began and announced and record.state in _ENDED:
+                self._approvals.finished(record, labels)
 
     def _rivals(self, key: ResourceKey) -> str | None:
         """Why `key` may not act: the other resources that claim one of its targets, if any do."""
@@ -137,7 +205,10 @@ class Reconciler:
         check, plan = verdict.check, verdict.plan
         if check is Check.RUN:
             assert verdict.record is not None
-            return await self._runner.run(entry, verdict.record, verdict.steps, message=plan.reasoning, stored=False)
+            return await self._run(entry, verdict.record, verdict.steps)
+        if check is Check.NEEDS_APPROVAL:
+            assert verdict.record is not None
+            return await self._approvals.request(entry, snapshot, verdict.record, verdict.message)
         if check is Check.EMPTY:
             if entry.deleted:
                 return await self._runner.remove(entry, None)
@@ -152,6 +223,10 @@ class Reconciler:
         if check is Check.INVALID_PLAN:
             await self._write(entry, Phase.FAILED, verdict.message)
             raise PlanValidationError(verdict.message)
+        return await self._held_back(entry, verdict)
+
+    async def _held_back(self, entry: DesiredEntry, verdict: Verdict) -> Outcome:
+        check, plan = verdict.check, verdict.plan
         phase, result, event = _HELD_BACK[check]
         if await self._write(entry, phase, verdict.message) is WriteResult.WRITTEN:  # once per new reason
             log.warning(event, check=check.value, reason=verdict.message[:500], risk=plan.risk.value)

@@ -50,12 +50,15 @@ from reconciler.store import EtcdStore, KeyValue, StoreError, StoreUnavailableEr
 from tools import ToolContext, ToolRegistry, ValidatedStep
 
 if TYPE_CHECKING:
+    from reconciler.approvals import Approvals
     from reconciler.runner import Runner
 
 log = structlog.get_logger("setpoint.resume")
 
 _IN_FLIGHT = (PlanState.EXECUTING, PlanState.PENDING, PlanState.INTERRUPTED)
 _DECIDED = (PlanState.SUCCEEDED, PlanState.FAILED, PlanState.SUPERSEDED)
+# Statuses whose plan is read at start-up: one in flight or held, one waiting for or refused by a person.
+_ADOPTED = (Phase.EXECUTING, Phase.PENDING, Phase.FAILED, Phase.AWAITING_APPROVAL, Phase.BLOCKED)
 
 
 class Unfinished:
@@ -103,6 +106,7 @@ class Resumer:
         cache: Cache,
         flap: FlapGuard,
         observer: Observer,
+        approvals: Approvals,
     ) -> None:
         self._store = store
         self._keys = keys
@@ -114,6 +118,7 @@ class Resumer:
         self._cache = cache
         self._flap = flap
         self._observer = observer
+        self._approvals = approvals
 
     async def load(self, stop: asyncio.Event) -> set[ResourceKey] | None:
         """Read what a previous run left; the keys to reconcile first, or None if `stop` came first."""
@@ -160,7 +165,7 @@ class Resumer:
             status = parse_status(kv.value)
             if status is None:
                 continue
-            if status.plan_id is None or status.phase not in (Phase.EXECUTING, Phase.PENDING, Phase.FAILED):
+            if status.plan_id is None or status.phase not in _ADOPTED:
                 continue
             record_kv = await self._store.get(self._keys.plan(status.plan_id))
             if record_kv is None:
@@ -172,7 +177,9 @@ class Resumer:
                     "recovery.unreadable_plan", key=str(parsed.resource), plan_id=status.plan_id, error=str(e)[:300]
                 )
                 continue
-            if record.state in _IN_FLIGHT:
+            if status.phase in (Phase.AWAITING_APPROVAL, Phase.BLOCKED):
+                self._approvals.adopt(parsed.resource, record)  # waiting, or held by a rejection or expiry
+            elif record.state in _IN_FLIGHT:
                 self._unfinished.keep(parsed.resource, record)
                 unfinished += 1
             elif record.state is PlanState.FAILED and record.outcome_unknown_step is not None:
@@ -265,7 +272,8 @@ class Resumer:
         record.state, record.message = PlanState.FAILED, message
         _skip_pending(record)
         update = await self._status.prepare(
-            entry.key, phase=Phase.FAILED, revision=entry.mod_revision, message=message, plan_id=record.plan.id
+            entry.key, phase=Phase.FAILED, revision=entry.mod_revision, message=message, plan_id=record.plan.id,
+            deleted=entry.deleted,
         )
         guard = guard_for(self._keys, entry.key, revision=entry.mod_revision, deleted=entry.deleted)
         try:

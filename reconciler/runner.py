@@ -68,19 +68,30 @@ class Runner:
         self._unfinished = unfinished
 
     async def run(
-        self, entry: DesiredEntry, record: PlanRecord, steps: Sequence[ValidatedStep], *, message: str, stored: bool
+        self,
+        entry: DesiredEntry,
+        record: PlanRecord,
+        steps: Sequence[ValidatedStep],
+        *,
+        message: str,
+        stored: bool,
+        consume: tuple[Guard, Op] | None = None,
     ) -> Outcome:
-        """Run `steps` of `record` for `entry`; `stored` when the record is already in etcd (a resumed plan)."""
+        """Run `steps` of `record` for `entry`; `stored` when the record is already in etcd (a resumed plan).
+
+        `consume` is an approval: its guard joins the begin write and its op (the approval's delete) is
+        made by it, so an approval starts its plan once at most."""
         key, plan = entry.key, record.plan
-        guard = self._guard(entry)
+        guard = [self._guard(entry), consume[0]] if consume is not None else self._guard(entry)
+        also = [consume[1]] if consume is not None else []
 
         async def begin(r: PlanRecord) -> bool:
             # A stored plan was counted when it first began: resuming it is not another plan.
             update = await self._status.prepare(
                 key, phase=Phase.EXECUTING, revision=entry.mod_revision, message=message, plan_id=plan.id,
-                recent_plans=None if stored else self._recent_plans(key),
+                recent_plans=None if stored else self._recent_plans(key), deleted=entry.deleted,
             )  # fmt: skip
-            if not await self._journal.begin(r, guard=guard, status=update):
+            if not await self._journal.begin(r, guard=guard, status=update, also=also):
                 return False
             if not stored:
                 self._flap.record(key)
@@ -168,6 +179,7 @@ class Runner:
             message=f"interrupted by shutdown: {record.message}" if interrupted else record.message,
             plan_id=plan.id,
             last_error=None if interrupted else record.message,
+            deleted=entry.deleted,
         )
         await self._journal.settle(record, guard=self._guard(entry), status=update, observed=put)
         if interrupted:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from plans import RiskLevel
-from plans.errors import describe_validation_error
+from plans.yamldoc import YamlError, load_document
 
 
 class SettingsError(ValueError):
@@ -114,13 +112,6 @@ class ReconcilerSettings(_Group):
     backoff_max_seconds: float = Field(
         default=300.0, gt=0, description="Cap on the per-key retry delay. Defaults to 300 s."
     )
-    max_auto_risk: RiskLevel = Field(
-        default=RiskLevel.MEDIUM,
-        description=(
-            "Plans up to this risk run automatically; riskier ones are not run and the resource goes to "
-            "Blocked (approvals come later). Defaults to medium."
-        ),
-    )
     shutdown_timeout_seconds: float = Field(
         default=30.0, gt=0, description="How long SIGTERM waits for running steps. Defaults to 30 s."
     )
@@ -141,29 +132,64 @@ class ReconcilerSettings(_Group):
         return self
 
 
-class LimitsSettings(_Group):
-    flap_max_plans: int = Field(
-        default=6, ge=1, description="Executed plans allowed per key per flap window. Defaults to 6."
+class PolicySettings(_Group):
+    file: str | None = Field(
+        default=None,
+        description="The policy file (YAML): decisions per risk, rules, approvers and limits. Defaults to none: "
+        "the built-in defaults (read_only and low auto, medium notify, high approve, critical deny).",
     )
-    flap_window_seconds: float = Field(
-        default=600.0, gt=0, description="The flap guard's sliding window. Defaults to 600 s (10 minutes)."
+
+
+class WebhookSettings(_Group):
+    url: str = Field(description="Where to POST: http:// or https://.")
+    secret_env: str | None = Field(default=None, description="Environment variable holding the signing secret.")
+    secret_file: str | None = Field(default=None, description="File holding the signing secret.")
+    format: Literal["json", "slack"] = Field(
+        default="json", description="json: the full payload; slack: a Slack-compatible {\"text\": ...}."
     )
-    max_mutating_steps_per_minute: int = Field(
-        default=60, ge=1,
-        description="Mutating (not read_only) steps run per minute across all keys; the rest wait. Defaults to 60.",
+    timeout_seconds: float = Field(default=10.0, gt=0, description="Per attempt. Defaults to 10 s.")
+    attempts: int = Field(default=5, ge=1, le=20, description="Attempts before giving up. Defaults to 5.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or len(value) < 9:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> WebhookSettings:
+        if self.secret_env is not None and self.secret_file is not None:
+            raise ValueError("set secret_env or secret_file, not both")
+        return self
+
+
+class ApprovalSettings(_Group):
+    plan_ttl_seconds: float = Field(
+        default=86400.0, gt=0,
+        description="A plan awaiting approval expires after this long; then it is Blocked until replanned. "
+        "Defaults to 86400 s (one day).",
     )  # fmt: skip
-    max_unhealthy_fraction: float = Field(
-        default=0.4, gt=0, le=1,
-        description=(
-            "When more than this share of a kind's resources need healing at once, automatic healing of that "
-            "kind pauses. Defaults to 0.4."
-        ),
-    )  # fmt: skip
-    max_unhealthy_min_count: int = Field(
-        default=3, ge=1,
-        description="The pause needs at least this many resources needing healing, so one drifted file of two "
-        "does not stop all healing. Defaults to 3.",
-    )  # fmt: skip
+    token_env: str | None = Field(
+        default=None, description="Environment variable holding the bearer token for POST /v1/plans/<id>/approve."
+    )
+    token_file: str | None = Field(
+        default=None, description="File holding that bearer token. Without either, the HTTP approval routes are off."
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="How approvers reach this daemon's HTTP endpoint, for the approve and reject URLs in webhooks. "
+        "Defaults to http://<http.listen>.",
+    )
+    webhooks: list[WebhookSettings] = Field(
+        default_factory=list, description="Where plans awaiting approval, notify plans and their outcomes are sent."
+    )
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ApprovalSettings:
+        if self.token_env is not None and self.token_file is not None:
+            raise ValueError("set token_env or token_file, not both")
+        return self
 
 
 class ToolSettings(_Group):
@@ -209,7 +235,8 @@ class Settings(_Group):
     watch: WatchSettings = Field(default_factory=WatchSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     reconciler: ReconcilerSettings = Field(default_factory=ReconcilerSettings)
-    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    policies: PolicySettings = Field(default_factory=PolicySettings)
+    approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
     tools: ToolSettings = Field(default_factory=ToolSettings)
     agents: AgentsSettings = Field(default_factory=AgentsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
@@ -230,36 +257,61 @@ class Settings(_Group):
         return Path.home() / ".local" / "state" / "setpoint"
 
 
+# Settings that were removed, and what replaced them: a file that still sets one is refused with this.
+_REMOVED = {
+    ("reconciler", "max_auto_risk"): "reconciler.max_auto_risk was removed: set what each risk level may do in "
+    "the policy file's defaults (policies.file), e.g. defaults: {high: auto}",
+    ("limits",): "limits moved to the policy file (policies.file), under limits:",
+}
+
+
 def _absolutise(data: dict[str, Any], base: Path) -> None:
     """Make the file's relative paths relative to the file's directory."""
+
+    def absolute(value: object) -> object:
+        return str((base / value).resolve()) if isinstance(value, str) and value and not os.path.isabs(value) else value
+
+    def group(*path: str) -> dict[str, Any]:
+        node: object = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else {}
+
     if isinstance(data.get("state_dir"), str) and data["state_dir"]:
         data["state_dir"] = str((base / data["state_dir"]).resolve())
-    file_agent = data.get("agents", {}).get("file", {}) if isinstance(data.get("agents"), dict) else {}
-    if isinstance(file_agent, dict) and isinstance(file_agent.get("allowed_roots"), list):
-        file_agent["allowed_roots"] = [
-            str((base / r).resolve()) if isinstance(r, str) and r and not os.path.isabs(r) else r
-            for r in file_agent["allowed_roots"]
-        ]
+    file_agent = group("agents", "file")
+    if isinstance(file_agent.get("allowed_roots"), list):
+        file_agent["allowed_roots"] = [absolute(r) for r in file_agent["allowed_roots"]]
+    for section, name in (("policies", "file"), ("approvals", "token_file")):
+        if name in group(section):
+            group(section)[name] = absolute(group(section)[name])
+    for hook in group("approvals").get("webhooks") or []:
+        if isinstance(hook, dict) and "secret_file" in hook:
+            hook["secret_file"] = absolute(hook["secret_file"])
 
 
 def load_settings(path: str | Path | None) -> Settings:
     """Settings from `path`, or all defaults when `path` is None."""
     if path is None:
         return Settings()
-    path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SettingsError(f"cannot read settings file {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise SettingsError(f"settings file {path} is not valid YAML: {e}") from None
+        document = load_document(path, what="settings file")
+    except YamlError as e:
+        raise SettingsError(str(e)) from None
+    raw = document.data
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise SettingsError(f"settings file {path} must hold a mapping at the top level")
-    _absolutise(raw, path.resolve().parent)
+        raise SettingsError(f"{document.name} must hold a mapping at the top level")
+    for removed, advice in _REMOVED.items():
+        node: object = raw
+        for part in removed:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise SettingsError(f"{document.where(removed)}: {advice}")
+    _absolutise(raw, Path(path).resolve().parent)
     try:
         return Settings.model_validate(raw)
     except ValidationError as e:
-        reason = describe_validation_error(e, what=None, whole="(top level)", unknown="is not a known setting")
-        raise SettingsError(f"settings file {path}: {reason}") from None
+        reason = document.describe(e, what=None, whole="(top level)", unknown="is not a known setting")
+        raise SettingsError(reason) from None

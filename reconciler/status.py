@@ -77,6 +77,9 @@ class Status(BaseModel):
     last_error: str | None = Field(
         default=None, description="What the last plan failed with, until the resource converges again."
     )
+    deleted: bool = Field(
+        default=False, description="Written for the deletion of the desired value (at `observed_revision`)."
+    )
 
     def says_what(self, other: Status | None) -> bool:
         """Whether `other` says the same as this, whenever it was written."""
@@ -136,6 +139,7 @@ class StatusWriter:
         baseline: dict[str, JsonValue] | None = None,
         recent_plans: list[datetime] | None = None,
         last_error: str | None = None,
+        deleted: bool = False,
     ) -> StatusUpdate | None:
         """The write that records this status, or None when the stored status already says it.
 
@@ -159,6 +163,7 @@ class StatusWriter:
             baseline=baseline if baseline is not None else kept.baseline,
             recent_plans=recent_plans if recent_plans is not None else kept.recent_plans,
             last_error=last_error if last_error is not None or phase is Phase.CONVERGED else kept.last_error,
+            deleted=deleted,
         )
         previous = self._last.get(key)
         if status.says_what(previous):
@@ -189,8 +194,9 @@ class StatusWriter:
     ) -> WriteResult:
         """Write the status on its own, if it changed and the desired value is still at `revision`."""
         update = await self.prepare(
-            key, phase=phase, revision=revision, message=message, plan_id=plan_id, applied=applied, baseline=baseline
-        )
+            key, phase=phase, revision=revision, message=message, plan_id=plan_id, applied=applied, baseline=baseline,
+            deleted=deleted,
+        )  # fmt: skip
         if update is None:
             return WriteResult.UNCHANGED
         guard = guard_for(self._keys, key, revision=revision, deleted=deleted)
@@ -252,7 +258,10 @@ class StatusWriter:
         return self._last[key]
 
 
-def applied_from_status(value: bytes) -> Resource | None:
-    """The `applied` resource recorded in a status value, or None if there is none or it cannot be read."""
+def applied_from_status(value: bytes) -> tuple[Resource | None, int | None]:
+    """The `applied` resource recorded in a status value (None if there is none or it cannot be read), and the
+    revision of the deletion the status was written for (None when it was not written for one)."""
     status = parse_status(value)
-    return status.applied if status is not None else None
+    if status is None:
+        return None, None
+    return status.applied, status.observed_revision if status.deleted else None

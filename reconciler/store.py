@@ -189,8 +189,13 @@ class EtcdStore:
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except (EtcdConnectionError, EtcdTransientError, TimeoutError) as e:
-            raise StoreUnavailableError(f"etcd at {','.join(self.endpoints)} is unavailable: {e}") from e
+        except TimeoutError as e:
+            raise StoreUnavailableError(
+                f"etcd at {','.join(self.endpoints)} did not answer within {self._timeout:g} s"
+            ) from e
+        except (EtcdConnectionError, EtcdTransientError) as e:
+            reason = str(e) or type(e).__name__
+            raise StoreUnavailableError(f"etcd at {','.join(self.endpoints)} is unavailable: {reason}") from e
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise StoreUnavailableError(f"etcd is unavailable: {e.code().name}") from e
@@ -240,12 +245,19 @@ class EtcdStore:
         resp = await self._call(self._kvs.txn([], ops, timeout=self._timeout))
         return int(resp.header.revision)
 
-    async def txn(self, *, guard: Guard | None = None, then: Sequence[Op] = (), otherwise: Sequence[Op] = ()) -> bool:
-        """One transaction: `then` if `guard` holds (or there is none), else `otherwise`; True when `then` ran."""
-        compare = []
-        if guard is not None:
-            key, revision = guard.key.encode(), guard.mod_revision
-            compare.append(Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=revision))
+    async def txn(
+        self,
+        *,
+        guard: Guard | Sequence[Guard] | None = None,
+        then: Sequence[Op] = (),
+        otherwise: Sequence[Op] = (),
+    ) -> bool:
+        """One transaction: `then` if every guard holds (or there is none), else `otherwise`; True when `then` ran."""
+        guards = [] if guard is None else [guard] if isinstance(guard, Guard) else list(guard)
+        compare = [
+            Compare(result=Compare.EQUAL, target=Compare.MOD, key=g.key.encode(), mod_revision=g.mod_revision)
+            for g in guards
+        ]
         resp = await self._call(
             self._kvs.txn(compare, self._ops(then), self._ops(otherwise), timeout=self._timeout)
         )

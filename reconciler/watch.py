@@ -1,7 +1,7 @@
 """List-then-watch: turns etcd into cache updates and queue keys, and nothing else.
 
 The reflector lists `actual/` .. `desired/` (one contiguous key range, which
-also holds `approvals/`, ignored for now) at a revision R, then watches from
+also holds `approvals/`) at a revision R, then watches from
 R+1 with `prev_kv`. A compacted start revision means events were lost, so it
 relists at a fresh revision and synthesises deletes for keys that vanished,
 never resuming silently.
@@ -52,6 +52,7 @@ class Reflector:
         cache: Cache,
         on_change: Callable[[ResourceKey], None],
         metrics: Metrics,
+        on_approval: Callable[[str], None] = lambda plan_id: None,
         settings: WatchSettings | None = None,
         clock: Clock | None = None,
     ) -> None:
@@ -60,6 +61,7 @@ class Reflector:
         self._keys = keys
         self._cache = cache
         self._on_change = on_change
+        self._on_approval = on_approval
         self._metrics = metrics
         self._settings = settings or WatchSettings()
         self._clock: Clock = clock or SystemClock()
@@ -122,7 +124,7 @@ class Reflector:
         changes = self._cache.replace(kvs, revision)
         orphans = self._statuses_without_desired(statuses)
         changes += self._cache.restore_tombstones(
-            {key: applied for key, applied in orphans.items() if applied is not None}, revision
+            {key: (applied, at) for key, (applied, at) in orphans.items() if applied is not None}, revision
         )
         self._metrics.etcd_revision.set(revision)
         log.info("watch.listed", keys=len(kvs), revision=revision, changes=len(changes))
@@ -134,9 +136,12 @@ class Reflector:
             self._on_change(key)
         self.synced.set()
 
-    def _statuses_without_desired(self, statuses: list[KeyValue]) -> dict[ResourceKey, Resource | None]:
-        """Of `statuses`, those whose desired key the cache does not hold, with the resource each last applied."""
-        orphans: dict[ResourceKey, Resource | None] = {}
+    def _statuses_without_desired(
+        self, statuses: list[KeyValue]
+    ) -> dict[ResourceKey, tuple[Resource | None, int | None]]:
+        """Of `statuses`, those whose desired key the cache does not hold, with the resource each last applied
+        and the revision of the deletion, when the status was written for it."""
+        orphans: dict[ResourceKey, tuple[Resource | None, int | None]] = {}
         for kv in statuses:
             parsed = self._keys.parse(kv.key)
             if parsed is None or parsed.resource is None:
@@ -179,6 +184,8 @@ class Reflector:
     def _emit(self, change: Change) -> None:
         if change.resource is not None:
             self._on_change(change.resource)
+        elif change.plan_id is not None:
+            self._on_approval(change.plan_id)
         else:
             self._metrics.invalid_keys.inc()
             log.warning("key.rejected", key=change.rejected_key, reason=change.reason)

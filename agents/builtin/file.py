@@ -16,6 +16,7 @@ of one file through a symlink are not caught by that.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import hashlib
 import os
 from collections.abc import Sequence
@@ -84,6 +85,9 @@ class FileAgent:
             raise InvalidResourceError(f"spec.path: {path} is a directory; a file resource manages one regular file")
         return spec, path
 
+    def validate(self, desired: Resource) -> None:
+        self.parse(desired)
+
     def claims(self, desired: Resource) -> frozenset[str]:
         """The file's path, normalised, when the spec is valid and the path lies inside a root as written."""
         try:
@@ -129,6 +133,14 @@ class FileAgent:
         )
         return snapshot.plan(agent=self.name, steps=(step,), reasoning="desired resource deleted")
 
+    async def diff(self, snapshot: Snapshot) -> str:
+        """A unified diff of content and mode, when the file can be read here; else what differs, by hash."""
+        spec, path = await asyncio.to_thread(self.parse, snapshot.desired)
+        state = snapshot.actual.state if snapshot.actual is not None else {}
+        if snapshot.deleted:
+            return f"delete {path}" if state.get("exists") is not False else ""
+        return await asyncio.to_thread(_diff, spec, path, state)
+
     async def heal(self, issue: Issue, snapshot: Snapshot) -> ExecutionPlan:
         plan = await self.reconcile(snapshot)
         return plan.model_copy(update={"reasoning": f"{issue.summary}: {plan.reasoning}"})
@@ -149,3 +161,42 @@ class FileAgent:
         return ""
 
 
+
+
+MAX_DIFF_LINES = 200
+MAX_DIFF_READ_BYTES = 1 << 20
+
+
+def _diff(spec: FileSpec, path: Path, state: dict[str, JsonValue]) -> str:
+    """The diff for `setpoint plan`: the local file when it is the one observed, else a summary by hash."""
+    lines: list[str] = []
+    current: str | None = None
+    exists = state.get("exists") if state else os.path.lexists(path)
+    if exists:
+        try:
+            data = path.read_bytes()[: MAX_DIFF_READ_BYTES + 1]
+            if not state or hashlib.sha256(data).hexdigest() == state.get("sha256"):
+                current = data.decode("utf-8") if len(data) <= MAX_DIFF_READ_BYTES else None
+        except (OSError, UnicodeDecodeError):
+            current = None
+        mode = state.get("mode") if state else f"{os.lstat(path).st_mode & 0o7777:04o}"
+        if mode != spec.normalized_mode:
+            lines.append(f"mode {mode} -> {spec.normalized_mode}")
+    if not exists:
+        current = ""
+        lines.append(f"new file {path} (mode {spec.normalized_mode})")
+    if current is None:
+        if state.get("sha256") != spec.sha256:
+            lines.append(f"content differs (sha256 {str(state.get('sha256'))[:12]} -> {spec.sha256[:12]}); "
+                         f"{path} cannot be read here for a line diff")  # fmt: skip
+        return "\n".join(lines)
+    if current != spec.content:
+        diff = difflib.unified_diff(
+            current.splitlines(keepends=True), spec.content.splitlines(keepends=True),
+            fromfile=f"{path} (actual)", tofile=f"{path} (desired)",
+        )  # fmt: skip
+        body = [line.rstrip("\n") for line in diff]
+        if len(body) > MAX_DIFF_LINES:
+            body = [*body[:MAX_DIFF_LINES], f"... {len(body) - MAX_DIFF_LINES} more lines"]
+        lines += body
+    return "\n".join(lines)

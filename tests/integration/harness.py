@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from plans import ResourceKey
 from reconciler.assembly import Assembly
 from reconciler.daemon import Daemon
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.keys import KeySpace
-from reconciler.settings import Settings
+from reconciler.settings import PolicySettings, Settings
 from reconciler.store import EtcdStore
 
 POLL_SECONDS = 0.2
@@ -84,6 +86,11 @@ class Harness:
         )
         return result
 
+    def use_policies(self, policies: dict[str, Any]) -> None:
+        """Run the daemon (at its next start) with `policies` as its policy file."""
+        path = write_policies(self.root.parent, policies)
+        self.settings = self.settings.model_copy(update={"policies": PolicySettings(file=path)})
+
     async def plan_record(self, plan_id: str) -> dict[str, Any]:
         kv = await self.store.get(self.keys.plan(plan_id))
         assert kv is not None, f"no plan record for {plan_id}"
@@ -107,13 +114,28 @@ class Harness:
         return await asyncio.wait_for(self._task, timeout=30)
 
 
-def make_settings(etcd: EmbeddedEtcd, prefix: str, root: Path, **reconciler: Any) -> Settings:
+# Deletions (file.delete is high risk) run without waiting for a person: for tests of what follows them.
+DELETES_RUN = {"defaults": {"high": "auto"}}
+
+
+def write_policies(directory: Path, policies: dict[str, Any]) -> str:
+    """A policy file in `directory` holding `policies`; its path, for `policies.file`."""
+    path = directory / f"policies-{uuid.uuid4().hex[:8]}.yaml"
+    path.write_text(yaml.safe_dump(policies))
+    return str(path)
+
+
+def make_settings(
+    etcd: EmbeddedEtcd, prefix: str, root: Path, *, policies: dict[str, Any] | None = None, **reconciler: Any
+) -> Settings:
+    """Settings for a test daemon; `policies` is written to a policy file next to `root`."""
     return Settings.model_validate(
         {
             "etcd": {"endpoints": [etcd.endpoint], "prefix": prefix},
             "http": {"listen": "127.0.0.1:0"},
             "reconciler": {"workers": 2, "resync_seconds": 30, "backoff_base_seconds": 0.05, **reconciler},
             "agents": {"file": {"allowed_roots": [str(root)], "poll_seconds": POLL_SECONDS}},
+            "policies": {"file": write_policies(root.parent, policies) if policies is not None else None},
             "log": {"level": "warning"},
         }
     )

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import write_policies
+
 from plans import Resource, ResourceKey
 from reconciler.assembly import Assembly, Runtime, assemble, build
 from reconciler.cache import Cache, DesiredEntry
@@ -59,9 +61,23 @@ class Pipeline:
         return dict(json.loads(kv.value))
 
 
-def pipeline(store: EtcdStore, root: Path, *, parts: Assembly | None = None, **settings: Any) -> Pipeline:
-    """`settings` are reconciler settings (say `max_auto_risk="high"`); `parts` replace the built-in agents."""
-    config = Settings.model_validate({"agents": {"file": {"allowed_roots": [str(root)]}}, "reconciler": settings})
+def pipeline(
+    store: EtcdStore,
+    root: Path,
+    *,
+    parts: Assembly | None = None,
+    policies: dict[str, Any] | None = None,
+    **settings: Any,
+) -> Pipeline:
+    """`settings` are reconciler settings; `policies` the policy file's content; `parts` replace the built-in
+    agents."""
+    config = Settings.model_validate(
+        {
+            "agents": {"file": {"allowed_roots": [str(root)]}},
+            "reconciler": settings,
+            "policies": {"file": write_policies(root, policies) if policies is not None else None},
+        }
+    )
     keys = KeySpace(f"/pipe-{uuid.uuid4().hex[:8]}")
     cache = Cache(keys)
     runtime = build(

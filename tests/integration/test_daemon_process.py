@@ -14,8 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
+from harness import eventually
 
-from reconciler.embedded import EmbeddedEtcd, find_etcd_binary
+from plans import ResourceKey
+from reconciler.embedded import EmbeddedEtcd, find_etcd_binary, read_endpoint_file
+from reconciler.keys import KeySpace
+from reconciler.store import EtcdStore
 
 
 class Process:
@@ -99,21 +103,49 @@ def _config(tmp: Path, **extra: Any) -> dict[str, Any]:
     return {"http": {"listen": "127.0.0.1:0"}, "state_dir": str(tmp / "state"), "log": {"level": "info"}, **extra}
 
 
-async def test_sighup_drains_like_sigterm_and_cleans_up(tmp_path: Path, processes: list[Process]) -> None:
-    p = Process(_config(tmp_path), tmp_path)  # embedded etcd: an endpoint file to clean up
+async def test_sighup_reloads_a_valid_policy_file_and_keeps_the_old_policies_on_an_invalid_one(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    policies = tmp_path / "policies.yaml"
+    policies.write_text("defaults: {low: approve}\n")  # a file write (low) waits for a person
+    agents = {"file": {"allowed_roots": [str(root)], "poll_seconds": 0.2}}
+    p = Process(_config(tmp_path, policies={"file": str(policies)}, agents=agents), tmp_path)
     processes.append(p)
     await p.start()
     await p.wait_event("daemon.ready")
-    assert (tmp_path / "state" / "endpoint").exists()
+    endpoint = read_endpoint_file(tmp_path / "state")
+    assert endpoint is not None and p.proc is not None
+    keys = KeySpace("/setpoint")
 
-    assert p.proc is not None
-    p.proc.send_signal(signal.SIGHUP)
+    async with EtcdStore([endpoint]) as store:
 
-    assert await p.wait() == 0
-    stopping = p.event("daemon.stopping")
-    assert stopping is not None and stopping["signal"] == "SIGHUP"
-    assert p.events()[-1]["event"] == "etcd.embedded.stopped" or p.event("daemon.stopped") is not None
-    assert not (tmp_path / "state" / "endpoint").exists(), "a stale endpoint file was left behind"
+        async def phase_of(name: str, phase: str) -> None:
+            key = ResourceKey(kind="file", name=name)
+            spec = {"path": str(root / name), "content": f"{name}\n"}
+            await store.put(keys.desired(key), json.dumps({"kind": "file", "name": name, "spec": spec}).encode())
+
+            async def check() -> bool:
+                kv = await store.get(keys.status(key))
+                return kv is not None and json.loads(kv.value)["phase"] == phase
+
+            await eventually(check, what=f"file/{name} {phase}")
+
+        await phase_of("one", "AwaitingApproval")
+        policies.write_text("defaults: {low: sometimes}\n")
+        p.proc.send_signal(signal.SIGHUP)
+        refused = await p.wait_event("policies.reload_refused")
+        assert refused["error"].startswith(f"policy file {policies} line 1: defaults.low"), refused
+        await phase_of("two", "AwaitingApproval")  # the old policies are still in force
+
+        policies.write_text("defaults: {low: auto}\n")
+        p.proc.send_signal(signal.SIGHUP)
+        await p.wait_event("policies.reloaded")
+        await phase_of("three", "Converged")
+        assert (root / "three").read_text() == "three\n"
+        assert not (root / "two").exists()  # the plan waiting for approval is kept as it was made
+    assert p.proc.returncode is None, "SIGHUP must not stop the daemon"
 
 
 async def test_a_taken_http_port_is_one_sentence_not_a_traceback(tmp_path: Path, processes: list[Process]) -> None:

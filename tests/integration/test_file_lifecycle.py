@@ -6,7 +6,7 @@ import asyncio
 import os
 import stat
 
-from harness import POLL_SECONDS, Harness, eventually, make_settings
+from harness import DELETES_RUN, POLL_SECONDS, Harness, eventually, make_settings
 
 
 def _mode(path: os.PathLike[str] | str) -> str:
@@ -60,20 +60,20 @@ async def test_changed_desired_content_is_rewritten(running: Harness) -> None:
     assert _mode(running.root / "app") == "0600"
 
 
-async def test_deleted_desired_is_blocked_and_file_kept(running: Harness) -> None:
+async def test_deleted_desired_awaits_approval_and_file_kept(running: Harness) -> None:
     await running.put_desired(running.resource("keep", "data\n"))
     await running.wait_status("keep", "Converged")
 
     await running.store.delete(running.keys.desired(running.daemon_key("keep")))
 
-    status = await running.wait_status("keep", "Blocked")
-    assert "needs approval" in status["message"], status
+    status = await running.wait_status("keep", "AwaitingApproval")
+    assert "awaiting approval" in status["message"], status
     assert "risk high" in status["message"], status
     assert "delete" in status["message"], status
     # Give the workers time to do something wrong if they were going to.
     await asyncio.sleep(POLL_SECONDS * 5)
     assert (running.root / "keep").read_text() == "data\n"
-    assert (await running.status("keep"))["phase"] == "Blocked"
+    assert (await running.status("keep"))["phase"] == "AwaitingApproval"
 
 
 async def test_path_outside_allowed_roots_is_invalid_and_nothing_written(running: Harness, tmp_path) -> None:
@@ -198,19 +198,19 @@ async def _converge_then_delete_while_down(h: Harness, name: str) -> None:
     await h.store.compact(await h.store.ping())  # no history left to find the deleted value in
 
 
-async def test_deletion_while_down_and_compacted_is_still_blocked_after_restart(harness: Harness) -> None:
+async def test_deletion_while_down_and_compacted_still_awaits_approval_after_restart(harness: Harness) -> None:
     await _converge_then_delete_while_down(harness, "offline")
 
     await harness.start()
 
-    status = await harness.wait_status("offline", "Blocked")
+    status = await harness.wait_status("offline", "AwaitingApproval")
     assert "delete" in status["message"]
     assert (harness.root / "offline").exists()
 
 
 async def test_deletion_while_down_is_carried_out_when_policy_allows(harness: Harness, etcd) -> None:
     await _converge_then_delete_while_down(harness, "remove-me")
-    harness.settings = make_settings(etcd, harness.keys.prefix, harness.root, max_auto_risk="high")
+    harness.settings = make_settings(etcd, harness.keys.prefix, harness.root, policies=DELETES_RUN)
 
     await harness.start()
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from harness import Harness
 
 from reconciler.keys import Section
-from reconciler.settings import LimitsSettings
 
 PARTS = [f"part{i}" for i in range(4)]
 
@@ -64,7 +63,7 @@ async def test_a_pause_in_force_survives_a_restart(harness: Harness, tmp_path: P
 
 
 async def test_the_flap_guard_window_survives_a_restart(harness: Harness) -> None:
-    harness.settings = harness.settings.model_copy(update={"limits": LimitsSettings(flap_max_plans=2)})
+    harness.use_policies({"limits": {"flap_max_plans": 2}})
     (harness.root / "not-a-dir").write_text("")  # every write under it fails
     await harness.start()
     await harness.put_desired(harness.resource("stuck", "x\n", path=str(harness.root / "not-a-dir" / "stuck")))

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 
-from harness import Harness, eventually, make_settings
+from harness import DELETES_RUN, Harness, eventually, make_settings
 
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.keys import Section
-from reconciler.settings import LimitsSettings
 from reconciler.store import Delete, Put
 
 
 async def test_a_failing_plan_keeps_its_error_when_the_flap_guard_stops_it(harness: Harness) -> None:
-    harness.settings = harness.settings.model_copy(update={"limits": LimitsSettings(flap_max_plans=2)})
+    harness.use_policies({"limits": {"flap_max_plans": 2}})
     (harness.root / "not-a-dir").write_text("")  # every write under it fails
     await harness.start()
 
@@ -55,7 +54,7 @@ def _json(value: dict) -> bytes:
 async def test_a_renamed_resource_hands_its_file_over_instead_of_deleting_it(
     harness: Harness, etcd: EmbeddedEtcd
 ) -> None:
-    harness.settings = make_settings(etcd, harness.keys.prefix, harness.root, max_auto_risk="high")  # deletes run
+    harness.settings = make_settings(etcd, harness.keys.prefix, harness.root, policies=DELETES_RUN)  # deletes run
     await harness.start()
     path = str(harness.root / "app.conf")
     await harness.put_desired(harness.resource("old-name", "conf\n", path=path))

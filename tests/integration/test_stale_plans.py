@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from harness import DELETES_RUN
 from pipeline import pipeline
 
 from reconciler.cache import DesiredEntry
@@ -32,7 +33,7 @@ async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
 async def test_a_plan_for_a_value_etcd_has_moved_past_runs_nothing(
     store: EtcdStore, tmp_path: Path, lag: str
 ) -> None:
-    p = pipeline(store, tmp_path, max_auto_risk="high")  # deletes run
+    p = pipeline(store, tmp_path, policies=DELETES_RUN)  # deletes run
     (tmp_path / "x").write_text("what the newest value wants\n")
     newest = p.file("x", "what the newest value wants\n")
     revision = await p.put(newest, cached=False)

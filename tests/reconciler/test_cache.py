@@ -64,12 +64,26 @@ def test_keys_outside_the_layout_are_reported_not_cached() -> None:
 
     change = cache.apply_put(kv("/sp/desired/file/a/extra", good(), 2))
     bad_name = cache.apply_put(kv("/sp/desired/file/UPPER", good(), 3))
-    ignored = cache.apply_put(kv("/sp/approvals/123", b"{}", 4))
+    bad_plan = cache.apply_put(kv("/sp/approvals/NOT-A-PLAN", b"{}", 4))
+    ignored = cache.apply_put(kv("/sp/plans/123", b"{}", 5))
 
     assert change is not None and change.resource is None and change.reason
     assert bad_name is not None and bad_name.resource is None and bad_name.rejected_key == "/sp/desired/file/UPPER"
+    assert bad_plan is not None and bad_plan.rejected_key == "/sp/approvals/NOT-A-PLAN"
     assert ignored is None
-    assert cache.desired == {}
+    assert cache.desired == {} and cache.approvals == {}
+
+
+def test_a_decision_is_cached_by_plan_id_and_an_unreadable_one_keeps_its_reason() -> None:
+    cache = Cache(KEYS)
+
+    change = cache.apply_put(kv("/sp/approvals/123-abc", b'{"decision": "maybe"}', 4))
+
+    assert change is not None and change.plan_id == "123-abc" and change.resource is None
+    entry = cache.approvals["123-abc"]
+    assert entry.approval is None and entry.error is not None and "decision" in entry.error
+    assert cache.apply_delete(b"/sp/approvals/123-abc", 5) is not None
+    assert cache.approvals == {}
 
 
 def test_an_event_older_than_the_cached_value_is_dropped() -> None:

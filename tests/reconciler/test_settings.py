@@ -45,10 +45,13 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         ("etcd: {prefix: 'setpoint'}\n", "must be an absolute key path"),
         ("http: {listen: 'localhost'}\n", "http.listen"),
         ("reconciler: {backoff_base_seconds: 10, backoff_max_seconds: 1}\n", "backoff_max_seconds"),
-        ("reconciler: {max_auto_risk: extreme}\n", "max_auto_risk"),
+        ("reconciler: {max_auto_risk: high}\n", "reconciler.max_auto_risk was removed: set what each risk level"),
+        ("limits: {flap_max_plans: 2}\n", "limits moved to the policy file"),
+        ("policies: {file: 3}\n", "policies.file"),
+        ("approvals: {webhooks: [{url: 'ftp://x'}]}\n", "is not an http:// or https:// URL"),
         ("log: {level: loud}\n", "log.level"),
         ("- a list\n", "must hold a mapping"),
-        ("etcd: [\n", "is not valid YAML"),
+        ("etcd: [\n", "line 2 column 1: not valid YAML"),
     ],
 )
 def test_mistakes_are_one_sentence_naming_file_and_field(tmp_path: Path, text: str, message: str) -> None:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agents import AgentRegistry
 from plans import ExecutionPlan, Issue, RiskLevel, Snapshot, Step
-from policies import PolicySet, RiskCeiling
+from policies import load_policies
 from reconciler.assembly import Assembly
 from reconciler.daemon import Daemon
 from reconciler.logs import configure_logging
@@ -136,7 +136,7 @@ def main() -> int:
     assembly = Assembly(
         agents=agents,
         tools=ToolRegistry(agents.tools()),
-        policies=PolicySet([RiskCeiling(settings.reconciler.max_auto_risk)]),
+        policies=load_policies(settings.policies.file),
         poll_seconds={},
     )
 

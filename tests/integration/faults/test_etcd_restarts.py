@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 import structlog
-from harness import Harness, eventually
+from harness import Harness, eventually, write_policies
 
 from plans import ResourceKey
 from reconciler.embedded import EmbeddedEtcd, free_port
@@ -83,6 +83,11 @@ def captured_logs() -> Iterator[LogCapture]:
         structlog.configure(**saved)
 
 
+NO_LIMITS = {
+    "limits": {"flap_max_plans": 1_000_000, "max_mutating_steps_per_minute": 1_000_000, "max_unhealthy_fraction": 1.0}
+}
+
+
 def settings_for(etcd: EmbeddedEtcd, root: Path, *, workers: int) -> Settings:
     return Settings.model_validate(
         {
@@ -97,11 +102,7 @@ def settings_for(etcd: EmbeddedEtcd, root: Path, *, workers: int) -> Settings:
                 "rate_limit_per_second": 10_000,
             },
             # Every write is a legitimate desired change: the limits under test are elsewhere.
-            "limits": {
-                "flap_max_plans": 1_000_000,
-                "max_mutating_steps_per_minute": 1_000_000,
-                "max_unhealthy_fraction": 1.0,
-            },
+            "policies": {"file": write_policies(root.parent, NO_LIMITS)},
             "agents": {"file": {"allowed_roots": [str(root)], "poll_seconds": 5}},
         }
     )

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 from harness import POLL_SECONDS, Harness, eventually
 
-from reconciler.settings import LimitsSettings
+from policies import Limits
 
 
 async def _plans_for(h: Harness, name: str) -> list[dict[str, Any]]:
@@ -55,13 +55,13 @@ def _tamper(path: Path, n: int) -> None:
 async def test_flapping_file_is_healed_at_most_flap_max_plans_times(harness: Harness, soak: bool) -> None:
     h = harness
     if soak:
-        limits = LimitsSettings()  # the defaults: 6 plans per 600 s
+        limits = Limits()  # the defaults: 6 plans per 600 s
         period, duration = 1.0, 60.0
     else:
-        limits = LimitsSettings(flap_max_plans=4, flap_window_seconds=60)
+        limits = Limits(flap_max_plans=4, flap_window_seconds=60)
         period, duration = 0.25, 15.0
     assert duration < limits.flap_window_seconds, "every plan of the run must fall in one window"
-    h.settings = h.settings.model_copy(update={"limits": limits})
+    h.use_policies({"limits": limits.model_dump()})
     await h.start()
     flapping, steady = h.root / "flapping", h.root / "steady"
     await h.put_desired(h.resource("flapping", "wanted\n"))

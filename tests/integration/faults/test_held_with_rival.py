@@ -18,7 +18,7 @@ from pipeline import pipeline
 
 from agents import AgentRegistry
 from plans import PlanRecord, PlanState, Resource, Snapshot, StepState
-from policies import PolicySet, RiskCeiling
+from policies import Policies
 from reconciler.assembly import Assembly
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.outcome import Result
@@ -40,7 +40,7 @@ async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
 
 async def test_a_held_resource_stays_held_when_a_rival_claims_its_target(store: EtcdStore, tmp_path: Path) -> None:
     agents = AgentRegistry([ClaimingJobs()])
-    parts = Assembly(agents=agents, tools=ToolRegistry(agents.tools()), policies=PolicySet([RiskCeiling()]),
+    parts = Assembly(agents=agents, tools=ToolRegistry(agents.tools()), policies=Policies(),
                      poll_seconds={})  # fmt: skip
     p = pipeline(store, tmp_path, parts=parts)
     work = Resource(kind="job", name="work", spec={"dir": str(tmp_path), "verifiable": False})

@@ -15,7 +15,7 @@ from harness import Harness
 from agents import AgentRegistry
 from agents.builtin.file import FileAgent
 from plans import Resource
-from policies import PolicySet, RiskCeiling
+from policies import Policies
 from reconciler.assembly import Assembly
 from reconciler.daemon import Daemon
 from tools import ToolRegistry
@@ -36,7 +36,7 @@ def _hanging(h: Harness, observe_timeout: float) -> None:
     )
     h.settings = h.settings.model_copy(update={"reconciler": reconciler})
     agents = AgentRegistry([HangingFiles(allowed_roots=[str(h.root)])])
-    tools, policies = ToolRegistry(agents.tools()), PolicySet([RiskCeiling()])
+    tools, policies = ToolRegistry(agents.tools()), Policies()
     h.assembly = Assembly(agents=agents, tools=tools, policies=policies, poll_seconds={"file": 0.2})
 
 

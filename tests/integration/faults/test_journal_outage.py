@@ -21,7 +21,7 @@ from harness import Harness, eventually, make_settings
 from injection import fail_writes, is_plan_record
 
 from agents import AgentRegistry
-from policies import PolicySet, RiskCeiling
+from policies import Policies
 from reconciler.assembly import Assembly
 from reconciler.daemon import Daemon
 from reconciler.embedded import EmbeddedEtcd
@@ -33,7 +33,7 @@ async def _run_job(etcd: EmbeddedEtcd, prefix: str, tmp_path: Path) -> tuple[dic
     """Run the daemon with the job agent until job/work is Converged or Failed; its status and plan record."""
     agents = AgentRegistry([JobAgent()])
     assembly = Assembly(
-        agents=agents, tools=ToolRegistry(agents.tools()), policies=PolicySet([RiskCeiling()]), poll_seconds={}
+        agents=agents, tools=ToolRegistry(agents.tools()), policies=Policies(), poll_seconds={}
     )
     daemon = Daemon(make_settings(etcd, prefix, tmp_path, backoff_base_seconds=0.05), assembly=assembly)
     stop = asyncio.Event()

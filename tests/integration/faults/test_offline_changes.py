@@ -10,7 +10,7 @@ must converge everything, deletions included.
 A deletion leaves no trace in the compacted key space; the daemon recovers it
 from the `applied` value its status kept (README, "Deletion"). Deleting a
 converged file is high risk, so the daemon here runs with
-`reconciler.max_auto_risk: high`, which lets it execute the deletions.
+a policy file with `defaults: {high: auto}`, which lets it execute the deletions.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Harness
+from harness import Harness, write_policies
 
 from plans import ResourceKey
 from reconciler.embedded import EmbeddedEtcd
@@ -63,13 +63,16 @@ def settings_for(etcd: EmbeddedEtcd, root: Path) -> Settings:
                 "backoff_base_seconds": 0.05,
                 "backoff_max_seconds": 0.5,
                 "rate_limit_per_second": 5_000,
-                "max_auto_risk": "high",  # deletions (file.delete is high risk) are executed
             },
-            # Several hundred legitimate changes at once: the mutation budget under test is elsewhere.
-            "limits": {"max_mutating_steps_per_minute": 1_000_000},
+            # Deletions (file.delete is high risk) are executed; several hundred legitimate changes at once:
+            # the mutation budget under test is elsewhere.
+            "policies": {"file": write_policies(root.parent, POLICIES)},
             "agents": {"file": {"allowed_roots": [str(root)], "poll_seconds": 5}},
         }
     )
+
+
+POLICIES = {"defaults": {"high": "auto"}, "limits": {"max_mutating_steps_per_minute": 1_000_000}}
 
 
 def resource(root: Path, name: str, content: str) -> bytes:

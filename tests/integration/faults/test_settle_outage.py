@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from harness import DELETES_RUN
 from injection import fail_writes, is_plan_record
 from pipeline import Pipeline, pipeline
 
@@ -42,7 +43,7 @@ async def _decided_but_unwritten(p: Pipeline, resource: Resource, monkeypatch: p
 async def test_a_resource_deleted_while_its_outcome_was_unwritten_is_still_torn_down(
     store: EtcdStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    p = pipeline(store, tmp_path, max_auto_risk="high")  # deletes run
+    p = pipeline(store, tmp_path, policies=DELETES_RUN)  # deletes run
     resource = p.file("a", "hello\n")
     await p.put(resource)
     plan_id = await _decided_but_unwritten(p, resource, monkeypatch, "succeeded")

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
+from harness import write_policies
 
 from plans import ResourceKey
 from reconciler.embedded import EmbeddedEtcd
@@ -52,7 +53,9 @@ def _config(path: Path, *, etcd: EmbeddedEtcd, prefix: str, root: Path, steps_pe
                 "etcd": {"endpoints": [etcd.endpoint], "prefix": prefix},
                 "http": {"listen": "127.0.0.1:0"},
                 "reconciler": {"workers": 8, "shutdown_timeout_seconds": SHUTDOWN_TIMEOUT},
-                "limits": {"max_mutating_steps_per_minute": steps_per_minute},
+                "policies": {
+                    "file": write_policies(path.parent, {"limits": {"max_mutating_steps_per_minute": steps_per_minute}})
+                },
                 "agents": {"file": {"allowed_roots": [str(root)], "poll_seconds": 0.2}},
                 "log": {"level": "info"},
             }

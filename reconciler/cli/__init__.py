@@ -1,0 +1,161 @@
+"""The `setpoint` command line: one module per command group, and the one place errors become exit codes.
+
+Errors are one sentence on stderr and exit code 1; `--debug` (before or
+after the subcommand) adds the traceback. Ctrl-C exits 130; a reader that
+stops reading (`setpoint status | head -1`) ends the command quietly (141).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+
+from plans.yamldoc import YamlError
+from policies import PolicyError
+from reconciler.cli.common import CliError
+from reconciler.cli.config import cmd_check_config
+from reconciler.cli.decide import cmd_decide, cmd_replan
+from reconciler.cli.plans import cmd_plan, cmd_plans_list, cmd_plans_show
+from reconciler.cli.resources import cmd_apply, cmd_delete, cmd_status
+from reconciler.cli.run import cmd_run
+from reconciler.documents import DocumentError
+from reconciler.errors import StartupError
+from reconciler.settings import SettingsError
+from reconciler.store import StoreError, StoreUnavailableError
+
+__all__ = ["CliError", "build_parser", "main"]
+
+_ERRORS = (CliError, SettingsError, PolicyError, DocumentError, YamlError, StartupError, StoreError,
+           StoreUnavailableError, ValueError)  # fmt: skip
+
+
+def _version() -> str:
+    from reconciler.daemon import setpoint_version
+
+    return f"setpoint {setpoint_version()}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c", "--config", metavar="FILE",
+        help="settings file; else $SETPOINT_CONFIG, ./setpoint.yaml, /etc/setpoint/config.yaml, or the defaults",
+    )  # fmt: skip
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    parser = argparse.ArgumentParser(
+        prog="setpoint", description="Keep infrastructure at the desired state stored in etcd.",
+        epilog="Start with `setpoint run`; `setpoint COMMAND -h` shows each command with an example.",
+    )  # fmt: skip
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, parents=[common], help=help, description=help[0].upper() + help[1:] + ".",
+            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+
+    p = command(
+        "run",
+        "run the daemon (embedded etcd unless etcd.endpoints is set)",
+        "setpoint run -c /etc/setpoint/config.yaml",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = command("apply", "validate desired resources and write them to etcd", "setpoint apply -f resources.yaml")
+    p.add_argument("-f", "--file", required=True, help="YAML or JSON file of resources; - reads standard input")
+    p.add_argument("--dry-run", action="store_true", help="validate as the daemon would; write nothing")
+    p.set_defaults(func=cmd_apply)
+
+    p = command("delete", "delete a desired resource; setpoint tears down what it made", "setpoint delete file/motd")
+    p.add_argument("resource", metavar="KIND/NAME")
+    p.add_argument("--keep", action="store_true", help="stop managing it and leave what it made in place")
+    p.set_defaults(func=cmd_delete)
+
+    p = command("status", "show each resource's phase, plan and message", "setpoint status file/motd -o json")
+    p.add_argument("resource", nargs="?", metavar="KIND/NAME", help="one resource; all when omitted")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_status)
+
+    p = command("plan", "dry run: what setpoint would do, decided by the policies; runs and writes nothing",
+                "setpoint plan -f resources.yaml --detailed-exitcode")  # fmt: skip
+    p.add_argument("resources", nargs="*", metavar="KIND/NAME", help="only these resources")
+    p.add_argument("-f", "--file", help="plan for these desired resources instead of etcd's; - reads standard input")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("--detailed-exitcode", action="store_true", help="exit 0: no changes, 2: changes, 1: error")
+    p.add_argument(
+        "--observe", action="store_true",
+        help="observe the resources here and now (on the daemon's machine) instead of reading actual/",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_plan)
+
+    p = command("plans", "list plans or show one, with its decision, approval and step journal",
+                "setpoint plans list --phase awaiting_approval")  # fmt: skip
+    plans = p.add_subparsers(dest="plans_command", required=True, metavar="list|show")
+    listing = plans.add_parser("list", parents=[common], help="list plans, oldest first",
+                               epilog="example:\n  setpoint plans list file/motd",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    listing.add_argument("resource", nargs="?", metavar="KIND/NAME")
+    listing.add_argument("--phase", help="only plans in this state, e.g. awaiting_approval, succeeded, rejected")
+    listing.set_defaults(func=cmd_plans_list)
+    show = plans.add_parser("show", parents=[common], help="show one plan",
+                            epilog="example:\n  setpoint plans show 0192f1c2a3b-1a2b3c4d",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    show.add_argument("plan_id", metavar="ID")
+    show.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    show.set_defaults(func=cmd_plans_show)
+
+    for name, help, example in (
+        ("approve", "approve a plan awaiting approval; it runs once", "setpoint approve 0192f1c2a3b-1a2b3c4d"),
+        ("reject", "reject a plan awaiting approval; the resource is Blocked",
+         "setpoint reject 0192f1c2a3b-1a2b3c4d --reason 'not during the freeze'"),
+    ):  # fmt: skip
+        p = command(name, help, example)
+        p.add_argument("plan_id", metavar="ID")
+        p.add_argument("--by", help="who decides; defaults to the OS user")
+        p.add_argument("--reason", required=name == "reject", help="why (required to reject)")
+        p.add_argument("--hash", help="the plan hash you reviewed (`plans show`); refused if the plan differs")
+        p.set_defaults(func=cmd_decide, decision=name)
+
+    p = command(
+        "replan", "plan again a resource held Blocked by a rejected or expired plan", "setpoint replan file/motd"
+    )
+    p.add_argument("resource", metavar="KIND/NAME")
+    p.add_argument("--by", help="who asks; defaults to the OS user")
+    p.set_defaults(func=cmd_replan)
+
+    p = command("check-config", "validate the settings, the policy file and the secrets they name",
+                "setpoint check-config -c /etc/setpoint/config.yaml")  # fmt: skip
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        code: int = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be answered quietly
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading: end quietly, as a process ended by SIGPIPE would, and keep
+        # the exit from flushing into the pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except _ERRORS as e:
+        if debug:
+            traceback.print_exc()
+        print(f"setpoint: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("setpoint: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

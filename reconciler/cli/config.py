@@ -1,0 +1,24 @@
+"""`check-config`: validate the settings, the policy file and the secrets they name, without starting anything."""
+
+from __future__ import annotations
+
+import argparse
+
+from policies.hooks import read_secret
+from reconciler.assembly import assemble, webhooks
+from reconciler.cli.common import find_config
+from reconciler.settings import load_settings
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = find_config(args.config)
+    settings = load_settings(path)
+    print(f"settings {path or '(none found: defaults)'}: ok")
+    parts = assemble(settings)  # loads and checks the policy file against the tools there are
+    policy_file = settings.policies.file or "(none: built-in defaults)"
+    print(f"policies {policy_file}: ok ({len(parts.policies.rules)} rules)")
+    hooks = webhooks(settings)
+    approvals = settings.approvals
+    token = read_secret(env=approvals.token_env, file=approvals.token_file, what="the HTTP approval token")
+    print(f"approvals: {len(hooks)} webhooks, HTTP approvals {'on' if token else 'off (no token)'}")
+    return 0

@@ -1,0 +1,32 @@
+"""`run`: the daemon in the foreground; SIGTERM and SIGINT drain and stop it, SIGHUP reloads the policy file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from reconciler.cli.common import settings_of
+from reconciler.daemon import Daemon
+from reconciler.logs import configure_logging
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    configure_logging(settings.log.level)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        daemon = Daemon(settings)
+
+        def on_signal(sig: signal.Signals) -> None:
+            daemon.stop_signal = daemon.stop_signal or sig.name
+            stop.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, daemon.reload_policies)
+        return await daemon.run(stop)
+
+    return asyncio.run(main())
