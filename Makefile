@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= examples/config.yaml
+CONFIG ?= setpoint.yaml
 STATE := .setpoint
 
 .PHONY: venv run stop test lint clean

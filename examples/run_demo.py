@@ -1,7 +1,7 @@
 """The Quickstart: start setpoint in the background on its embedded etcd, apply the examples, show them converged.
 
-    python examples/run_demo.py --config examples/config.yaml --resources examples/resources.yaml
-    python examples/run_demo.py --config examples/config.yaml --stop
+    python examples/run_demo.py --config setpoint.yaml --resources examples/resources.yaml
+    python examples/run_demo.py --config setpoint.yaml --stop
 
 `${DEMO_ROOT}` in the resources file is replaced by the first of the file
 agent's allowed roots, so the examples work from any checkout location.
@@ -134,9 +134,16 @@ def main() -> None:
     names = apply(args.config, settings, args.resources)
     wait_converged(args.config, names)
     root = settings.agents.file.allowed_roots[0]
+    setpoint = Path(sys.executable).parent / "setpoint"
+    here = Path.cwd().resolve() == args.config.resolve().parent and args.config.name == "setpoint.yaml"
+    env = "" if here else f"SETPOINT_CONFIG={args.config.resolve()} "
     print(
         f"\nsetpoint keeps these files at their desired state. Edit or delete one under {root} and it is\n"
-        f"restored within {settings.agents.file.poll_seconds:g} s. `make stop` stops the daemon."
+        f"restored within {settings.agents.file.poll_seconds:g} s. `make stop` stops the daemon.\n\n"
+        f"Next, from this directory:\n"
+        f"  {env}{os.path.relpath(setpoint)} status\n"
+        f"  {env}{os.path.relpath(setpoint)} plans list\n"
+        f"  {env}{os.path.relpath(setpoint)} --help"
     )
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,8 +21,15 @@ from reconciler.embedded import EmbeddedEtcd
 SETPOINT = [sys.executable, "-m", "reconciler.cli"]
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*SETPOINT, *args], capture_output=True, text=True, timeout=60)
+def run_cli(
+    *args: str, check: bool = True, cwd: Path | None = None, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`setpoint ARGS` as a user runs it; from a directory with no setpoint.yaml unless `cwd` is given."""
+    environment = {k: v for k, v in os.environ.items() if k != "SETPOINT_CONFIG"} | (env or {})
+    result = subprocess.run(
+        [*SETPOINT, *args], capture_output=True, text=True, timeout=60, cwd=cwd or tempfile.gettempdir(),
+        env=environment, input=stdin,
+    )  # fmt: skip
     if check and result.returncode != 0:
         raise AssertionError(f"setpoint {' '.join(args)} exited {result.returncode}: {result.stderr}")
     return result
