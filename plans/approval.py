@@ -8,10 +8,9 @@ expired) and plan the resource afresh.
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 MAX_REASON_CHARS = 500
 
@@ -29,5 +28,5 @@ class Approval(BaseModel):
     plan_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the plan decided on.")
     by: str = Field(min_length=1, max_length=100, description="Who decided.")
     reason: str = Field(default="", max_length=MAX_REASON_CHARS)
-    at: datetime
+    at: AwareDatetime
     source: str = Field(default="", max_length=100, description="How it was given: cli, http.")

@@ -16,7 +16,7 @@ import json
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
 
 from plans.model import ExecutionPlan
 
@@ -73,7 +73,7 @@ class ApprovalNote(BaseModel):
     decision: str
     by: str
     reason: str = ""
-    at: datetime
+    at: AwareDatetime
     source: str = ""
     refused: str = Field(default="", description="Why this decision was not accepted; empty when it was.")
 
@@ -84,8 +84,8 @@ class StepRecord(BaseModel):
     index: int
     tool: str
     state: StepState = StepState.PENDING
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    started_at: AwareDatetime | None = None
+    finished_at: AwareDatetime | None = None
     message: str = ""
     output: dict[str, JsonValue] = Field(default_factory=dict)
 
@@ -104,13 +104,13 @@ class PlanRecord(BaseModel):
         default=None, description="sha256 of the observation the plan was made from; a plan awaiting approval "
         "is voided when the resource no longer looks like this.",
     )  # fmt: skip
-    expires_at: datetime | None = Field(default=None, description="When a plan awaiting approval expires.")
+    expires_at: AwareDatetime | None = Field(default=None, description="When a plan awaiting approval expires.")
     approval: ApprovalNote | None = None
     refusals: list[ApprovalNote] = Field(default_factory=list)
     state: PlanState = PlanState.PENDING
     steps: list[StepRecord]
-    created_at: datetime = Field(default_factory=utcnow)
-    updated_at: datetime = Field(default_factory=utcnow)
+    created_at: AwareDatetime = Field(default_factory=utcnow)
+    updated_at: AwareDatetime = Field(default_factory=utcnow)
     message: str = ""
     outcome_unknown_step: int | None = Field(
         default=None,

@@ -26,7 +26,7 @@ is held is read back from the statuses at start-up (`adopt`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -91,17 +91,26 @@ class Approvals:
         self._pending: dict[ResourceKey, PlanRecord] = {}
         self._held: dict[ResourceKey, _Held] = {}
         self._plans: dict[str, ResourceKey] = {}  # plan id -> resource, for pending and held plans
+        self._unknown: dict[ResourceKey, str] = {}  # approved plans whose start write failed
         metrics.approvals_pending.set_function(lambda: len(self._pending))
         metrics.approvals_oldest_age.set_function(self._oldest_age)
 
     # -- what the watch and start-up tell it ---------------------------------------
+
+    def waiting(self, key: ResourceKey) -> PlanRecord | None:
+        """The plan waiting for approval for `key`, if one is."""
+        return self._pending.get(key)
 
     def resource_of(self, plan_id: str) -> ResourceKey | None:
         """The resource whose waiting or held plan is `plan_id`: a decision on it concerns that resource."""
         return self._plans.get(plan_id)
 
     def adopt(self, key: ResourceKey, record: PlanRecord) -> None:
-        """A plan found at start-up through `key`'s status: waiting, or holding the resource."""
+        """A plan found at start-up through `key`'s status: waiting, or holding the resource. A record whose
+        plan does not match its hash (edited in etcd) is not adopted: the resource is planned afresh."""
+        if record.plan.content_hash() != record.plan_hash:
+            log.error("plan.hash_mismatch", key=str(key), plan_id=record.plan.id)
+            return
         if record.state is PlanState.AWAITING_APPROVAL:
             self._pending[key] = record
             self._plans[record.plan.id] = key
@@ -119,18 +128,44 @@ class Approvals:
             self._release(entry.key)  # a new desired value is the operator's word
             return None
         decision = self._cache.approvals.get(held.plan_id)
-        if (
-            decision is not None
-            and decision.approval is not None
-            and decision.approval.decision is ApprovalDecision.REPLAN
-        ):
-            await self._store.txn(guard=Guard(self._keys.approval(held.plan_id), decision.mod_revision),
-                                  then=[Delete(self._keys.approval(held.plan_id))])  # fmt: skip
-            self._release(entry.key)
-            self._metrics.approvals.labels(result="replanned").inc()
-            log.info("plan.replan", plan_id=held.plan_id, by=decision.approval.by)
+        if decision is None:
+            return Outcome(Result.BLOCKED)
+        guard, delete = self._consume_op(held.plan_id, decision)
+        await self._store.txn(guard=guard, then=[delete])  # taken, or refused: either way it is done with
+        if decision.approval is None or decision.approval.decision is not ApprovalDecision.REPLAN:
+            log.warning("approval.refused", plan_id=held.plan_id, reason="the plan is no longer awaiting approval")
+            self._metrics.approvals.labels(result="refused").inc()
+            return Outcome(Result.BLOCKED)
+        self._release(entry.key)
+        self._metrics.approvals.labels(result="replanned").inc()
+        log.info("plan.replan", plan_id=held.plan_id, by=decision.approval.by)
+        return None
+
+    async def recheck(self, key: ResourceKey) -> PlanRecord | None:
+        """After a failed start of an approved plan: read its record back. Still waiting: it waits (and its
+        approval with it). Begun after all (the write was applied, the answer lost): that record, to resume."""
+        plan_id = self._unknown.get(key)
+        if plan_id is None:
             return None
-        return Outcome(Result.BLOCKED)
+        kv = await self._store.get(self._keys.plan(plan_id))
+        del self._unknown[key]
+        record = PlanRecord.model_validate_json(kv.value) if kv is not None else None
+        if record is not None and record.state is PlanState.AWAITING_APPROVAL:
+            self._pending[key] = record
+            return None
+        self._forget(key, plan_id)
+        return record if record is not None and record.state is PlanState.EXECUTING else None
+
+    def unknown(self, key: ResourceKey, plan_id: str) -> None:
+        """The write that starts the approved `plan_id` failed; etcd may or may not have applied it."""
+        self._unknown[key] = plan_id
+
+    async def abandon(self, key: ResourceKey, why: str) -> None:
+        """`key` is forgotten (removed, released, kept): a plan waiting for it is void, a hold is lifted."""
+        self._release(key)
+        record = self._pending.get(key)
+        if record is not None:
+            await self._void(key, record, why)
 
     async def request(self, entry: DesiredEntry, snapshot: Snapshot, record: PlanRecord, message: str) -> Outcome:
         """Store `record` to wait for approval, with status `AwaitingApproval`, and tell the hooks."""
@@ -155,8 +190,9 @@ class Approvals:
         self._notifier.send(Event.APPROVAL_REQUESTED, record, labels=_labels(entry))
         return Outcome(Result.AWAITING_APPROVAL, requeue_after=self.ttl_seconds)
 
-    async def review(self, entry: DesiredEntry, snapshot: Snapshot) -> Review:
-        """Review the plan waiting for `entry`'s resource, if one is (see the module's docstring)."""
+    async def review(self, entry: DesiredEntry, snapshot: Snapshot, approvers: Sequence[str]) -> Review:
+        """Review the plan waiting for `entry`'s resource, if one is (see the module's docstring); `approvers`
+        are who the policies in force let approve it."""
         record = self._pending.get(entry.key)
         if record is None:
             return Review()
@@ -167,12 +203,12 @@ class Approvals:
             if snapshot.actual_fingerprint() != record.observed_fingerprint:
                 await self._void(entry.key, record, "the resource changed before anyone decided; planned again")
                 return Review()
+            left = (record.expires_at - self._now()).total_seconds() if record.expires_at is not None else 0.0
+            if left <= 0:  # before any decision: one that came too late is refused by `closed`
+                return Review(await self._expire(entry, record))
             decision = self._cache.approvals.get(record.plan.id)
             if decision is not None:
-                return await self._decided(entry, record, decision)
-            left = (record.expires_at - self._now()).total_seconds() if record.expires_at is not None else 0.0
-            if left <= 0:
-                return Review(await self._expire(entry, record))
+                return await self._decided(entry, record, decision, approvers)
             return Review(Outcome(Result.AWAITING_APPROVAL, requeue_after=left))
 
     def started(self, key: ResourceKey, record: PlanRecord) -> None:
@@ -191,9 +227,11 @@ class Approvals:
 
     # -- decisions -------------------------------------------------------------------
 
-    async def _decided(self, entry: DesiredEntry, record: PlanRecord, decision: ApprovalEntry) -> Review:
+    async def _decided(
+        self, entry: DesiredEntry, record: PlanRecord, decision: ApprovalEntry, approvers: Sequence[str]
+    ) -> Review:
         approval = decision.approval
-        refusal = self._refusal(record, decision)
+        refusal = self._refusal(record, decision, approvers)
         if refusal is not None:
             await self._refuse(record, decision, refusal)
             return Review(Outcome(Result.AWAITING_APPROVAL, requeue_after=0))  # expiry is checked again
@@ -213,7 +251,7 @@ class Approvals:
         approved.approval = note
         return Review(approved=approved, consume=consume)
 
-    def _refusal(self, record: PlanRecord, decision: ApprovalEntry) -> str | None:
+    def _refusal(self, record: PlanRecord, decision: ApprovalEntry, approvers: Sequence[str]) -> str | None:
         """Why `decision` cannot be taken for `record`, or None when it can."""
         approval = decision.approval
         if approval is None:
@@ -225,8 +263,10 @@ class Approvals:
                 f"it is for plan hash {approval.plan_hash[:12]}…, but this plan's hash is {record.plan_hash[:12]}…: "
                 f"an approval is bound to the exact plan"
             )
-        if not may_approve(record.approvers, approval.by):
-            return f"{approval.by} may not decide on this plan (approvers: {', '.join(record.approvers)})"
+        if record.plan.content_hash() != record.plan_hash:
+            return "the stored plan does not match its own hash: it was changed after it was made"
+        if not may_approve(approvers, approval.by):
+            return f"{approval.by} may not decide on this plan (approvers: {', '.join(approvers)})"
         return None
 
     async def _refuse(self, record: PlanRecord, decision: ApprovalEntry, why: str) -> None:
@@ -256,8 +296,12 @@ class Approvals:
     async def _expire(self, entry: DesiredEntry, record: PlanRecord) -> Outcome:
         record.state = PlanState.EXPIRED
         record.message = f"nobody decided within {self.ttl_seconds:g} s (approvals.plan_ttl_seconds)"
-        await self._close(entry, record, f"approval expired: {record.message}; run `setpoint replan {entry.key}` "
-                          f"to plan again")  # fmt: skip
+        # A decision that came too late is done with too.
+        late: list[Op] = []
+        if record.plan.id in self._cache.approvals:
+            late.append(Delete(self._keys.approval(record.plan.id)))
+        message = f"approval expired: {record.message}; run `setpoint replan {entry.key}` to plan again"
+        await self._close(entry, record, message, also=late)
         self._metrics.approvals.labels(result="expired").inc()
         log.warning("plan.expired")
         self._notifier.send(Event.EXPIRED, record, labels=_labels(entry))
@@ -272,6 +316,10 @@ class Approvals:
         await self._journal.settle(record, guard=self._guard(entry), status=update, also=also or [])
         self._pending.pop(entry.key, None)
         self._hold(entry.key, record)
+
+    async def void(self, key: ResourceKey, record: PlanRecord, why: str, consume: tuple[Guard, Op] | None) -> None:
+        """An approved plan that cannot run after all: record why, and consume its approval."""
+        await self._void(key, record, why, also=[consume[1]] if consume is not None else None)
 
     async def _void(self, key: ResourceKey, record: PlanRecord, why: str, also: list[Op] | None = None) -> None:
         record.state, record.message = PlanState.VOIDED, why

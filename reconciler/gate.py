@@ -110,7 +110,7 @@ class Gate:
             return Verdict(Check.INVALID_PLAN, plan, f"agent {plan.agent} made an invalid plan: {e}")
         if plan.is_empty:
             return Verdict(Check.EMPTY, plan, plan.reasoning)
-        decision = self.policies.evaluate(plan, labels=labels, now=self._now())
+        decision = self.decide(plan, labels)
         if not approved:
             self._metrics.plans.labels(decision=decision.action.value).inc()
         record = PlanRecord.start(
@@ -135,6 +135,10 @@ class Gate:
         if held is not None:
             return held
         return Verdict(Check.RUN, plan, plan.reasoning, steps=tuple(steps), record=record, decision=decision)
+
+    def decide(self, plan: ExecutionPlan, labels: Mapping[str, str]) -> Decision:
+        """What the policies in force say about `plan`, now."""
+        return self.policies.evaluate(plan, labels=labels, now=self._now())
 
     def _limited(self, plan: ExecutionPlan, key: ResourceKey, *, heals_drift: bool) -> Verdict | None:
         wait = self._flap.blocked_for(key)

@@ -50,7 +50,7 @@ MAX_BY_CHARS = 100  # as `Approval.by`
 _PLAN_HASH = re.compile(r"[0-9a-f]{64}")
 _FIELDS = ("by", "reason", "plan_hash")
 _DEFAULT_REASON = {ApprovalDecision.APPROVE: "", ApprovalDecision.REJECT: "rejected through the HTTP API"}
-_STATUS = {Refused.NOT_FOUND: 404, Refused.NOT_APPLICABLE: 409, Refused.ALREADY_DECIDED: 409}
+_STATUS = {Refused.NOT_FOUND: 404, Refused.NOT_APPLICABLE: 409, Refused.ALREADY_DECIDED: 409, Refused.INVALID: 409}
 _OFF = "HTTP approvals are off: set approvals.token_file or approvals.token_env"
 
 

@@ -100,6 +100,7 @@ class Reconciler:
         # Every log line of this reconcile says which desired revision it acted on.
         structlog.contextvars.bind_contextvars(revision=entry.mod_revision if entry is not None else None)
         if entry is None:
+            await self._approvals.abandon(key, "the resource is gone")
             await self._status.delete(key)  # a status left behind would describe a resource that is gone
             return Outcome(Result.ABSENT)
         if entry.error is not None or entry.resource is None:
@@ -108,6 +109,9 @@ class Reconciler:
             return await self._invalid(entry, f"no agent handles kind {key.kind!r}")
         if self._unfinished.held(entry):
             return Outcome(Result.HELD)  # the Failed status written when the hold began still says why
+        began = await self._approvals.recheck(key)  # an approved plan whose start write failed
+        if began is not None:
+            self._unfinished.keep(key, began)
         resumed = await self._resumer.resume(entry)
         if resumed is not None:
             return resumed
@@ -116,18 +120,22 @@ class Reconciler:
             return await self._invalid(entry, rivals)
         if entry.deleted and (successor := self._claims.successor(key)) is not None:
             log.info("resource.released", claimed_by=str(successor))
+            await self._approvals.abandon(key, f"{successor} now owns what this resource managed")
             return await self._runner.remove(entry, None)
         if entry.deleted and entry.resource.labels.get(KEEP_LABEL) == "true":
             log.info("resource.released", kept=True)  # `setpoint delete --keep`: forget it, leave what it made
+            await self._approvals.abandon(key, "deleted with --keep: what it made stays, unmanaged")
             return await self._runner.remove(entry, None)
         closed = await self._approvals.closed(entry)
         if closed is not None:
             return closed
         try:
             snapshot, observed = await self._snapshot(entry)
-            review = await self._approvals.review(entry, snapshot)
+            waiting = self._approvals.waiting(key)
+            approvers = self._gate.decide(waiting.plan, entry.resource.labels).approvers if waiting else ()
+            review = await self._approvals.review(entry, snapshot, approvers)
             if review.outcome is not None or review.approved is not None:
-                return await self._reviewed(entry, review, observed)
+                return await self._reviewed(entry, snapshot, review, observed)
             agent = self._agents.for_kind(key.kind)
             assert agent is not None
             heals_drift = not entry.deleted and await self._status.applied(key) == entry.resource
@@ -138,7 +146,9 @@ class Reconciler:
             await self._observer.record(observed)  # a plan that runs records what it leaves instead
         return await self._act(entry, snapshot, verdict)
 
-    async def _reviewed(self, entry: DesiredEntry, review: Review, observed: Observed | None) -> Outcome:
+    async def _reviewed(
+        self, entry: DesiredEntry, snapshot: Snapshot, review: Review, observed: Observed | None
+    ) -> Outcome:
         """Act on the review of a plan that waited for approval: keep waiting, or run it now it is approved."""
         if review.outcome is not None or review.approved is None:
             if observed is not None:
@@ -153,6 +163,9 @@ class Reconciler:
         if verdict.check is not Check.RUN:
             if observed is not None:
                 await self._observer.record(observed)
+            if verdict.check in (Check.INVALID_PLAN, Check.TOO_LARGE):  # it can never run: plan afresh
+                await self._approvals.void(entry.key, record, f"cannot run: {verdict.message}", review.consume)
+                return await self._act(entry, snapshot, verdict)
             return await self._held_back(entry, verdict)
         return await self._run(entry, record, verdict.steps, consume=review.consume)
 
@@ -173,6 +186,12 @@ class Reconciler:
             return await self._runner.run(
                 entry, record, steps, message=record.plan.reasoning, stored=False, consume=consume
             )
+        except Exception:
+            if consume is not None and not any(step.started_at is not None for step in record.steps):
+                # The write that starts it failed: whether etcd applied it is read back before anything else.
+                self._unfinished.take(entry.key)
+                self._approvals.unknown(entry.key, record.plan.id)
+            raise
         finally:
             began = any(step.started_at is not None for step in record.steps)
             if began and consume is not None:

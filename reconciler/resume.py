@@ -57,6 +57,7 @@ log = structlog.get_logger("setpoint.resume")
 
 _IN_FLIGHT = (PlanState.EXECUTING, PlanState.PENDING, PlanState.INTERRUPTED)
 _DECIDED = (PlanState.SUCCEEDED, PlanState.FAILED, PlanState.SUPERSEDED)
+_PERSON = (PlanState.AWAITING_APPROVAL, PlanState.REJECTED, PlanState.EXPIRED)
 # Statuses whose plan is read at start-up: one in flight or held, one waiting for or refused by a person.
 _ADOPTED = (Phase.EXECUTING, Phase.PENDING, Phase.FAILED, Phase.AWAITING_APPROVAL, Phase.BLOCKED)
 
@@ -177,8 +178,9 @@ class Resumer:
                     "recovery.unreadable_plan", key=str(parsed.resource), plan_id=status.plan_id, error=str(e)[:300]
                 )
                 continue
-            if status.phase in (Phase.AWAITING_APPROVAL, Phase.BLOCKED):
-                self._approvals.adopt(parsed.resource, record)  # waiting, or held by a rejection or expiry
+            if record.state in _PERSON:
+                # Waiting (maybe approved, and held back by a limit), or held by a rejection or expiry.
+                self._approvals.adopt(parsed.resource, record)
             elif record.state in _IN_FLIGHT:
                 self._unfinished.keep(parsed.resource, record)
                 unfinished += 1

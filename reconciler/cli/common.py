@@ -99,6 +99,8 @@ def age(when: datetime | str | None, now: datetime | None = None) -> str:
             when = datetime.fromisoformat(when)
         except ValueError:
             return "-"
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
     seconds = max(0, int(((now or datetime.now(UTC)) - when).total_seconds()))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:

@@ -11,15 +11,20 @@ approve, executes nothing, and the refusal is in the plan record.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from harness import POLL_SECONDS, Harness, eventually
 
 from plans import Approval, ApprovalDecision
 from reconciler.decisions import Refused, decide
 from reconciler.keys import Section
-from reconciler.settings import ApprovalSettings
+from reconciler.settings import ApprovalSettings, WebhookSettings
 
 
 async def _awaiting_deletion(h: Harness, name: str) -> dict[str, Any]:
@@ -79,7 +84,9 @@ async def test_an_approval_for_another_hash_executes_nothing_and_is_recorded(run
     status = await _awaiting_deletion(h, "forged")
     plan_id = status["plan_id"]
 
-    await _decide(h, plan_id, "approve", by="mallory", plan_hash="0" * 64)
+    # Written straight to etcd, as a forger would: `decide` refuses another hash before writing.
+    forged = Approval(decision=ApprovalDecision.APPROVE, plan_hash="0" * 64, by="mallory", at=datetime.now(UTC))
+    await h.store.put(h.keys.approval(plan_id), forged.model_dump_json().encode())
 
     async def refused() -> list[dict[str, Any]] | None:
         record = await h.plan_record(plan_id)
@@ -216,3 +223,46 @@ def test_a_decision_value_is_json_with_the_hash() -> None:
         json.dumps({"decision": "approve", "plan_hash": "a" * 64, "by": "x", "at": "2026-11-22T10:00:00Z"})
     )
     assert approval.decision is ApprovalDecision.APPROVE
+
+
+async def test_hooks_hear_of_the_request_and_the_outcome_signed(harness: Harness, tmp_path: Path) -> None:
+    received: list[tuple[dict[str, Any], str, bytes]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        received.append((json.loads(body), request.headers.get("X-Setpoint-Signature", ""), body))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    secret = tmp_path / "secret"
+    secret.write_text("hook-secret\n")
+    h = harness
+    hook = WebhookSettings(url=f"http://127.0.0.1:{port}/hook", secret_file=str(secret))
+    h.settings = h.settings.model_copy(
+        update={"approvals": ApprovalSettings(webhooks=[hook], public_url="https://setpoint.example")}
+    )
+    try:
+        await h.start()
+        plan_id = (await _awaiting_deletion(h, "announced"))["plan_id"]
+        await eventually(lambda: _count(received, 1), what="the approval request to reach the hook")
+        await _decide(h, plan_id, "approve", by="alice")
+        await eventually(lambda: _count(received, 2), what="the outcome to reach the hook")
+    finally:
+        await runner.cleanup()
+
+    (request, signature, body), (outcome, _, _) = received
+    assert signature == "sha256=" + hmac.new(b"hook-secret", body, hashlib.sha256).hexdigest()
+    assert request["event"] == "approval_requested" and request["plan_id"] == plan_id
+    assert request["approve_url"] == f"https://setpoint.example/v1/plans/{plan_id}/approve"
+    assert request["plan_hash"] == (await h.plan_record(plan_id))["plan_hash"]
+    assert outcome["event"] == "outcome" and outcome["state"] == "succeeded" and outcome["approval"]["by"] == "alice"
+
+
+async def _count(received: list[Any], n: int) -> bool:
+    return len(received) >= n

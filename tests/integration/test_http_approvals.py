@@ -215,16 +215,17 @@ async def test_reject_writes_a_rejection(api: Api) -> None:
     assert written.plan_hash == record.plan_hash
 
 
-async def test_a_given_plan_hash_is_written_as_given(api: Api) -> None:
-    """The daemon, not the API, refuses a decision on a hash that is not the plan's."""
+async def test_a_decision_for_another_hash_is_refused_and_nothing_written(api: Api) -> None:
+    """The caller reviewed another plan than the one waiting: 409, and nothing is written."""
     record = await api.seed()
     other = "0" * 64
     assert other != record.plan_hash
     status, body, _ = await api.post(record.plan.id, body={"plan_hash": other})
-    assert status == 200
-    assert body["approval"]["plan_hash"] == other
-    written = await api.approval(record.plan.id)
-    assert written is not None and written.plan_hash == other
+    assert status == 409
+    assert "it is not the plan you reviewed" in body["error"]
+    assert await api.approval(record.plan.id) is None
+    status, body, _ = await api.post(record.plan.id, body={"plan_hash": record.plan_hash})
+    assert status == 200 and body["approval"]["plan_hash"] == record.plan_hash
 
 
 # --- what is refused -----------------------------------------------------------------------------
