@@ -183,7 +183,9 @@ async def _statuses(settings: Settings, keys: KeySpace, wanted: ResourceKey | No
         if parsed is None or parsed.resource is None:
             continue
         status = parse_status(kv.value)
-        row: dict[str, Any] = {"kind": parsed.resource.kind, "name": parsed.resource.name}
+        row: dict[str, Any] = {
+            "resource": str(parsed.resource), "kind": parsed.resource.kind, "name": parsed.resource.name
+        }
         if status is None:
             row.update(phase="?", message="status value cannot be read")
         else:
