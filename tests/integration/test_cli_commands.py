@@ -19,7 +19,7 @@ from test_cli import SETPOINT, config, daemon, run_cli, wait_phase  # noqa: F401
 
 from reconciler.embedded import free_port
 from reconciler.settings import load_settings
-from reconciler.store import EtcdStore
+from reconciler.store import EtcdStore, StoreUnavailableError
 
 
 def one_sentence(result: subprocess.CompletedProcess[str]) -> str:
@@ -271,3 +271,32 @@ def test_status_json_has_kind_and_name_and_no_desired_content(
     assert rows[0]["kind"] == "file" and rows[0]["name"] == "secret"
     assert "s3cret-value" not in json.dumps(rows) and "applied" not in rows[0]
 
+
+
+def test_apply_in_several_transactions_says_what_was_written_when_one_fails(
+    config: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from reconciler.cli import main
+
+    resources = resources_file(tmp_path, **{f"f{i:03d}": "x\n" for i in range(130)})  # 128 per transaction
+    calls = 0
+    put_all = EtcdStore.put_all
+
+    async def second_fails(self: EtcdStore, items: list[tuple[str, bytes]]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise StoreUnavailableError("injected: etcd went away")
+        return await put_all(self, items)
+
+    monkeypatch.setattr(EtcdStore, "put_all", second_fails)
+
+    code = main(["apply", "-f", str(resources), "-c", str(config)])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "injected: etcd went away; written before the failure: file/f000, " in err
+    assert "file/f127; not written: file/f128, file/f129" in err
