@@ -79,9 +79,13 @@ def webhooks(settings: Settings) -> list[Webhook]:
     return hooks
 
 
-def public_url(settings: Settings) -> str:
-    """Where approvers reach the HTTP API: `approvals.public_url`, else the listen address."""
-    return (settings.approvals.public_url or f"http://{settings.http.listen}").rstrip("/")
+def public_url(settings: Settings) -> str | None:
+    """Where approvers reach the HTTP API: `approvals.public_url`, else the listen address; None when the
+    HTTP approval routes are off (no token), so webhooks carry no URLs that can only answer 403."""
+    approvals = settings.approvals
+    if approvals.token_env is None and approvals.token_file is None:
+        return None
+    return (approvals.public_url or f"http://{settings.http.listen}").rstrip("/")
 
 
 @dataclass(frozen=True, slots=True)

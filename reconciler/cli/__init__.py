@@ -104,16 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--phase", help="only plans in this state, e.g. awaiting_approval, succeeded, rejected")
     listing.set_defaults(func=cmd_plans_list)
     show = plans.add_parser("show", parents=[common], help="show one plan",
-                            epilog="example:\n  setpoint plans show 0192f1c2a3b-1a2b3c4d",
+                            epilog="example:\n  setpoint plans show 019a2f1c2a3b4-1a2b3c4d",
                             formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     show.add_argument("plan_id", metavar="ID")
     show.add_argument("-o", "--output", choices=("text", "json"), default="text")
     show.set_defaults(func=cmd_plans_show)
 
     for name, help, example in (
-        ("approve", "approve a plan awaiting approval; it runs once", "setpoint approve 0192f1c2a3b-1a2b3c4d"),
+        ("approve", "approve a plan awaiting approval; it runs once", "setpoint approve 019a2f1c2a3b4-1a2b3c4d"),
         ("reject", "reject a plan awaiting approval; the resource is Blocked",
-         "setpoint reject 0192f1c2a3b-1a2b3c4d --reason 'not during the freeze'"),
+         "setpoint reject 019a2f1c2a3b4-1a2b3c4d --reason 'not during the freeze'"),
     ):  # fmt: skip
         p = command(name, help, example)
         p.add_argument("plan_id", metavar="ID")

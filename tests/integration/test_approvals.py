@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from harness import POLL_SECONDS, Harness, eventually
 
@@ -225,7 +226,9 @@ def test_a_decision_value_is_json_with_the_hash() -> None:
     assert approval.decision is ApprovalDecision.APPROVE
 
 
-async def test_hooks_hear_of_the_request_and_the_outcome_signed(harness: Harness, tmp_path: Path) -> None:
+async def test_hooks_hear_of_the_request_and_the_outcome_signed(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     received: list[tuple[dict[str, Any], str, bytes]] = []
 
     async def receive(request: web.Request) -> web.Response:
@@ -245,8 +248,11 @@ async def test_hooks_hear_of_the_request_and_the_outcome_signed(harness: Harness
     h = harness
     hook = WebhookSettings(url=f"http://127.0.0.1:{port}/hook", secret_file=str(secret))
     h.settings = h.settings.model_copy(
-        update={"approvals": ApprovalSettings(webhooks=[hook], public_url="https://setpoint.example")}
-    )
+        update={"approvals": ApprovalSettings(
+            webhooks=[hook], public_url="https://setpoint.example", token_env="SETPOINT_TEST_TOKEN"
+        )}
+    )  # fmt: skip
+    monkeypatch.setenv("SETPOINT_TEST_TOKEN", "t0ken")
     try:
         await h.start()
         plan_id = (await _awaiting_deletion(h, "announced"))["plan_id"]
@@ -266,3 +272,21 @@ async def test_hooks_hear_of_the_request_and_the_outcome_signed(harness: Harness
 
 async def _count(received: list[Any], n: int) -> bool:
     return len(received) >= n
+
+
+async def test_a_rejection_holds_across_a_restart_until_replan(harness: Harness) -> None:
+    h = harness
+    await h.start()
+    plan_id = (await _awaiting_deletion(h, "held"))["plan_id"]
+    await _decide(h, plan_id, "reject", by="bob", reason="not yet")
+    await h.wait_status("held", "Blocked")
+    plans = await _plan_ids(h)
+    assert await h.stop() == 0
+
+    await h.start()
+    await asyncio.sleep(POLL_SECONDS * 5)
+
+    assert (await h.status("held"))["phase"] == "Blocked"
+    assert await _plan_ids(h) == plans, "a rejected resource was planned again after a restart"
+    await _decide(h, plan_id, "replan", by="bob")
+    assert (await h.wait_status("held", "AwaitingApproval"))["plan_id"] != plan_id
