@@ -92,6 +92,7 @@ class Approvals:
         self._held: dict[ResourceKey, _Held] = {}
         self._plans: dict[str, ResourceKey] = {}  # plan id -> resource, for pending and held plans
         self._unknown: dict[ResourceKey, str] = {}  # approved plans whose start write failed
+        self._taken: set[tuple[str, int]] = set()  # decisions (plan id, revision) already taken or refused
         metrics.approvals_pending.set_function(lambda: len(self._pending))
         metrics.approvals_oldest_age.set_function(self._oldest_age)
 
@@ -127,11 +128,12 @@ class Approvals:
         if not _same_value(entry, revision=held.revision, retiring=held.retiring):
             self._release(entry.key)  # a new desired value is the operator's word
             return None
-        decision = self._cache.approvals.get(held.plan_id)
+        decision = self._decision(held.plan_id)
         if decision is None:
             return Outcome(Result.BLOCKED)
         guard, delete = self._consume_op(held.plan_id, decision)
         await self._store.txn(guard=guard, then=[delete])  # taken, or refused: either way it is done with
+        self._done(decision)
         if decision.approval is None or decision.approval.decision is not ApprovalDecision.REPLAN:
             log.warning("approval.refused", plan_id=held.plan_id, reason="the plan is no longer awaiting approval")
             self._metrics.approvals.labels(result="refused").inc()
@@ -206,13 +208,16 @@ class Approvals:
             left = (record.expires_at - self._now()).total_seconds() if record.expires_at is not None else 0.0
             if left <= 0:  # before any decision: one that came too late is refused by `closed`
                 return Review(await self._expire(entry, record))
-            decision = self._cache.approvals.get(record.plan.id)
+            decision = self._decision(record.plan.id)
             if decision is not None:
                 return await self._decided(entry, record, decision, approvers)
             return Review(Outcome(Result.AWAITING_APPROVAL, requeue_after=left))
 
     def started(self, key: ResourceKey, record: PlanRecord) -> None:
-        """The approved `record` began: it waits no longer."""
+        """The approved `record` began (and took its approval): it waits no longer."""
+        decision = self._cache.approvals.get(record.plan.id)
+        if decision is not None:
+            self._done(decision)
         self._forget(key, record.plan.id)
         self._metrics.approvals.labels(result="approved").inc()
         log.info("plan.approved", plan_id=record.plan.id, by=record.approval.by if record.approval else None)
@@ -243,10 +248,13 @@ class Approvals:
         consume = self._consume_op(record.plan.id, decision)
         if approval.decision is ApprovalDecision.REPLAN:
             await self._void(entry.key, record, f"{approval.by} asked to plan again", also=[consume[1]])
+            self._done(decision)
             self._metrics.approvals.labels(result="replanned").inc()
             return Review()
         if approval.decision is ApprovalDecision.REJECT:
-            return Review(await self._reject(entry, record, note, consume[1]))
+            outcome = await self._reject(entry, record, note, consume[1])
+            self._done(decision)
+            return Review(outcome)
         approved = record.model_copy(deep=True)
         approved.approval = note
         return Review(approved=approved, consume=consume)
@@ -276,10 +284,12 @@ class Approvals:
             by=approval.by if approval else "unknown", reason=approval.reason if approval else "",
             at=approval.at if approval else self._now(), source=approval.source if approval else "", refused=why,
         )  # fmt: skip
-        record.refusals = [*record.refusals, note][-MAX_REFUSALS:]
+        refused = record.model_copy(update={"refusals": [*record.refusals, note][-MAX_REFUSALS:]})
         guard, delete = self._consume_op(record.plan.id, decision)
-        await self._store.txn(guard=guard, then=[self._journal.record_put(record), delete],
-                              otherwise=[self._journal.record_put(record)])  # fmt: skip
+        # Recorded with the decision's removal, or not at all: a decision already taken is not refused twice.
+        if await self._store.txn(guard=guard, then=[self._journal.record_put(refused), delete]):
+            record.refusals = refused.refusals
+        self._done(decision)
         self._metrics.approvals.labels(result="refused").inc()
         log.warning("approval.refused", by=note.by, decision=note.decision, reason=why)
 
@@ -298,8 +308,10 @@ class Approvals:
         record.message = f"nobody decided within {self.ttl_seconds:g} s (approvals.plan_ttl_seconds)"
         # A decision that came too late is done with too.
         late: list[Op] = []
-        if record.plan.id in self._cache.approvals:
+        decision = self._decision(record.plan.id)
+        if decision is not None:
             late.append(Delete(self._keys.approval(record.plan.id)))
+            self._done(decision)
         message = f"approval expired: {record.message}; run `setpoint replan {entry.key}` to plan again"
         await self._close(entry, record, message, also=late)
         self._metrics.approvals.labels(result="expired").inc()
@@ -329,6 +341,18 @@ class Approvals:
         log.info("plan.voided", plan_id=record.plan.id, reason=why)
 
     # -- bookkeeping -----------------------------------------------------------------
+
+    def _decision(self, plan_id: str) -> ApprovalEntry | None:
+        """The decision on `plan_id` in the cache, unless it was already taken or refused (the watch has not
+        yet delivered its removal)."""
+        decision = self._cache.approvals.get(plan_id)
+        if decision is None:
+            self._taken = {(p, r) for p, r in self._taken if p != plan_id}
+            return None
+        return None if (plan_id, decision.mod_revision) in self._taken else decision
+
+    def _done(self, decision: ApprovalEntry) -> None:
+        self._taken.add((decision.plan_id, decision.mod_revision))
 
     def _consume_op(self, plan_id: str, decision: ApprovalEntry) -> tuple[Guard, Op]:
         key = self._keys.approval(plan_id)
