@@ -148,6 +148,9 @@ def build(
     budget = MutationBudget(per_minute=limits.max_mutating_steps_per_minute, now=clock.now, sleep=clock.sleep)
     flap = FlapGuard(max_plans=limits.flap_max_plans, window=limits.flap_window_seconds, now=clock.now)
     notifier = Notifier(webhooks(s), public_url=public_url(s))
+    metrics.count_hook_deliveries(
+        lambda: {"delivered": notifier.delivered, "failed": notifier.failed, "dropped": notifier.dropped}
+    )
     approvals = Approvals(
         store=store, keys=keys, cache=cache, status=status, journal=journal, metrics=metrics, notifier=notifier,
         ttl_seconds=s.approvals.plan_ttl_seconds,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -62,3 +65,24 @@ class Metrics:
         self.tool_retries = Counter(
             "setpoint_tool_retries", "Tool calls retried after a retryable error.", ["tool"], registry=r
         )
+
+    def count_hook_deliveries(self, read: Callable[[], Mapping[str, int]]) -> None:
+        """Expose `setpoint_hook_deliveries_total{result}` from the notifier's own counts, read at scrape."""
+        self.registry.register(_Deliveries(read))
+
+
+class _Deliveries:
+    def __init__(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self._read = read
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily("setpoint_hook_deliveries", "Approval webhook deliveries by result.")]
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "setpoint_hook_deliveries", "Approval webhook deliveries by result (delivered, failed, dropped).",
+            labels=["result"],
+        )  # fmt: skip
+        for result, count in self._read().items():
+            family.add_metric([result], count)
+        yield family

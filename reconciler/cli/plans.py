@@ -220,18 +220,29 @@ def cmd_plans_list(args: argparse.Namespace) -> int:
     wanted = resource_key(args.resource) if args.resource else None
     state = _state(args.phase) if args.phase else None
     rows = []
+    listed: list[dict[str, object]] = []
     for record, plan_id in run(_records(settings)):
         if record is None:
             rows.append([plan_id, "?", "?", "-", "-", "-", "plan record cannot be read"])
+            listed.append({"id": plan_id, "error": "plan record cannot be read"})
             continue
         if (wanted is not None and record.plan.resource != wanted) or (state is not None and record.state is not state):
             continue
+        listed.append({
+            "id": plan_id, "resource": str(record.plan.resource), "kind": record.plan.resource.kind,
+            "name": record.plan.resource.name, "state": record.state.value, "risk": record.plan.risk.value,
+            "decision": record.decision, "rule": record.decision_rule, "created_at": record.created_at.isoformat(),
+            "message": record.message,
+        })  # fmt: skip
         steps = "; ".join(s.description or s.tool for s in record.plan.steps)
         rows.append([
             plan_id, str(record.plan.resource), record.state.value, record.plan.risk.value,
             f"{record.decision} ({record.decision_rule})" if record.decision_rule else record.decision,
             age(record.created_at), shorten(record.message or steps, 100),
         ])  # fmt: skip
+    if args.output == "json":
+        print(json.dumps(listed, indent=2))
+        return 0
     print_table(("ID", "RESOURCE", "STATE", "RISK", "DECISION", "AGE", "SUMMARY"), rows)
     return 0
 

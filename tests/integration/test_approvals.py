@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from harness import POLL_SECONDS, Harness, eventually
+from prometheus_client import generate_latest
 
 from plans import Approval, ApprovalDecision
 from reconciler.decisions import Refused, decide
@@ -262,6 +263,9 @@ async def test_hooks_hear_of_the_request_and_the_outcome_signed(
     finally:
         await runner.cleanup()
 
+    assert h.daemon is not None
+    scraped = generate_latest(h.daemon.metrics.registry).decode()
+    assert 'setpoint_hook_deliveries_total{result="delivered"} 2.0' in scraped
     (request, signature, body), (outcome, _, _) = received
     assert signature == "sha256=" + hmac.new(b"hook-secret", body, hashlib.sha256).hexdigest()
     assert request["event"] == "approval_requested" and request["plan_id"] == plan_id

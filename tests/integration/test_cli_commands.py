@@ -208,6 +208,8 @@ def test_delete_awaits_approval_and_approve_deletes_once(
     plan_id = str(status["plan_id"])
     table = run_cli("status", "-c", str(config)).stdout
     listed = run_cli("plans", "list", "--phase", "awaiting_approval", "-c", str(config)).stdout
+    as_json = json.loads(run_cli("plans", "list", "file/gone", "-o", "json", "-c", str(config)).stdout)
+    assert [p["state"] for p in as_json] == ["succeeded", "awaiting_approval"] and as_json[1]["id"] == plan_id
     shown = run_cli("plans", "show", plan_id, "-c", str(config)).stdout
     assert f"setpoint approve {plan_id}" in table and "AGE" in table.splitlines()[0]
     assert plan_id in listed and "approve (defaults.high)" in listed
