@@ -74,11 +74,27 @@ async def test_a_waiting_plan_is_kept_as_it_is_not_replanned_at_every_resync(run
     h = running
     status = await _awaiting_deletion(h, "steady")
     before = await _plan_ids(h)
+    reviews = _reconciles(h, "awaiting_approval")
 
-    await asyncio.sleep(POLL_SECONDS * 6)  # polls come and go, each reviewing the waiting plan
+    for n in range(3):  # an external observer's writes: each one makes the daemon look at the resource again
+        observed = {"kind": "file", "name": "steady", "state": {"n": n}, "observed_at": datetime.now(UTC).isoformat()}
+        await h.store.put(h.keys.actual(h.daemon_key("steady")), json.dumps(observed).encode())
+        await eventually(lambda n=n: _more(h, reviews + n), what=f"review {n + 1} of the waiting plan")
 
     assert await _plan_ids(h) == before
     assert (await h.status("steady"))["plan_id"] == status["plan_id"]
+
+
+def _reconciles(h: Harness, result: str) -> float:
+    assert h.daemon is not None
+    value = h.daemon.metrics.registry.get_sample_value(
+        "setpoint_reconcile_total", {"kind": "file", "result": result}
+    )
+    return value or 0.0
+
+
+async def _more(h: Harness, than: float) -> bool:
+    return _reconciles(h, "awaiting_approval") > than
 
 
 async def test_an_approval_for_another_hash_executes_nothing_and_is_recorded(running: Harness) -> None:
