@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from plans import Approval, Observed, Resource, ResourceKey
 from plans.errors import describe_validation_error
 from reconciler.keys import KeySpace, ParsedKey, Section
+from reconciler.status import applied_from_status
 from reconciler.store import KeyValue
 
 MAX_ERROR_CHARS = 300
@@ -259,6 +260,24 @@ class Cache:
                 changes.append(change)
         self.revision = max(self.revision, revision)
         return changes
+
+    def relist(
+        self, kvs: list[KeyValue], statuses: list[KeyValue], revision: int
+    ) -> tuple[list[Change], list[ResourceKey]]:
+        """A full list at `revision` (`replace`), then tombstones for what `statuses` say setpoint had applied
+        and is no longer desired. Returns every change, and the keys whose status has no desired value (to be
+        torn down or cleared)."""
+        changes = self.replace(kvs, revision)
+        orphans: dict[ResourceKey, tuple[Resource | None, int | None]] = {}
+        for kv in statuses:
+            parsed = self._keys.parse(kv.key)
+            if parsed is None or parsed.resource is None:
+                continue
+            entry = self.desired.get(parsed.resource)
+            if entry is None or entry.deleted:
+                orphans[parsed.resource] = applied_from_status(kv.value)
+        applied = {key: (resource, at) for key, (resource, at) in orphans.items() if resource is not None}
+        return changes + self.restore_tombstones(applied, revision), list(orphans)
 
     def restore_tombstones(
         self, applied: dict[ResourceKey, tuple[Resource, int | None]], revision: int

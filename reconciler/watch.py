@@ -23,13 +23,12 @@ from collections.abc import Callable
 
 import structlog
 
-from plans import Resource, ResourceKey
+from plans import ResourceKey
 from reconciler.cache import Cache, Change
 from reconciler.clock import Clock, SystemClock
 from reconciler.keys import KeySpace, Section
 from reconciler.metrics import Metrics
 from reconciler.settings import WatchSettings
-from reconciler.status import applied_from_status
 from reconciler.store import (
     EtcdStore,
     KeyValue,
@@ -41,6 +40,16 @@ from reconciler.store import (
 )
 
 log = structlog.get_logger("setpoint.watch")
+
+
+async def list_all(store: EtcdStore, keys: KeySpace) -> tuple[list[KeyValue], list[KeyValue], int]:
+    """What the cache is built from, at one revision: `actual/` .. `desired/` (approvals included), the
+    statuses, and that revision."""
+    start = keys.section(Section.ACTUAL).encode()
+    kvs, revision = await store.range(start, range_end(keys.section(Section.DESIRED).encode()))
+    status_start = keys.section(Section.STATUS).encode()
+    statuses, _ = await store.range(status_start, range_end(status_start), revision=revision)
+    return kvs, statuses, revision
 
 
 class Reflector:
@@ -116,16 +125,10 @@ class Reflector:
         return random.uniform(ceiling / 2, ceiling)
 
     async def _relist(self) -> None:
-        kvs, revision = await self._store.range(self._start, self._end)
-        status_start = self._keys.section(Section.STATUS).encode()
-        statuses, _ = await self._store.range(status_start, range_end(status_start), revision=revision)
+        kvs, statuses, revision = await list_all(self._store, self._keys)
         # No await from here on: the cache moves to `revision` and every change is
         # emitted in one step, so nobody sees the new state before its keys are queued.
-        changes = self._cache.replace(kvs, revision)
-        orphans = self._statuses_without_desired(statuses)
-        changes += self._cache.restore_tombstones(
-            {key: (applied, at) for key, (applied, at) in orphans.items() if applied is not None}, revision
-        )
+        changes, orphans = self._cache.relist(kvs, statuses, revision)
         self._metrics.etcd_revision.set(revision)
         log.info("watch.listed", keys=len(kvs), revision=revision, changes=len(changes))
         for change in changes:
@@ -135,21 +138,6 @@ class Reflector:
         for key in [*self._cache.resource_keys(), *orphans]:
             self._on_change(key)
         self.synced.set()
-
-    def _statuses_without_desired(
-        self, statuses: list[KeyValue]
-    ) -> dict[ResourceKey, tuple[Resource | None, int | None]]:
-        """Of `statuses`, those whose desired key the cache does not hold, with the resource each last applied
-        and the revision of the deletion, when the status was written for it."""
-        orphans: dict[ResourceKey, tuple[Resource | None, int | None]] = {}
-        for kv in statuses:
-            parsed = self._keys.parse(kv.key)
-            if parsed is None or parsed.resource is None:
-                continue
-            entry = self._cache.desired.get(parsed.resource)
-            if entry is None or entry.deleted:
-                orphans[parsed.resource] = applied_from_status(kv.value)
-        return orphans
 
     async def _watch(self) -> None:
         s = self._settings

@@ -33,8 +33,8 @@ from reconciler.keys import KeySpace, Section
 from reconciler.metrics import Metrics
 from reconciler.observer import Observer
 from reconciler.settings import Settings
-from reconciler.status import applied_from_status
 from reconciler.store import EtcdStore
+from reconciler.watch import list_all
 
 _CHANGE = {
     Check.RUN: "will run",
@@ -115,27 +115,12 @@ async def _plan(
 
 
 async def _load(client: EtcdStore, keys: KeySpace, cache: Cache, local: list[Resource] | None) -> None:
-    """Fill `cache` as the daemon's watch would: desired (or `local`), actual, and tombstones from statuses."""
-    kvs, revision = await client.get_prefix(keys.section(Section.ACTUAL))
-    desired, _ = await client.get_prefix(keys.section(Section.DESIRED))
-    statuses, _ = await client.get_prefix(keys.section(Section.STATUS))
-    if local is None:
-        cache.replace([*kvs, *desired], revision)
-        applied = {}
-        for kv in statuses:
-            parsed = keys.parse(kv.key)
-            if parsed is not None and parsed.resource is not None and parsed.resource not in cache.desired:
-                resource, deleted_at = applied_from_status(kv.value)
-                if resource is not None:
-                    applied[parsed.resource] = (resource, deleted_at)
-        cache.restore_tombstones(applied, revision)
-        return
-    cache.replace(kvs, revision)
-    etcd = Cache(keys)
-    etcd.replace(desired, revision)
-    live = {key: entry.mod_revision for key, entry in etcd.desired.items()}
-    for resource in local:
-        cache.desired[resource.key] = DesiredEntry(resource.key, live.get(resource.key, revision), resource)
+    """Fill `cache` as the daemon's watch does (tombstones included), with `local` in place of desired/."""
+    kvs, statuses, revision = await list_all(client, keys)
+    cache.relist(kvs, statuses, revision)
+    if local is not None:
+        live = {key: entry.mod_revision for key, entry in cache.desired.items() if not entry.deleted}
+        cache.desired = {r.key: DesiredEntry(r.key, live.get(r.key, revision), r) for r in local}
 
 
 async def _row(entry: DesiredEntry, parts: Assembly, gate: Gate, cache: Cache, *, observe: bool) -> Row:
