@@ -122,6 +122,11 @@ class PlanRecord(BaseModel):
         return len(self.model_dump_json()) + STEP_GROWTH_BYTES * len(self.steps)
 
     @property
+    def began(self) -> bool:
+        """Whether a step was journalled started: the plan's first write was made."""
+        return any(step.started_at is not None for step in self.steps)
+
+    @property
     def all_succeeded(self) -> bool:
         return all(step.state is StepState.SUCCEEDED for step in self.steps)
 

@@ -187,16 +187,15 @@ class Reconciler:
                 entry, record, steps, message=record.plan.reasoning, stored=False, consume=consume
             )
         except Exception:
-            if consume is not None and not any(step.started_at is not None for step in record.steps):
+            if consume is not None and not record.began:
                 # The write that starts it failed: whether etcd applied it is read back before anything else.
                 self._unfinished.take(entry.key)
                 self._approvals.unknown(entry.key, record.plan.id)
             raise
         finally:
-            began = any(step.started_at is not None for step in record.steps)
-            if began and consume is not None:
+            if record.began and consume is not None:
                 self._approvals.started(entry.key, record)
-            if began and announced and record.state in _ENDED:
+            if record.began and announced and record.state in _ENDED:
                 self._approvals.finished(record, labels)
 
     def _rivals(self, key: ResourceKey) -> str | None:

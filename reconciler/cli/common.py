@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import sys
 import textwrap
 from collections.abc import Coroutine, Sequence
@@ -132,10 +131,6 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, wrap_l
     for row in [list(headers), *rows]:
         cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
         print("  ".join([*cells, row[-1]]).rstrip())
-
-
-def terminal_width() -> int:
-    return shutil.get_terminal_size((120, 24)).columns
 
 
 def os_user() -> str:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agents import AgentRegistry
 from plans import ExecutionPlan, Issue, RiskLevel, Snapshot, Step
-from policies import load_policies
+from policies import Policies, load_policies
 from reconciler.assembly import Assembly
 from reconciler.daemon import Daemon
 from reconciler.logs import configure_logging
@@ -129,16 +129,16 @@ class JobAgent:
         return await self.reconcile(snapshot)
 
 
+def job_assembly(policies: Policies) -> Assembly:
+    """The daemon's parts with the job agent as the only agent."""
+    agents = AgentRegistry([JobAgent()])
+    return Assembly(agents=agents, tools=ToolRegistry(agents.tools()), policies=policies, poll_seconds={})
+
+
 def main() -> int:
     settings = load_settings(sys.argv[1])
     configure_logging(settings.log.level)
-    agents = AgentRegistry([JobAgent()])
-    assembly = Assembly(
-        agents=agents,
-        tools=ToolRegistry(agents.tools()),
-        policies=load_policies(settings.policies.file),
-        poll_seconds={},
-    )
+    assembly = job_assembly(load_policies(settings.policies.file))
 
     async def run() -> int:
         stop = asyncio.Event()

@@ -11,20 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from counting_daemon import JobAgent
+from counting_daemon import job_assembly
 from harness import eventually, make_settings
 from injection import fail_writes
 
-from agents import AgentRegistry
 from plans import ApprovalDecision
 from policies import Policies
-from reconciler.assembly import Assembly
 from reconciler.daemon import Daemon
 from reconciler.decisions import decide
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.keys import KeySpace
 from reconciler.store import EtcdStore
-from tools import ToolRegistry
 
 
 def _is_begin_of_approved(prefix: str) -> Callable[[str, bytes], bool]:
@@ -43,11 +40,7 @@ async def test_an_approved_plan_whose_start_write_fails_runs_once(
     prefix = f"/rv-{uuid.uuid4().hex[:8]}"
     keys = KeySpace(prefix)
     (tmp_path / "job").mkdir()
-    agents = AgentRegistry([JobAgent()])
-    assembly = Assembly(
-        agents=agents, tools=ToolRegistry(agents.tools()),
-        policies=Policies.model_validate({"defaults": {"low": "approve"}}), poll_seconds={},
-    )
+    assembly = job_assembly(Policies.model_validate({"defaults": {"low": "approve"}}))
     settings = make_settings(etcd, prefix, tmp_path, backoff_base_seconds=0.05, resync_seconds=1)
     daemon = Daemon(settings, assembly=assembly)
     stop = asyncio.Event()

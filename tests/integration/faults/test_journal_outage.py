@@ -16,26 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from counting_daemon import JobAgent
+from counting_daemon import job_assembly
 from harness import Harness, eventually, make_settings
 from injection import fail_writes, is_plan_record
 
-from agents import AgentRegistry
 from policies import Policies
-from reconciler.assembly import Assembly
 from reconciler.daemon import Daemon
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.store import EtcdStore
-from tools import ToolRegistry
 
 
 async def _run_job(etcd: EmbeddedEtcd, prefix: str, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the daemon with the job agent until job/work is Converged or Failed; its status and plan record."""
-    agents = AgentRegistry([JobAgent()])
-    assembly = Assembly(
-        agents=agents, tools=ToolRegistry(agents.tools()), policies=Policies(), poll_seconds={}
-    )
-    daemon = Daemon(make_settings(etcd, prefix, tmp_path, backoff_base_seconds=0.05), assembly=assembly)
+    daemon = Daemon(make_settings(etcd, prefix, tmp_path, backoff_base_seconds=0.05), assembly=job_assembly(Policies()))
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     try:
