@@ -13,7 +13,7 @@ from plans.errors import (
     SetpointError,
     TemporaryError,
 )
-from plans.journal import ApprovalNote, PlanRecord, PlanState, StepRecord, StepState
+from plans.journal import ApprovalNote, IssueRef, PlanRecord, PlanState, StepRecord, StepState
 from plans.model import ExecutionPlan, Step, new_plan_id
 from plans.resources import (
     NAME_PATTERN,
@@ -34,6 +34,7 @@ __all__ = [
     "ExecutionPlan",
     "InvalidResourceError",
     "Issue",
+    "IssueRef",
     "Observed",
     "PermanentError",
     "PlanRecord",

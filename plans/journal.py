@@ -78,6 +78,16 @@ class ApprovalNote(BaseModel):
     refused: str = Field(default="", description="Why this decision was not accepted; empty when it was.")
 
 
+class IssueRef(BaseModel):
+    """An issue report a plan answers: the issue's id, which report of it, and what it said."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    report: str
+    summary: str = ""
+
+
 class StepRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -107,6 +117,10 @@ class PlanRecord(BaseModel):
     expires_at: AwareDatetime | None = Field(default=None, description="When a plan awaiting approval expires.")
     approval: ApprovalNote | None = None
     refusals: list[ApprovalNote] = Field(default_factory=list)
+    answers: list[IssueRef] = Field(
+        default_factory=list, description="The issue reports this plan answers (a heal, or a drift repair made "
+        "while they were open)."
+    )  # fmt: skip
     state: PlanState = PlanState.PENDING
     steps: list[StepRecord]
     created_at: AwareDatetime = Field(default_factory=utcnow)

@@ -179,7 +179,7 @@ class Approvals:
         record.message = message
         update = await self._status.prepare(
             entry.key, phase=Phase.AWAITING_APPROVAL, revision=entry.mod_revision, message=message,
-            plan_id=record.plan.id, deleted=entry.deleted,
+            plan_id=record.plan.id, deleted=entry.deleted, answers=record.answers,
         )  # fmt: skip
         if not await self._journal.begin(record, guard=self._guard(entry), status=update):
             return Outcome(Result.STALE, requeue_after=0.1)

@@ -138,7 +138,10 @@ def build(
         metrics.workqueue_depth.set(len(queue))
 
     stopping = asyncio.Event()
-    status = StatusWriter(store=store, keys=keys)
+    status = StatusWriter(
+        store=store, keys=keys, open_issues=cache.open_issues,
+        on_heal=lambda state: metrics.heals.labels(result=state.value).inc(),
+    )  # fmt: skip
     journal = PlanJournal(store=store, keys=keys, status=status)
     observer = Observer(
         store=store, keys=keys, cache=cache, agents=parts.agents, poll_seconds=parts.poll_seconds,

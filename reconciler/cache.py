@@ -12,6 +12,7 @@ or reordered event can never move a key backwards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from plans import Approval, Observed, Resource, ResourceKey
+from plans import Approval, Issue, Observed, Resource, ResourceKey
 from plans.errors import describe_validation_error
 from reconciler.keys import KeySpace, ParsedKey, Section
 from reconciler.status import applied_from_status
@@ -67,6 +68,36 @@ class ActualEntry:
     mod_revision: int
     observed: Observed | None
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssueEntry:
+    """An open issue on `key`. `report` names this report: it changes when the value does, or when the issue
+    is removed and reported again, and an issue is healed once per report."""
+
+    key: ResourceKey
+    id: str
+    mod_revision: int
+    create_revision: int
+    issue: Issue
+    report: str
+
+
+def parse_issue(key: ResourceKey, issue_id: str, kv: KeyValue) -> tuple[IssueEntry | None, str | None]:
+    """The issue under `issues/<key>/<issue_id>`, or why it cannot be read (never raises)."""
+    try:
+        data, error = _decode(kv.value)
+        if error is not None:
+            return None, _truncate(error)
+        if not isinstance(data, dict):
+            return None, "value must be a JSON object (the issue)"
+        issue = Issue.model_validate(data)
+    except ValidationError as e:
+        return None, _truncate(f"invalid issue value: {describe_validation_error(e)}")
+    except Exception as e:  # etcd's data must never stop the watch
+        return None, _truncate(f"setpoint could not read this issue value ({type(e).__name__}: {e})")
+    report = f"{kv.create_revision}-{hashlib.sha256(kv.value).hexdigest()[:12]}"
+    return IssueEntry(key, issue_id, kv.mod_revision, kv.create_revision, issue, report), None
 
 
 def _truncate(text: str) -> str:
@@ -149,6 +180,7 @@ class Change:
     rejected_key: str | None = None
     reason: str | None = None
     plan_id: str | None = None  # a decision on this plan arrived or went
+    invalid_issue: bool = False  # with `resource`, `rejected_key` and `reason`: an issue value was ignored
 
 
 class Cache:
@@ -157,10 +189,54 @@ class Cache:
         self.desired: dict[ResourceKey, DesiredEntry] = {}
         self.actual: dict[ResourceKey, ActualEntry] = {}
         self.approvals: dict[str, ApprovalEntry] = {}  # by plan id
+        self.issues: dict[ResourceKey, dict[str, IssueEntry]] = {}  # open issues, by resource and id
+        self._issue_revisions: dict[tuple[ResourceKey, str], int] = {}  # last put, also of ignored values
         self.revision = 0
 
     def resource_keys(self) -> Iterator[ResourceKey]:
         yield from list(self.desired)
+
+    def open_issues(self, key: ResourceKey) -> list[IssueEntry]:
+        """The issues open on `key`, oldest report first."""
+        return sorted(self.issues.get(key, {}).values(), key=lambda e: (e.mod_revision, e.id))
+
+    def issue_counts(self) -> dict[tuple[str, str], int]:
+        """Open issues by kind and severity."""
+        counts: dict[tuple[str, str], int] = {}
+        for key, entries in self.issues.items():
+            for entry in entries.values():
+                label = (key.kind, entry.issue.severity)
+                counts[label] = counts.get(label, 0) + 1
+        return counts
+
+    def _put_issue(self, key: ResourceKey, issue_id: str, kv: KeyValue) -> Change | None:
+        known = self._issue_revisions.get((key, issue_id))
+        if known is not None and known >= kv.mod_revision:
+            return None
+        self._issue_revisions[(key, issue_id)] = kv.mod_revision
+        entry, error = parse_issue(key, issue_id, kv)
+        entries = self.issues.setdefault(key, {})
+        if entry is not None:
+            entries[issue_id] = entry
+            return Change(resource=key)
+        # An unreadable value is ignored; the report it replaced, if any, is withdrawn.
+        entries.pop(issue_id, None)
+        if not entries:
+            del self.issues[key]
+        return Change(resource=key, rejected_key=kv.key.decode("utf-8", "replace")[:200], reason=error,
+                      invalid_issue=True)  # fmt: skip
+
+    def _delete_issue(self, key: ResourceKey, issue_id: str, revision: int) -> Change | None:
+        known = self._issue_revisions.get((key, issue_id))
+        if known is None or known >= revision:
+            return None
+        del self._issue_revisions[(key, issue_id)]
+        entries = self.issues.get(key, {})
+        if entries.pop(issue_id, None) is None:
+            return None  # it was an ignored value: nothing was open
+        if not entries:
+            del self.issues[key]
+        return Change(resource=key)
 
     def apply_put(self, kv: KeyValue) -> Change | None:
         parsed = self._keys.parse(kv.key)
@@ -175,6 +251,8 @@ class Cache:
         if parsed.resource is None:
             return self._rejected(kv.key, parsed)
         key = parsed.resource
+        if parsed.issue_id:
+            return self._put_issue(key, parsed.issue_id, kv)
         if parsed.section is Section.DESIRED:
             current = self.desired.get(key)
             if current is not None and current.mod_revision >= kv.mod_revision:
@@ -200,6 +278,8 @@ class Cache:
         if parsed is None or parsed.resource is None:
             return None
         key = parsed.resource
+        if parsed.issue_id:
+            return self._delete_issue(key, parsed.issue_id, revision)
         if parsed.section is Section.DESIRED:
             current = self.desired.get(key)
             if current is None or current.mod_revision >= revision:
@@ -234,12 +314,15 @@ class Cache:
         seen_desired: set[ResourceKey] = set()
         seen_actual: set[ResourceKey] = set()
         seen_approvals: set[str] = set()
+        seen_issues: set[tuple[ResourceKey, str]] = set()
         for kv in kvs:
             parsed = self._keys.parse(kv.key)
             if parsed is not None and parsed.plan_id:
                 seen_approvals.add(parsed.plan_id)
             if parsed is not None and parsed.resource is not None:
-                if parsed.section is Section.DESIRED:
+                if parsed.issue_id:
+                    seen_issues.add((parsed.resource, parsed.issue_id))
+                elif parsed.section is Section.DESIRED:
                     seen_desired.add(parsed.resource)
                 elif parsed.section is Section.ACTUAL:
                     seen_actual.add(parsed.resource)
@@ -256,6 +339,10 @@ class Cache:
                 changes.append(change)
         for plan_id in [p for p in self.approvals if p not in seen_approvals]:
             change = self.apply_delete(self._keys.approval(plan_id).encode(), revision)
+            if change is not None:
+                changes.append(change)
+        for key, issue_id in [k for k in self._issue_revisions if k not in seen_issues]:
+            change = self.apply_delete(self._keys.issue(key, issue_id).encode(), revision)
             if change is not None:
                 changes.append(change)
         self.revision = max(self.revision, revision)

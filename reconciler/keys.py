@@ -33,6 +33,7 @@ class ParsedKey:
     kind: str = ""
     name: str = ""
     plan_id: str = ""  # for approvals/<plan-id>
+    issue_id: str = ""  # for issues/<kind>/<name>/<id>
 
 
 class KeySpace:
@@ -60,9 +61,16 @@ class KeySpace:
     def approval(self, plan_id: str) -> str:
         return f"{self.prefix}/{Section.APPROVALS.value}/{plan_id}"
 
+    def issues(self, key: ResourceKey) -> str:
+        """The prefix of every issue reported on `key`."""
+        return self.resource(Section.ISSUES, key) + "/"
+
+    def issue(self, key: ResourceKey, issue_id: str) -> str:
+        return self.issues(key) + issue_id
+
     def parse(self, key: bytes) -> ParsedKey | None:
-        """Split `<prefix>/<section>/<kind>/<name>`, or `<prefix>/approvals/<plan-id>`; None for keys
-        outside desired/actual/status/approvals.
+        """Split `<prefix>/<section>/<kind>/<name>`, `<prefix>/issues/<kind>/<name>/<id>` or
+        `<prefix>/approvals/<plan-id>`; None for keys outside desired/actual/status/issues/approvals.
 
         A key in a known section whose kind or name is malformed comes back
         with `error` set and the raw segments, so it can be reported.
@@ -83,13 +91,21 @@ class KeySpace:
             if len(parts) != 2 or PLAN_ID_PATTERN.fullmatch(parts[1]) is None:
                 return ParsedKey(section, None, error="key is not approvals/<plan-id>")
             return ParsedKey(section, None, plan_id=parts[1])
-        if section not in (Section.DESIRED, Section.ACTUAL, Section.STATUS):
+        if section is Section.ISSUES:
+            if len(parts) != 4:
+                return ParsedKey(section, None, error="key is not issues/<kind>/<name>/<id>")
+            if NAME_PATTERN.fullmatch(parts[3]) is None:
+                return ParsedKey(
+                    section, None, error=f"issue id must match {NAME_PATTERN.pattern}", kind=parts[1], name=parts[2]
+                )
+        elif section not in (Section.DESIRED, Section.ACTUAL, Section.STATUS):
             return None
-        if len(parts) != 3:
+        elif len(parts) != 3:
             return ParsedKey(section, None, error="key is not <section>/<kind>/<name>")
         kind, name = parts[1], parts[2]
         if NAME_PATTERN.fullmatch(kind) is None or NAME_PATTERN.fullmatch(name) is None:
             return ParsedKey(
                 section, None, error=f"kind and name must match {NAME_PATTERN.pattern}", kind=kind, name=name
             )
-        return ParsedKey(section, ResourceKey(kind=kind, name=name), kind=kind, name=name)
+        issue_id = parts[3] if section is Section.ISSUES else ""
+        return ParsedKey(section, ResourceKey(kind=kind, name=name), kind=kind, name=name, issue_id=issue_id)

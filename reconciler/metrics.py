@@ -62,6 +62,18 @@ class Metrics:
             "setpoint_mutation_budget_wait_seconds",
             "Seconds steps waited for the global mutating-steps-per-minute budget.", registry=r,
         )  # fmt: skip
+        self.invalid_issues = Counter(
+            "setpoint_invalid_issues", "Issue values that could not be read (logged and ignored).", registry=r
+        )
+        self.heals = Counter(
+            "setpoint_heals", "Issue reports by what healing them came to: healed, failed, unhealable, blocked.",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.alerts_received = Counter(
+            "setpoint_alerts_received",
+            "Alerts received on POST /v1/alerts, by what became of them: reported, resolved, unchanged, ignored, "
+            "invalid.", ["result"], registry=r,
+        )  # fmt: skip
         self.tool_retries = Counter(
             "setpoint_tool_retries", "Tool calls retried after a retryable error.", ["tool"], registry=r
         )

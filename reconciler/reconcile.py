@@ -23,7 +23,14 @@ so coalesced events and resyncs are handled the same way. The path, in order:
    plan (`runner.py`), store it to wait for approval, or say in the status
    why it does not run. The observation is written to `actual/` when it
    changed, unless a plan runs: then what the plan leaves behind is written
-   instead, with its outcome.
+   instead, with its outcome;
+10. issues (`issues.py`): drift first. A plan that repairs drift the
+   resource had converged from answers the open issues not yet dealt with.
+   With no drift, the agent's `heal` is asked about each such issue, oldest
+   first; the first plan goes through the same gate and path as any plan,
+   and the next issue gets a reconcile of its own. No plan: the issue is
+   `unhealable`, with the agent's reason. The status lists every open issue
+   with what was done about it, and a report is healed once.
 """
 
 from __future__ import annotations
@@ -32,13 +39,14 @@ from collections.abc import Sequence
 
 import structlog
 
-from agents import AgentRegistry
+from agents import Agent, AgentRegistry
 from plans import InvalidResourceError, Observed, PlanRecord, PlanState, PlanValidationError, ResourceKey, Snapshot
 from policies import Action
 from reconciler.approvals import Approvals, Review
-from reconciler.cache import Cache, DesiredEntry
+from reconciler.cache import Cache, DesiredEntry, IssueEntry
 from reconciler.claims import ClaimIndex
 from reconciler.gate import Check, Gate, Verdict, plan_and_check
+from reconciler.issues import IssueMark, IssueState, ref, unhandled
 from reconciler.observer import Observer
 from reconciler.outcome import Outcome, Result
 from reconciler.resume import Resumer, Unfinished
@@ -50,6 +58,7 @@ from tools import ValidatedStep
 log = structlog.get_logger("setpoint.reconcile")
 
 KEEP_LABEL = "setpoint/keep"  # on a deleted resource: stop managing it, leave what it made
+NO_RULE = "no rule covers this issue"  # why an issue the agent has no plan for is unhealable
 
 _ENDED = (PlanState.SUCCEEDED, PlanState.FAILED, PlanState.SUPERSEDED)
 
@@ -93,6 +102,9 @@ class Reconciler:
         outcome = await self._reconcile(key)
         if outcome.result is Result.REMOVED:
             self._claims.update(key)  # its tombstone is gone from the cache, and so are its claims
+        elif outcome.result is not Result.ABSENT:
+            # Whichever way it went, the status lists the issues open now (written only when that changed).
+            await self._status.mark_issues(key)
         return outcome
 
     async def _reconcile(self, key: ResourceKey) -> Outcome:
@@ -140,11 +152,61 @@ class Reconciler:
             assert agent is not None
             heals_drift = not entry.deleted and await self._status.applied(key) == entry.resource
             verdict = await plan_and_check(agent, self._gate, snapshot, heals_drift=heals_drift)
+            marks: list[IssueMark] = []
+            untouched = await self._unhandled(entry)
+            if verdict.check is Check.EMPTY and untouched:
+                verdict, marks, untouched = await self._heal(agent, entry, snapshot, untouched)
+            elif heals_drift and untouched:  # repairing the drift answers them
+                if verdict.record is not None:
+                    verdict.record.answers = [ref(issue) for issue in untouched]
+                elif verdict.check in _HELD_BACK:
+                    marks = [IssueMark(issue, IssueState.BLOCKED, verdict.message) for issue in untouched]
+                untouched = []
         except InvalidResourceError as e:
             return await self._invalid(entry, str(e))
         if verdict.check is not Check.RUN and observed is not None:
             await self._observer.record(observed)  # a plan that runs records what it leaves instead
-        return await self._act(entry, snapshot, verdict)
+        outcome = await self._act(entry, snapshot, verdict, marks)
+        if untouched and outcome.result is Result.CONVERGED:  # the next open issue, in a reconcile of its own
+            return Outcome(outcome.result, requeue_after=0)
+        return outcome
+
+    async def _unhandled(self, entry: DesiredEntry) -> list[IssueEntry]:
+        """The open issues of a live resource whose report was not yet dealt with for good, oldest first."""
+        if entry.deleted:
+            return []  # a resource being torn down is not healed
+        return unhandled(await self._status.issue_statuses(entry.key), self._cache.open_issues(entry.key))
+
+    async def _heal(
+        self, agent: Agent, entry: DesiredEntry, snapshot: Snapshot, untouched: list[IssueEntry]
+    ) -> tuple[Verdict, list[IssueMark], list[IssueEntry]]:
+        """With no drift: ask the agent to heal the open issues in turn, oldest first, up to the first one it
+        has a plan for. Returns the verdict on that plan (on no plan: the empty one), what was found about the
+        issues before it, and the issues left after it."""
+        assert entry.resource is not None
+        marks: list[IssueMark] = []
+        for i, issue in enumerate(untouched):
+            with structlog.contextvars.bound_contextvars(issue=issue.id):
+                plan = await agent.heal(issue.issue, snapshot)
+                verdict = self._gate.check(
+                    plan, key=entry.key, revision=entry.mod_revision, heals_drift=True, labels=entry.resource.labels
+                )
+                if verdict.check is Check.EMPTY:
+                    reason = plan.reasoning or NO_RULE
+                    marks.append(IssueMark(issue, IssueState.UNHEALABLE, reason))
+                    log.info("issue.unhealable", reason=reason[:500], summary=issue.issue.summary[:200])
+                    continue
+                if verdict.check in (Check.INVALID_PLAN, Check.TOO_LARGE):  # never runnable: the report failed
+                    marks.append(IssueMark(issue, IssueState.FAILED, verdict.message))
+                    log.warning("issue.heal_invalid", reason=verdict.message[:500])
+                    continue
+                log.info("issue.healing", check=verdict.check.value, risk=plan.risk.value, reasoning=plan.reasoning)
+            if verdict.record is not None:  # to run, or to wait for approval
+                verdict.record.answers = [ref(issue)]
+            else:  # held back: tried again as any plan held back is
+                marks.append(IssueMark(issue, IssueState.BLOCKED, verdict.message))
+            return verdict, marks, untouched[i + 1 :]
+        return Verdict(Check.EMPTY, snapshot.plan(agent=agent.name, reasoning=NO_RULE)), marks, []
 
     async def _reviewed(
         self, entry: DesiredEntry, snapshot: Snapshot, review: Review, observed: Observed | None
@@ -219,8 +281,13 @@ class Reconciler:
         snapshot = Snapshot(desired=entry.resource, revision=entry.mod_revision, deleted=entry.deleted, actual=actual)
         return snapshot, observed
 
-    async def _act(self, entry: DesiredEntry, snapshot: Snapshot, verdict: Verdict) -> Outcome:
+    async def _act(
+        self, entry: DesiredEntry, snapshot: Snapshot, verdict: Verdict, marks: Sequence[IssueMark] = ()
+    ) -> Outcome:
+        """Act on `verdict`; `marks` say what was found about open issues no plan answers."""
         check, plan = verdict.check, verdict.plan
+        if check in (Check.RUN, Check.NEEDS_APPROVAL) and marks:
+            await self._status.mark_issues(entry.key, marks)
         if check is Check.RUN:
             assert verdict.record is not None
             return await self._run(entry, verdict.record, verdict.steps)
@@ -231,22 +298,24 @@ class Reconciler:
             if entry.deleted:
                 return await self._runner.remove(entry, None)
             self._observer.mark_converged(entry.key, snapshot.actual.state if snapshot.actual is not None else None)
-            if not await self._status.is_converged(entry.key, entry.mod_revision):  # else it says what made it so
+            if await self._status.is_converged(entry.key, entry.mod_revision):  # it says what made it so
+                await self._status.mark_issues(entry.key, marks)
+            else:
                 baseline = snapshot.actual.state if snapshot.actual is not None else None
                 await self._status.write(
                     entry.key, phase=Phase.CONVERGED, revision=entry.mod_revision, message=plan.reasoning,
-                    applied=entry.resource, baseline=baseline,
+                    applied=entry.resource, baseline=baseline, marks=marks,
                 )  # fmt: skip
             return Outcome(Result.CONVERGED)
         if check is Check.INVALID_PLAN:
             await self._write(entry, Phase.FAILED, verdict.message)
             raise PlanValidationError(verdict.message)
-        return await self._held_back(entry, verdict)
+        return await self._held_back(entry, verdict, marks)
 
-    async def _held_back(self, entry: DesiredEntry, verdict: Verdict) -> Outcome:
+    async def _held_back(self, entry: DesiredEntry, verdict: Verdict, marks: Sequence[IssueMark] = ()) -> Outcome:
         check, plan = verdict.check, verdict.plan
         phase, result, event = _HELD_BACK[check]
-        if await self._write(entry, phase, verdict.message) is WriteResult.WRITTEN:  # once per new reason
+        if await self._write(entry, phase, verdict.message, marks) is WriteResult.WRITTEN:  # once per new reason
             log.warning(event, check=check.value, reason=verdict.message[:500], risk=plan.risk.value)
         return Outcome(result, requeue_after=verdict.retry_after)
 
@@ -255,7 +324,9 @@ class Reconciler:
             log.warning("resource.invalid", reason=message[:500])
         return Outcome(Result.INVALID)
 
-    async def _write(self, entry: DesiredEntry, phase: Phase, message: str) -> WriteResult:
+    async def _write(
+        self, entry: DesiredEntry, phase: Phase, message: str, marks: Sequence[IssueMark] = ()
+    ) -> WriteResult:
         return await self._status.write(
-            entry.key, phase=phase, revision=entry.mod_revision, deleted=entry.deleted, message=message
+            entry.key, phase=phase, revision=entry.mod_revision, deleted=entry.deleted, message=message, marks=marks
         )

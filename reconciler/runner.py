@@ -89,7 +89,7 @@ class Runner:
             # A stored plan was counted when it first began: resuming it is not another plan.
             update = await self._status.prepare(
                 key, phase=Phase.EXECUTING, revision=entry.mod_revision, message=message, plan_id=plan.id,
-                recent_plans=None if stored else self._recent_plans(key), deleted=entry.deleted,
+                recent_plans=None if stored else self._recent_plans(key), deleted=entry.deleted, answers=r.answers,
             )  # fmt: skip
             if not await self._journal.begin(r, guard=guard, status=update, also=also):
                 return False

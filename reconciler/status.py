@@ -28,16 +28,21 @@ be torn down.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from plans import Resource, ResourceKey
+from plans import IssueRef, Resource, ResourceKey
+from reconciler.issues import IssueMark, IssueState, IssueStatus, merge, newly
 from reconciler.keys import KeySpace
 from reconciler.store import Delete, EtcdStore, Guard, KeyValue, Put
+
+if TYPE_CHECKING:  # the cache imports this module
+    from reconciler.cache import IssueEntry
 
 MAX_MESSAGE_CHARS = 1000  # a status must always fit in etcd, whatever a value or tool said
 
@@ -51,6 +56,19 @@ class Phase(StrEnum):
     FAILED = "Failed"
     BLOCKED = "Blocked"
     INVALID = "Invalid"
+
+
+# What a status write about a plan says of the issues that plan answers.
+_ISSUE_STATE = {
+    Phase.PENDING: IssueState.HEALING,  # interrupted by shutdown: resumed at the next start
+    Phase.PLANNING: IssueState.HEALING,
+    Phase.EXECUTING: IssueState.HEALING,
+    Phase.AWAITING_APPROVAL: IssueState.AWAITING_APPROVAL,
+    Phase.CONVERGED: IssueState.HEALED,
+    Phase.FAILED: IssueState.FAILED,
+    Phase.BLOCKED: IssueState.BLOCKED,
+    Phase.INVALID: IssueState.FAILED,
+}
 
 
 class WriteResult(StrEnum):
@@ -79,6 +97,9 @@ class Status(BaseModel):
     )
     deleted: bool = Field(
         default=False, description="Written for the deletion of the desired value (at `observed_revision`)."
+    )
+    issues: list[IssueStatus] = Field(
+        default_factory=list, description="The open issues, oldest first, with what was done about each."
     )
 
     def says_what(self, other: Status | None) -> bool:
@@ -112,9 +133,20 @@ def parse_status(value: bytes) -> Status | None:
 
 
 class StatusWriter:
-    def __init__(self, *, store: EtcdStore, keys: KeySpace) -> None:
+    def __init__(
+        self,
+        *,
+        store: EtcdStore,
+        keys: KeySpace,
+        open_issues: Callable[[ResourceKey], Sequence[IssueEntry]] = lambda key: (),
+        on_heal: Callable[[IssueState], None] = lambda state: None,
+    ) -> None:
+        """`open_issues` gives the issues open on a resource (the cache's); `on_heal` hears each issue
+        report's final state, or `blocked`, once written."""
         self._store = store
         self._keys = keys
+        self._open_issues = open_issues
+        self._on_heal = on_heal
         self._last: dict[ResourceKey, Status | None] = {}
         self._seeded = False
         self._unknown: set[ResourceKey] = set()
@@ -140,13 +172,17 @@ class StatusWriter:
         recent_plans: list[datetime] | None = None,
         last_error: str | None = None,
         deleted: bool = False,
+        answers: Collection[IssueRef] = (),
+        marks: Sequence[IssueMark] = (),
     ) -> StatusUpdate | None:
         """The write that records this status, or None when the stored status already says it.
 
         `revision` is the desired revision the status describes. `plan_id`,
         `applied`, `baseline`, `recent_plans` and `last_error` keep their values
         when not given, except that a new `applied` given without a baseline has
-        none, and `Converged` clears `last_error`.
+        none, and `Converged` clears `last_error`. The open issues are listed
+        afresh (`issues.merge`): `answers` are the reports of those the plan
+        `plan_id` answers, `marks` what was found about others.
         """
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[: MAX_MESSAGE_CHARS - 1] + "…"
@@ -164,6 +200,11 @@ class StatusWriter:
             recent_plans=recent_plans if recent_plans is not None else kept.recent_plans,
             last_error=last_error if last_error is not None or phase is Phase.CONVERGED else kept.last_error,
             deleted=deleted,
+            issues=merge(
+                kept.issues, self._open_issues(key) if not deleted else (), now=datetime.now(UTC), plan_id=plan_id,
+                plan_state=_ISSUE_STATE[phase] if plan_id is not None else None, answers=answers, message=message,
+                marks=marks,
+            ),
         )
         previous = self._last.get(key)
         if status.says_what(previous):
@@ -172,6 +213,9 @@ class StatusWriter:
 
     def remember(self, update: StatusUpdate) -> None:
         """`update` was committed."""
+        previous = self._last.get(update.key)
+        for state in newly(previous.issues if previous is not None else [], update.status.issues):
+            self._on_heal(state)
         self._last[update.key] = update.status
         self._unknown.discard(update.key)
 
@@ -191,14 +235,36 @@ class StatusWriter:
         plan_id: str | None = None,
         applied: Resource | None = None,
         baseline: dict[str, JsonValue] | None = None,
+        marks: Sequence[IssueMark] = (),
     ) -> WriteResult:
         """Write the status on its own, if it changed and the desired value is still at `revision`."""
         update = await self.prepare(
             key, phase=phase, revision=revision, message=message, plan_id=plan_id, applied=applied, baseline=baseline,
-            deleted=deleted,
+            deleted=deleted, marks=marks,
         )  # fmt: skip
+        return await self._commit(update, revision=revision, deleted=deleted)
+
+    async def mark_issues(self, key: ResourceKey, marks: Sequence[IssueMark] = ()) -> WriteResult:
+        """Bring the stored status's issue list up to date (new ones `open`, resolved ones gone), with `marks`,
+        saying the rest as it does. Nothing is written when there is no status yet: the first one lists them."""
+        kept = await self._previous(key)
+        if kept is None or kept is _UNREADABLE:
+            return WriteResult.UNCHANGED
+        update = await self.prepare(
+            key, phase=kept.phase, revision=kept.observed_revision, message=kept.message, deleted=kept.deleted,
+            marks=marks,
+        )  # fmt: skip
+        return await self._commit(update, revision=kept.observed_revision, deleted=kept.deleted)
+
+    async def issue_statuses(self, key: ResourceKey) -> list[IssueStatus]:
+        """What the stored status says of `key`'s open issues."""
+        previous = await self._previous(key)
+        return list(previous.issues) if previous is not None else []
+
+    async def _commit(self, update: StatusUpdate | None, *, revision: int, deleted: bool) -> WriteResult:
         if update is None:
             return WriteResult.UNCHANGED
+        key = update.key
         guard = guard_for(self._keys, key, revision=revision, deleted=deleted)
         try:
             written = await self._store.txn(guard=guard, then=[update.put])

@@ -1,7 +1,7 @@
 """List-then-watch: turns etcd into cache updates and queue keys, and nothing else.
 
-The reflector lists `actual/` .. `desired/` (one contiguous key range, which
-also holds `approvals/`) at a revision R, then watches from
+The reflector lists `actual/` .. `issues/` (one contiguous key range, which
+also holds `approvals/` and `desired/`) at a revision R, then watches from
 R+1 with `prev_kv`. A compacted start revision means events were lost, so it
 relists at a fresh revision and synthesises deletes for keys that vanished,
 never resuming silently.
@@ -43,10 +43,10 @@ log = structlog.get_logger("setpoint.watch")
 
 
 async def list_all(store: EtcdStore, keys: KeySpace) -> tuple[list[KeyValue], list[KeyValue], int]:
-    """What the cache is built from, at one revision: `actual/` .. `desired/` (approvals included), the
-    statuses, and that revision."""
+    """What the cache is built from, at one revision: `actual/` .. `issues/` (approvals and desired between),
+    the statuses, and that revision."""
     start = keys.section(Section.ACTUAL).encode()
-    kvs, revision = await store.range(start, range_end(keys.section(Section.DESIRED).encode()))
+    kvs, revision = await store.range(start, range_end(keys.section(Section.ISSUES).encode()))
     status_start = keys.section(Section.STATUS).encode()
     statuses, _ = await store.range(status_start, range_end(status_start), revision=revision)
     return kvs, statuses, revision
@@ -75,7 +75,7 @@ class Reflector:
         self._settings = settings or WatchSettings()
         self._clock: Clock = clock or SystemClock()
         self._start = keys.section(Section.ACTUAL).encode()
-        self._end = range_end(keys.section(Section.DESIRED).encode())
+        self._end = range_end(keys.section(Section.ISSUES).encode())
         self._failures = 0
         self.synced = asyncio.Event()
 
@@ -170,6 +170,9 @@ class Reflector:
                 self._metrics.etcd_revision.set(last)
 
     def _emit(self, change: Change) -> None:
+        if change.invalid_issue:  # ignored, never fatal; the resource is looked at, as its issues changed
+            self._metrics.invalid_issues.inc()
+            log.warning("issue.invalid", key=change.rejected_key, reason=change.reason)
         if change.resource is not None:
             self._on_change(change.resource)
         elif change.plan_id is not None:
@@ -180,4 +183,5 @@ class Reflector:
 
     def _section_label(self, key: bytes) -> str:
         text = key[len(self._start) - len("actual/") :].split(b"/", 1)[0]
-        return text.decode("utf-8", "replace") if text in (b"actual", b"desired", b"approvals") else "other"
+        known = (b"actual", b"desired", b"approvals", b"issues")
+        return text.decode("utf-8", "replace") if text in known else "other"

@@ -4,7 +4,9 @@ Desired spec: `{"path": absolute path, "content": string, "mode": "0644"}`
 (mode optional, default "0644"). Observed state: `{"exists", "sha256", "mode"}`.
 Planning is by rules: write the file when it is missing or its content or
 mode differ; delete it (a high-risk step) when the desired resource is
-deleted. Paths must lie inside `allowed_roots`; anything else is an invalid
+deleted. An issue reported on a file is healed by repairing drift, if the
+file differs; otherwise no rule covers it (`heal` says so, and the issue is
+`unhealable`). Paths must lie inside `allowed_roots`; anything else is an invalid
 resource and nothing is planned. The path is checked (it resolves symlinks)
 in a thread, never on the event loop.
 
@@ -29,6 +31,8 @@ from plans.errors import describe_validation_error
 from tools import Tool
 from tools.builtin.files import MODE_PATTERN, FileDelete, FileWrite, file_tools, parse_mode, stat_file
 from tools.paths import PathNotAllowedError, confine
+
+NO_RULE = "no rule covers this issue"
 
 
 class FileSpec(BaseModel):
@@ -142,7 +146,11 @@ class FileAgent:
         return await asyncio.to_thread(_diff, spec, path, state)
 
     async def heal(self, issue: Issue, snapshot: Snapshot) -> ExecutionPlan:
+        """Drift is all a file agent can repair: the plan that restores the desired content and mode, if the
+        file (observed afresh by the reconcile the issue started) differs; else no plan, saying so."""
         plan = await self.reconcile(snapshot)
+        if plan.is_empty:
+            return snapshot.plan(agent=self.name, reasoning=NO_RULE)
         return plan.model_copy(update={"reasoning": f"{issue.summary}: {plan.reasoning}"})
 
     async def plan(self, snapshot: Snapshot) -> ExecutionPlan:

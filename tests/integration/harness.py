@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from plans import ResourceKey
 from reconciler.assembly import Assembly
@@ -85,6 +86,39 @@ class Harness:
             check, timeout=timeout, what=f"file/{name} phase {phase} at revision {revision}"
         )
         return result
+
+    async def report_issue(
+        self, name: str, issue_id: str, summary: str = "broken", *, kind: str = "file", **fields: Any
+    ) -> int:
+        """Put the issue `issue_id` on `kind/name` (source "test" unless given); its revision."""
+        value = {"summary": summary, "source": "test", **fields}
+        key = self.keys.issue(ResourceKey(kind=kind, name=name), issue_id)
+        return await self.store.put(key, json.dumps(value).encode())
+
+    async def resolve_issue(self, name: str, issue_id: str, *, kind: str = "file") -> None:
+        await self.store.delete(self.keys.issue(ResourceKey(kind=kind, name=name), issue_id))
+
+    async def issue_states(self, name: str, kind: str = "file") -> dict[str, dict[str, Any]]:
+        """The issues the status of `kind/name` lists, by id."""
+        status = await self.status(name, kind) or {}
+        return {issue["id"]: issue for issue in status.get("issues", [])}
+
+    async def wait_issue(self, name: str, issue_id: str, state: str, *, kind: str = "file") -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            issue = (await self.issue_states(name, kind)).get(issue_id)
+            return issue if issue is not None and issue["state"] == state else None
+
+        found: dict[str, Any] = await eventually(check, what=f"issue {issue_id} on {kind}/{name} to be {state}")
+        return found
+
+    async def metric(self, sample: str) -> float | None:
+        """The value of one sample (`name{labels}` as exposed) on the daemon's /metrics, or None."""
+        assert self.daemon is not None
+        text = generate_latest(self.daemon.metrics.registry).decode()
+        for line in text.splitlines():
+            if line.startswith(sample + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
 
     def use_policies(self, policies: dict[str, Any]) -> None:
         """Run the daemon (at its next start) with `policies` as its policy file."""
