@@ -43,7 +43,7 @@ from reconciler.cache import Cache
 from reconciler.clock import SystemClock
 from reconciler.embedded import EmbeddedEtcd, StateDirLock, etcd_version, older_than_supported, remove_endpoint_file
 from reconciler.errors import StartupError
-from reconciler.http import ApprovalApi, HttpServer
+from reconciler.http import AlertApi, ApprovalApi, HttpServer
 from reconciler.keys import KeySpace
 from reconciler.metrics import Metrics
 from reconciler.settings import Settings
@@ -131,8 +131,9 @@ class Daemon:
             raise StartupError(str(e)) from None
         api = ApprovalApi(token=token, keys=self.keys, store=lambda: self._store)
         http = HttpServer(
-            listen=self.settings.http.listen, metrics=self.metrics, ready=self.ready.is_set, approvals=api
-        )
+            listen=self.settings.http.listen, metrics=self.metrics, ready=self.ready.is_set, approvals=api,
+            alerts=self._alert_api(),
+        )  # fmt: skip
         await http.start()
         self.http_port = http.port
         log.info("http.listening", address=f"{self.settings.http.listen.rpartition(':')[0]}:{http.port}")
@@ -155,6 +156,22 @@ class Daemon:
                 log.info("etcd.embedded.stopped")
             await http.stop()
             log.info("daemon.stopped")
+
+    def _alert_api(self) -> AlertApi | None:
+        settings = self.settings.alerts
+        if not settings.enabled:
+            return None
+        try:
+            token = read_secret(env=settings.token_env, file=settings.token_file, what="the HTTP alerts token")
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+        host = self.settings.http.listen.rpartition(":")[0].strip("[]")
+        if token is None and host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "http.alerts_unauthenticated", listen=self.settings.http.listen,
+                advice="anyone who reaches this port can report issues; set alerts.token_file or alerts.token_env",
+            )  # fmt: skip
+        return AlertApi(token=token, keys=self.keys, store=lambda: self._store)
 
     async def _start_embedded(self) -> None:
         state_dir = self.settings.resolved_state_dir()

@@ -3,6 +3,14 @@
 - `GET /metrics`: Prometheus metrics.
 - `GET /healthz`: the process answers.
 - `GET /readyz`: the initial list is cached and leadership is known.
+- `POST /v1/alerts`: Alertmanager's webhook (version 4); each firing alert
+  labelled `setpoint_kind` and `setpoint_name` becomes an issue, each
+  resolved one deletes it (`alerts.py`). With a token configured it needs
+  `Authorization: Bearer <token>` (401 without). 200 with how many alerts
+  were reported, resolved, unchanged, ignored (no setpoint labels) and
+  invalid; 400 with one sentence for a malformed payload, which changes
+  nothing; 413 above 1 MiB; 503 while etcd cannot be reached (Alertmanager
+  sends it again). Present only when the daemon is built with an `AlertApi`.
 - `POST /v1/plans/{plan_id}/approve` and `POST /v1/plans/{plan_id}/reject`:
   a person's decision on a plan awaiting approval, given with
   `Authorization: Bearer <token>` and an optional JSON body
@@ -37,6 +45,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from plans import ApprovalDecision
 from plans.approval import MAX_REASON_CHARS
+from reconciler import alerts
 from reconciler.decisions import Refused, decide
 from reconciler.errors import StartupError
 from reconciler.keys import PLAN_ID_PATTERN, KeySpace
@@ -46,6 +55,7 @@ from reconciler.store import EtcdStore, StoreError, StoreUnavailableError
 log = structlog.get_logger("setpoint.http")
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_ALERT_BODY_BYTES = 1024 * 1024
 MAX_BY_CHARS = 100  # as `Approval.by`
 _PLAN_HASH = re.compile(r"[0-9a-f]{64}")
 _FIELDS = ("by", "reason", "plan_hash")
@@ -64,6 +74,15 @@ class ApprovalApi:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertApi:
+    """What `POST /v1/alerts` needs: its optional bearer token, the key space, and the store once connected."""
+
+    token: bytes | None  # None: alerts are taken from anyone who can reach the port
+    keys: KeySpace
+    store: Callable[[], EtcdStore | None]
+
+
+@dataclass(frozen=True, slots=True)
 class _Body:
     by: str
     reason: str
@@ -78,8 +97,9 @@ class HttpServer:
         metrics: Metrics,
         ready: Callable[[], bool],
         approvals: ApprovalApi | None = None,
+        alerts: AlertApi | None = None,
     ) -> None:
-        """`approvals`: the approval routes' settings; defaults to None, and then the routes do not exist."""
+        """`approvals`, `alerts`: what those routes need; each defaults to None, and then its routes do not exist."""
         self._listen = listen
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]")
@@ -87,6 +107,7 @@ class HttpServer:
         self._metrics = metrics
         self._ready = ready
         self._approvals = approvals
+        self._alerts = alerts
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -99,6 +120,8 @@ class HttpServer:
             routes = _ApprovalRoutes(self._approvals)
             app.router.add_post("/v1/plans/{plan_id}/approve", routes.approve)
             app.router.add_post("/v1/plans/{plan_id}/reject", routes.reject)
+        if self._alerts is not None:
+            app.router.add_post("/v1/alerts", _AlertRoutes(self._alerts, self._metrics).receive)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
@@ -187,6 +210,49 @@ class _ApprovalRoutes:
         return web.json_response({"plan_id": plan_id, "approval": submitted.approval.model_dump(mode="json")})
 
 
+class _AlertRoutes:
+    """The handler of `POST /v1/alerts`."""
+
+    def __init__(self, api: AlertApi, metrics: Metrics) -> None:
+        self._api = api
+        self._metrics = metrics
+
+    async def receive(self, request: web.Request) -> web.Response:
+        # The boundary of this route: whatever goes wrong, Alertmanager gets one JSON sentence.
+        try:
+            return await self._receive(request)
+        except Exception:
+            log.exception("http.alerts.failed")
+            return _error(500, "internal error while recording the alerts; see the daemon's log")
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        api = self._api
+        if api.token is not None:
+            refused = _check_bearer(request.headers.get("Authorization"), api.token)
+            if refused is not None:
+                log.warning("http.alerts.unauthorized", remote=request.remote, why=refused)
+                return _error(401, refused, headers={"WWW-Authenticate": "Bearer"})
+        raw = await _read_capped(request, MAX_ALERT_BODY_BYTES)
+        if raw is None:
+            return _error(413, f"the request body is larger than {MAX_ALERT_BODY_BYTES // 1024 // 1024} MiB")
+        batch = alerts.parse(raw)
+        if isinstance(batch, str):
+            log.warning("http.alerts.refused", remote=request.remote, reason=batch)
+            return _error(400, batch)
+        store = api.store()
+        if store is None:
+            return _error(503, "not connected to etcd yet")
+        try:
+            counts = await alerts.apply(store, api.keys, batch)
+        except (StoreUnavailableError, StoreError) as e:
+            log.warning("http.alerts.store_failed", error=str(e)[:500])
+            return _error(503, f"could not record the alerts: {str(e)[:300]}")
+        for result, count in counts.items():
+            self._metrics.alerts_received.labels(result=result).inc(count)
+        log.info("http.alerts.received", **counts)
+        return web.json_response({result: counts.get(result, 0) for result in alerts.RESULTS})
+
+
 def _error(status: int, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
 
@@ -208,15 +274,15 @@ def _check_bearer(header: str | None, token: bytes) -> str | None:
     return None
 
 
-async def _read_capped(request: web.Request) -> bytes | None:
-    """The request body, or None when it is larger than MAX_BODY_BYTES (read no further than that)."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+async def _read_capped(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes | None:
+    """The request body, or None when it is larger than `limit` bytes (read no further than that)."""
+    if request.content_length is not None and request.content_length > limit:
         return None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
+        if size > limit:
             return None
         chunks.append(chunk)
     return b"".join(chunks)

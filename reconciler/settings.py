@@ -192,6 +192,26 @@ class ApprovalSettings(_Group):
         return self
 
 
+class AlertSettings(_Group):
+    enabled: bool = Field(
+        default=True, description="Take Alertmanager's webhook on POST /v1/alerts. Defaults to true."
+    )
+    token_env: str | None = Field(
+        default=None, description="Environment variable holding a bearer token POST /v1/alerts then requires."
+    )
+    token_file: str | None = Field(
+        default=None,
+        description="File holding that bearer token. Without either, POST /v1/alerts takes alerts from anyone who "
+        "can reach http.listen.",
+    )
+
+    @model_validator(mode="after")
+    def _one_token(self) -> AlertSettings:
+        if self.token_env is not None and self.token_file is not None:
+            raise ValueError("set token_env or token_file, not both")
+        return self
+
+
 class ToolSettings(_Group):
     retry_attempts: int = Field(
         default=3, ge=1, le=20, description="Attempts for a tool error the tool marks retryable. Defaults to 3."
@@ -237,6 +257,7 @@ class Settings(_Group):
     reconciler: ReconcilerSettings = Field(default_factory=ReconcilerSettings)
     policies: PolicySettings = Field(default_factory=PolicySettings)
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     tools: ToolSettings = Field(default_factory=ToolSettings)
     agents: AgentsSettings = Field(default_factory=AgentsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
@@ -282,7 +303,7 @@ def _absolutise(data: dict[str, Any], base: Path) -> None:
     file_agent = group("agents", "file")
     if isinstance(file_agent.get("allowed_roots"), list):
         file_agent["allowed_roots"] = [absolute(r) for r in file_agent["allowed_roots"]]
-    for section, name in (("policies", "file"), ("approvals", "token_file")):
+    for section, name in (("policies", "file"), ("approvals", "token_file"), ("alerts", "token_file")):
         if name in group(section):
             group(section)[name] = absolute(group(section)[name])
     for hook in group("approvals").get("webhooks") or []:

@@ -1,0 +1,174 @@
+"""Alerts in: Alertmanager's webhook payload (version 4) turned into issues.
+
+Each firing alert labelled `setpoint_kind` and `setpoint_name` becomes the
+issue `issues/<kind>/<name>/<fingerprint>`: its summary from the `summary`
+annotation (else `description`, else the alert's name), its severity from
+the `severity` label (`critical` and `page` are critical, `info`, `low` and
+`none` are info, anything else is a warning), its source
+`alertmanager/<alertname>`, and the alert's labels, annotations, start and
+link in `details`. A resolved alert deletes its issue.
+
+The value holds nothing that changes while the alert keeps firing, and an
+unchanged issue is not written again, so Alertmanager's repeats are not new
+reports (an issue is healed once per report). Alerts without both labels are
+counted as `ignored`; with labels that are not valid names, as `invalid`.
+
+`parse` checks the whole payload before anything is written: a malformed one
+is refused with one sentence and changes nothing. `apply` then writes every
+change in as few transactions as etcd allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from plans import NAME_PATTERN, Issue, ResourceKey
+from reconciler.keys import KeySpace
+from reconciler.store import MAX_TXN_OPS, Delete, EtcdStore, Op, Put
+
+KIND_LABEL = "setpoint_kind"
+NAME_LABEL = "setpoint_name"
+RESULTS = ("reported", "resolved", "unchanged", "ignored", "invalid")  # what became of each alert
+MAX_ALERTS = 1000
+MAX_TEXT_CHARS = 1024  # of one label or annotation value kept in an issue's details
+MAX_PAIRS = 64  # labels or annotations kept in an issue's details
+
+Severity = Literal["info", "warning", "critical"]
+_SEVERITY: dict[str, Severity] = {
+    "critical": "critical", "page": "critical", "info": "info", "low": "info", "none": "info"
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    key: ResourceKey
+    issue_id: str
+    issue: Issue | None  # None: resolved
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one payload asks for: the issue changes, and how many alerts were set aside."""
+
+    changes: dict[tuple[ResourceKey, str], Change] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def severity(label: str | None) -> Severity:
+    """An issue severity (info, warning, critical) for an alert's `severity` label."""
+    return _SEVERITY.get((label or "").strip().lower(), "warning")
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 1] + "…"
+
+
+def _pairs(value: object, where: str) -> dict[str, str] | str:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return f"{where} must be an object of strings"
+    return {k[:200]: _cut(v) for k, v in sorted(value.items())[:MAX_PAIRS]}
+
+
+def parse(raw: bytes) -> Batch | str:
+    """The changes a webhook body asks for, or what is wrong with it (one sentence)."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        return "the request body is not valid JSON"
+    if not isinstance(payload, dict):
+        return "the request body must be a JSON object (Alertmanager's webhook payload)"
+    version = payload.get("version")
+    if version != "4":
+        return f"unsupported payload version {str(version)[:20]!r}: setpoint takes Alertmanager's webhook version 4"
+    alerts = payload.get("alerts")
+    if not isinstance(alerts, list):
+        return "the payload has no 'alerts' list"
+    if len(alerts) > MAX_ALERTS:
+        return f"the payload holds {len(alerts)} alerts, more than the {MAX_ALERTS} setpoint takes at once"
+    batch = Batch()
+    for index, alert in enumerate(alerts):
+        refused = _add(batch, alert, f"alerts[{index}]")
+        if refused is not None:
+            return refused
+    return batch
+
+
+def _add(batch: Batch, alert: Any, where: str) -> str | None:
+    if not isinstance(alert, dict):
+        return f"{where} must be an object"
+    status = alert.get("status")
+    if status not in ("firing", "resolved"):
+        return f"{where}.status must be 'firing' or 'resolved'"
+    labels = _pairs(alert.get("labels"), f"{where}.labels")
+    if isinstance(labels, str):
+        return labels
+    annotations = _pairs(alert.get("annotations"), f"{where}.annotations")
+    if isinstance(annotations, str):
+        return annotations
+    for name in ("fingerprint", "startsAt", "generatorURL"):
+        if alert.get(name) is not None and not isinstance(alert.get(name), str):
+            return f"{where}.{name} must be a string"
+    if KIND_LABEL not in labels or NAME_LABEL not in labels:
+        batch.counts["ignored"] += 1
+        return None
+    try:
+        key = ResourceKey(kind=labels[KIND_LABEL], name=labels[NAME_LABEL])
+    except ValueError:
+        batch.counts["invalid"] += 1
+        return None
+    fingerprint = alert.get("fingerprint") or hashlib.sha256(json.dumps(labels).encode()).hexdigest()[:16]
+    issue_id = fingerprint.lower()
+    if NAME_PATTERN.fullmatch(issue_id) is None:
+        batch.counts["invalid"] += 1
+        return None
+    issue = None
+    if status == "firing":
+        alertname = labels.get("alertname", "unnamed")
+        issue = Issue(
+            summary=annotations.get("summary") or annotations.get("description") or alertname,
+            severity=severity(labels.get("severity")),
+            source=f"alertmanager/{alertname[:100]}",
+            details={
+                "alertname": alertname, "fingerprint": fingerprint, "starts_at": alert.get("startsAt"),
+                "generator_url": alert.get("generatorURL"), "labels": labels, "annotations": annotations,
+            },
+        )  # fmt: skip
+    batch.changes[(key, issue_id)] = Change(key, issue_id, issue)  # a later alert for the same issue wins
+    return None
+
+
+def encode(issue: Issue) -> bytes:
+    return json.dumps(issue.model_dump(mode="json"), separators=(",", ":"), sort_keys=True).encode()
+
+
+async def apply(store: EtcdStore, keys: KeySpace, batch: Batch) -> Counter[str]:
+    """Write `batch`: put what fires and changed, delete what resolved. Returns every alert's result."""
+    counts = Counter(batch.counts)
+    changes = list(batch.changes.values())
+    current = await asyncio.gather(*(store.get(keys.issue(c.key, c.issue_id)) for c in changes))
+    ops: list[Op] = []
+    for change, kv in zip(changes, current, strict=True):
+        path = keys.issue(change.key, change.issue_id)
+        if change.issue is None:
+            if kv is None:
+                counts["unchanged"] += 1
+                continue
+            ops.append(Delete(path))
+            counts["resolved"] += 1
+            continue
+        value = encode(change.issue)
+        if kv is not None and kv.value == value:
+            counts["unchanged"] += 1
+            continue
+        ops.append(Put(path, value))
+        counts["reported"] += 1
+    for start in range(0, len(ops), MAX_TXN_OPS):
+        await store.txn(then=ops[start : start + MAX_TXN_OPS])
+    return counts
