@@ -19,6 +19,7 @@ from policies import PolicyError
 from reconciler.cli.common import CliError
 from reconciler.cli.config import cmd_check_config
 from reconciler.cli.decide import cmd_decide, cmd_replan
+from reconciler.cli.issues import cmd_issues_list, cmd_issues_report, cmd_issues_resolve
 from reconciler.cli.plans import cmd_plan, cmd_plans_list, cmd_plans_show
 from reconciler.cli.resources import cmd_apply, cmd_delete, cmd_status
 from reconciler.cli.run import cmd_run
@@ -129,6 +130,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("resource", metavar="KIND/NAME")
     p.add_argument("--by", help="who asks; defaults to the OS user")
     p.set_defaults(func=cmd_replan)
+
+    p = command("issues", "list, report or resolve the issues reported on resources",
+                "setpoint issues report file/motd --summary 'motd shows the wrong banner'")  # fmt: skip
+    issues = p.add_subparsers(dest="issues_command", required=True, metavar="list|report|resolve")
+
+    def issues_command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return issues.add_parser(name, parents=[common], help=help, epilog=f"example:\n  {example}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
+    listing = issues_command("list", "open issues with what was done about each", "setpoint issues list file/motd")
+    listing.add_argument("resource", nargs="?", metavar="KIND/NAME", help="one resource's; all when omitted")
+    listing.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    listing.set_defaults(func=cmd_issues_list)
+    report = issues_command(
+        "report", "report an issue on a resource; the daemon heals it once",
+        "setpoint issues report file/motd --summary 'wrong banner' --severity critical",
+    )  # fmt: skip
+    report.add_argument("resource", metavar="KIND/NAME")
+    report.add_argument("--summary", required=True, help="what is wrong, in one line")
+    report.add_argument("--severity", choices=("info", "warning", "critical"), default="warning")
+    report.add_argument("--source", help="who or what reports it; defaults to cli/<OS user>")
+    report.add_argument("--id", help="the issue's id; made up when omitted")
+    report.set_defaults(func=cmd_issues_report)
+    resolve = issues_command(
+        "resolve", "delete an issue (it is over)", "setpoint issues resolve file/motd cli-20261122t101500-a1b2c3"
+    )
+    resolve.add_argument("resource", metavar="KIND/NAME")
+    resolve.add_argument("id", metavar="ID")
+    resolve.set_defaults(func=cmd_issues_resolve)
 
     p = command("check-config", "validate the settings, the policy file and the secrets they name",
                 "setpoint check-config -c /etc/setpoint/config.yaml")  # fmt: skip

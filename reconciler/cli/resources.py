@@ -164,10 +164,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             plan = f"{plan} (setpoint approve {plan})"
         table.append([
             f"{row['kind']}/{row['name']}", phase, str(row.get("observed_revision", "")), age(row.get("updated_at")),
-            plan, shorten(str(row.get("message", "")), 160),
+            plan, _issues(row.get("issues") or []), shorten(str(row.get("message", "")), 160),
         ])  # fmt: skip
-    print_table(("RESOURCE", "PHASE", "REVISION", "AGE", "PLAN", "MESSAGE"), table)
+    print_table(("RESOURCE", "PHASE", "REVISION", "AGE", "PLAN", "ISSUES", "MESSAGE"), table)
     return 0
+
+
+def _issues(issues: list[dict[str, Any]]) -> str:
+    """How many issues are open and in which states, e.g. "2 (1 healed, 1 unhealable)"; "-" for none."""
+    if not issues:
+        return "-"
+    states: dict[str, int] = {}
+    for issue in issues:
+        states[str(issue.get("state"))] = states.get(str(issue.get("state")), 0) + 1
+    return f"{len(issues)} ({', '.join(f'{n} {state}' for state, n in sorted(states.items()))})"
 
 
 async def _statuses(settings: Settings, keys: KeySpace, wanted: ResourceKey | None) -> list[dict[str, Any]]:

@@ -49,7 +49,7 @@ async def etcd_revision(config_path: Path) -> int:
 
 def test_version_and_help_with_an_example() -> None:
     assert run_cli("--version").stdout.startswith("setpoint ")
-    for command in ("plan", "approve", "reject", "delete", "replan", "check-config", "status", "apply"):
+    for command in ("plan", "approve", "reject", "delete", "replan", "check-config", "status", "apply", "issues"):
         help_text = run_cli(command, "--help").stdout
         assert "example:" in help_text and f"setpoint {command}" in help_text, command
 
@@ -274,7 +274,6 @@ def test_status_json_has_kind_and_name_and_no_desired_content(
     assert "s3cret-value" not in json.dumps(rows) and "applied" not in rows[0]
 
 
-
 def test_apply_in_several_transactions_says_what_was_written_when_one_fails(
     config: Path,  # noqa: F811
     tmp_path: Path,
@@ -302,3 +301,61 @@ def test_apply_in_several_transactions_says_what_was_written_when_one_fails(
     assert code == 1 and len(err.splitlines()) == 1
     assert "injected: etcd went away; written before the failure: file/f000, " in err
     assert "file/f127; not written: file/f128, file/f129" in err
+
+
+def test_issues_report_list_and_resolve(daemon: subprocess.Popen[bytes], config: Path, tmp_path: Path) -> None:  # noqa: F811
+    run_cli("apply", "-f", str(resources_file(tmp_path, banner="hi\n")), "-c", str(config))
+    wait_phase(config, "file/banner", "Converged")
+
+    reported = run_cli(
+        "issues", "report", "file/banner", "--summary", "banner looks odd", "--severity", "critical",
+        "--id", "by-hand", "-c", str(config),
+    )  # fmt: skip
+    assert reported.stdout.splitlines() == ["reported issue by-hand on file/banner"]
+    again = run_cli("issues", "report", "file/banner", "--summary", "x", "--id", "by-hand", "-c", str(config),
+                    check=False)  # fmt: skip
+    assert one_sentence(again) == (
+        "setpoint: issue by-hand already exists on file/banner; resolve it first or choose another --id"
+    )
+    made_up = run_cli("issues", "report", "file/banner", "--summary", "second look", "-c", str(config))
+    made_up_id = made_up.stdout.split()[2]
+    assert made_up_id.startswith("cli-")
+
+    deadline = time.monotonic() + 15
+    while True:
+        listed = json.loads(run_cli("issues", "list", "file/banner", "-o", "json", "-c", str(config)).stdout)
+        if [item["state"] for item in listed] == ["unhealable", "unhealable"]:
+            break
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.1)
+    by_hand = next(item for item in listed if item["id"] == "by-hand")
+    assert by_hand["severity"] == "critical" and by_hand["summary"] == "banner looks odd"
+    assert by_hand["source"].startswith("cli/") and by_hand["message"] == "no rule covers this issue"
+    table = run_cli("issues", "list", "-c", str(config)).stdout.splitlines()
+    assert table[0].split() == ["RESOURCE", "ID", "SEVERITY", "STATE", "SOURCE", "AGE", "SUMMARY"]
+    assert any(line.startswith("file/banner") and "by-hand" in line and "unhealable" in line for line in table)
+    status_table = run_cli("status", "file/banner", "-c", str(config)).stdout
+    assert "2 (2 unhealable)" in status_table
+
+    assert run_cli("issues", "resolve", "file/banner", "by-hand", "-c", str(config)).stdout.strip() == (
+        "resolved issue by-hand on file/banner"
+    )
+    missing = run_cli("issues", "resolve", "file/banner", "by-hand", "-c", str(config), check=False)
+    assert one_sentence(missing) == (
+        "setpoint: no issue by-hand on file/banner; `setpoint issues list file/banner` shows them"
+    )
+    listed = json.loads(run_cli("issues", "list", "-o", "json", "-c", str(config)).stdout)
+    assert [item["id"] for item in listed] == [made_up_id]
+
+
+def test_issues_list_shows_an_unreadable_issue(config: Path) -> None:  # noqa: F811
+    settings = load_settings(config)
+
+    async def put() -> None:
+        async with EtcdStore(settings.etcd.endpoints) as store:
+            await store.put(f"{settings.etcd.prefix}/issues/file/x/broken", b"{nope")
+
+    asyncio.run(put())
+    listed = json.loads(run_cli("issues", "list", "-o", "json", "-c", str(config)).stdout)
+    assert listed[0]["state"] == "invalid"
+    assert listed[0]["message"].startswith("ignored by the daemon: value is not valid JSON")
