@@ -8,9 +8,11 @@ the `severity` label (`critical` and `page` are critical, `info`, `low` and
 `alertmanager/<alertname>`, and the alert's labels, annotations, start and
 link in `details`. A resolved alert deletes its issue.
 
-The value holds nothing that changes while the alert keeps firing, and an
-unchanged issue is not written again, so Alertmanager's repeats are not new
-reports (an issue is healed once per report). Alerts without both labels are
+A firing is one report (an issue is healed once per report): while an
+issue from the same firing (the same `startsAt`) is stored, the alert is
+`unchanged` and not written again, so neither Alertmanager's repeats nor
+annotations that change as the alert keeps firing (a `{{ $value }}` in the
+summary) start another heal. Alerts without both labels are
 counted as `ignored`; with labels that are not valid names, as `invalid`.
 
 `parse` checks the whole payload before anything is written: a malformed one
@@ -144,6 +146,15 @@ def _add(batch: Batch, alert: Any, where: str) -> str | None:
     return None
 
 
+def _same_firing(stored: bytes, issue: Issue) -> bool:
+    """Whether `stored` is the issue of the same firing as `issue` (same source and start)."""
+    try:
+        before = Issue.model_validate_json(stored)
+    except ValueError:
+        return False  # not readable: replaced
+    return before.source == issue.source and before.details.get("starts_at") == issue.details.get("starts_at")
+
+
 def encode(issue: Issue) -> bytes:
     return json.dumps(issue.model_dump(mode="json"), separators=(",", ":"), sort_keys=True).encode()
 
@@ -163,10 +174,10 @@ async def apply(store: EtcdStore, keys: KeySpace, batch: Batch) -> Counter[str]:
             ops.append(Delete(path))
             counts["resolved"] += 1
             continue
-        value = encode(change.issue)
-        if kv is not None and kv.value == value:
+        if kv is not None and _same_firing(kv.value, change.issue):
             counts["unchanged"] += 1
             continue
+        value = encode(change.issue)
         ops.append(Put(path, value))
         counts["reported"] += 1
     for start in range(0, len(ops), MAX_TXN_OPS):

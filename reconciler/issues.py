@@ -15,7 +15,8 @@ write, so a resolved issue leaves it and a new one joins it as `open`:
 - `unhealable`: the agent has no plan for it (`message` says why).
 
 A report is healed once: `healed`, `failed` and `unhealable` are final for
-it. A changed value, or an issue removed and reported again, is a new report
+it. A status lists the oldest MAX_LISTED_ISSUES open issues; the others are
+healed once earlier ones are resolved. A changed value, or an issue removed and reported again, is a new report
 (`IssueEntry.report`) and starts over as `open`. The state follows the plan
 that answers the issue: every status write about that plan moves it (see
 `merge`), so the runner and the approvals need not know about issues.
@@ -36,6 +37,7 @@ from plans import IssueRef
 if TYPE_CHECKING:  # the cache imports the status, which imports this
     from reconciler.cache import IssueEntry
 
+MAX_LISTED_ISSUES = 100  # per status; later ones wait, unhealed, until earlier ones are resolved
 MAX_SUMMARY_CHARS = 200
 MAX_ISSUE_MESSAGE_CHARS = 300
 
@@ -109,7 +111,7 @@ def merge(
     answered = {(ref.id, ref.report) for ref in answers}
     marked = {mark.entry.id: mark for mark in marks}
     merged: list[IssueStatus] = []
-    for entry in open_issues:
+    for entry in open_issues[:MAX_LISTED_ISSUES]:
         old = before.get(entry.id)
         if old is not None and old.report != entry.report:
             old = None  # a new report: what was done about the old one does not carry over
@@ -153,4 +155,5 @@ def ref(entry: IssueEntry) -> IssueRef:
 def unhandled(statuses: Sequence[IssueStatus], open_issues: Sequence[IssueEntry]) -> list[IssueEntry]:
     """The open issues whose report has not been dealt with for good, oldest first."""
     by_id = {status.id: status for status in statuses}
-    return [e for e in open_issues if not (e.id in by_id and by_id[e.id].done(e))]
+    listed = open_issues[:MAX_LISTED_ISSUES]  # only what the status can say was done is healed
+    return [e for e in listed if not (e.id in by_id and by_id[e.id].done(e))]

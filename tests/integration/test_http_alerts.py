@@ -179,3 +179,19 @@ async def test_a_configured_token_is_required(guarded: Endpoint) -> None:
     assert await guarded.issues() == {}
     status, body = await guarded.post(payload(alert()), token=TOKEN)
     assert (status, body["reported"]) == (200, 1)
+
+
+async def test_a_firing_is_one_report_whatever_its_annotations_say_meanwhile(endpoint: Endpoint) -> None:
+    first = alert()
+    assert (await endpoint.post(payload(first)))[1]["reported"] == 1
+    later = alert()
+    later["annotations"]["summary"] = "motd is broken (value 3)"
+    assert (await endpoint.post(payload(later)))[1]["unchanged"] == 1
+    (issue,) = (await endpoint.issues()).values()
+    assert issue["summary"] == "motd is broken"
+
+    # Resolved, then firing again: a new firing, a new report.
+    await endpoint.post(payload(alert("resolved")))
+    refired = alert()
+    refired["startsAt"] = "2026-11-22T11:00:00.000Z"
+    assert (await endpoint.post(payload(refired)))[1]["reported"] == 1
