@@ -21,4 +21,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     approvals = settings.approvals
     token = read_secret(env=approvals.token_env, file=approvals.token_file, what="the HTTP approval token")
     print(f"approvals: {len(hooks)} webhooks, HTTP approvals {'on' if token else 'off (no token)'}")
+    alerts = settings.alerts
+    if not alerts.enabled:
+        print("alerts: POST /v1/alerts off")
+        return 0
+    alert_token = read_secret(env=alerts.token_env, file=alerts.token_file, what="the HTTP alerts token")
+    print(f"alerts: POST /v1/alerts on, {'with a bearer token' if alert_token else 'open (no token)'}")
     return 0

@@ -191,6 +191,12 @@ def test_check_config_validates_the_policy_file(config: Path, tmp_path: Path) ->
 
     assert f"policy file {policies} line 2" in bad and "'file.delte' matches no tool" in bad
     assert "ok" in good.stdout
+    assert good.stdout.splitlines()[-1] == "alerts: POST /v1/alerts on, open (no token)"
+
+    settings["alerts"] = {"token_file": str(tmp_path / "missing-token")}
+    config.write_text(yaml.safe_dump(settings))
+    missing = one_sentence(run_cli("check-config", "-c", str(config), check=False))
+    assert "the HTTP alerts token" in missing and "missing-token" in missing
 
 
 def test_delete_awaits_approval_and_approve_deletes_once(
