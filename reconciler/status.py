@@ -250,6 +250,8 @@ class StatusWriter:
         kept = await self._previous(key)
         if kept is None or kept is _UNREADABLE:
             return WriteResult.UNCHANGED
+        if not kept.issues and not marks and not self._open_issues(key):
+            return WriteResult.UNCHANGED  # the common case, at every reconcile: no issues before or now
         update = await self.prepare(
             key, phase=kept.phase, revision=kept.observed_revision, message=kept.message, deleted=kept.deleted,
             marks=marks,
