@@ -126,8 +126,10 @@ def build(
 ) -> Runtime:
     s = settings
     queue: WorkQueue[ResourceKey] = WorkQueue(
-        backoff=ExponentialBackoff(base=s.reconciler.backoff_base_seconds, cap=s.reconciler.backoff_max_seconds)
+        backoff=ExponentialBackoff(base=s.reconciler.backoff_base_seconds, cap=s.reconciler.backoff_max_seconds),
+        observer=metrics.queue_counts(),
     )
+    metrics.watch_queue(queue)
     claims = ClaimIndex(agents=parts.agents, cache=cache)
 
     def on_change(key: ResourceKey) -> None:
@@ -135,7 +137,6 @@ def build(
         for other in claims.update(key):
             queue.add(other)
         queue.add(key)
-        metrics.workqueue_depth.set(len(queue))
 
     stopping = asyncio.Event()
     status = StatusWriter(store=store, keys=keys)
