@@ -140,6 +140,7 @@ def build(
 
     stopping = asyncio.Event()
     status = StatusWriter(store=store, keys=keys)
+    metrics.count_resources(status.phase_counts)
     journal = PlanJournal(store=store, keys=keys, status=status)
     observer = Observer(
         store=store, keys=keys, cache=cache, agents=parts.agents, poll_seconds=parts.poll_seconds,

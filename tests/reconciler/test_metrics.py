@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import cast
 
 import pytest
 from prometheus_client import generate_latest
 
+from plans import ResourceKey
 from reconciler.clock import FakeClock
+from reconciler.keys import KeySpace
 from reconciler.metrics import ALERT_RESULTS, HEAL_RESULTS, Metrics
+from reconciler.status import Phase, Status, StatusWriter
+from reconciler.store import EtcdStore, KeyValue
 from reconciler.workqueue import ExponentialBackoff, WorkQueue
 
 
@@ -157,6 +162,40 @@ async def test_the_longest_running_key_is_read_at_scrape(
 
 
 # -- families read at scrape -----------------------------------------------------------------------------------------
+
+
+def test_resources_by_kind_and_phase_come_from_the_status_writer() -> None:
+    keys = KeySpace("/sp")
+    writer = StatusWriter(store=cast(EtcdStore, None), keys=keys)  # seeded: it never reads these keys
+
+    def stored(kind: str, name: str, value: bytes) -> KeyValue:
+        return KeyValue(key=keys.status(ResourceKey(kind=kind, name=name)).encode(), value=value, mod_revision=1)
+
+    def status(phase: Phase) -> bytes:
+        return Status(phase=phase, observed_revision=1, updated_at=datetime.now(UTC)).model_dump_json().encode()
+
+    writer.seed(
+        [
+            stored("file", "a", status(Phase.CONVERGED)),
+            stored("file", "b", status(Phase.CONVERGED)),
+            stored("file", "c", status(Phase.BLOCKED)),
+            stored("process", "d", status(Phase.FAILED)),
+            stored("file", "e", b"not json"),  # unreadable: rewritten at its next reconcile, as Pending until then
+        ]
+    )
+    metrics = Metrics()
+    metrics.count_resources(writer.phase_counts)
+
+    text = scraped(metrics)
+    assert 'setpoint_resources{kind="file",phase="Converged"} 2.0' in text
+    assert 'setpoint_resources{kind="file",phase="Blocked"} 1.0' in text
+    assert 'setpoint_resources{kind="file",phase="Pending"} 1.0' in text
+    assert 'setpoint_resources{kind="process",phase="Failed"} 1.0' in text
+    for phase in Phase:  # every phase of a kind is there, at 0 when empty, so none vanishes
+        assert sample(metrics, "setpoint_resources", kind="process", phase=phase.value) is not None
+
+    writer.forget(ResourceKey(kind="file", name="c"))  # its status was deleted
+    assert sample(metrics, "setpoint_resources", kind="file", phase="Blocked") == 0
 
 
 def test_open_issues_are_read_at_scrape_and_a_new_reader_replaces_the_old() -> None:
