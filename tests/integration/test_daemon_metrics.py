@@ -1,7 +1,8 @@
 """The metrics of a real daemon run, read from its registry's text exposition as Prometheus reads it.
 
 A file converges, then its deletion waits for approval: the counts by phase follow, the step and the plan are
-counted with their labels, and the work queue and the watch report.
+counted with their labels, the work queue and the watch report, and the README's table names exactly the
+families the daemon exposes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import cast
 
 from harness import Harness, eventually
 from prometheus_client import generate_latest
+from readme_metrics import documented, exposed
 
 from reconciler.daemon import setpoint_version
 
@@ -19,7 +21,7 @@ def sample(h: Harness, name: str, **labels: str) -> float | None:
     return cast(float | None, h.daemon.metrics.registry.get_sample_value(name, labels))
 
 
-async def test_a_run_moves_the_metrics(running: Harness) -> None:
+async def test_a_run_moves_the_metrics_and_exposes_what_the_readme_documents(running: Harness) -> None:
     h = running
     assert h.daemon is not None
     text = generate_latest(h.daemon.metrics.registry).decode()
@@ -52,3 +54,7 @@ async def test_a_run_moves_the_metrics(running: Harness) -> None:
     await eventually(awaiting_counted, what="setpoint_resources to count the deletion awaiting approval")
     assert sample(h, "setpoint_resources", kind="file", phase="Converged") == 0
     assert sample(h, "setpoint_plans_total", risk="high", decision="approve") == 1
+
+    documented_names = {name: shape[0] for name, shape in documented().items()}
+    exposed_names = {name: shape[0] for name, shape in exposed(h.daemon.metrics.registry).items()}
+    assert exposed_names == documented_names, "README.md's metric table and the daemon's metrics differ"

@@ -13,6 +13,8 @@ from typing import cast
 
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+from readme_metrics import documented, exposed
 
 from plans import ResourceKey
 from reconciler.clock import FakeClock
@@ -34,6 +36,36 @@ def scraped(metrics: Metrics) -> str:
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
     return cast(float | None, metrics.registry.get_sample_value(name, labels))
+
+
+# -- the table in the README ---------------------------------------------------------------------------------------
+
+
+def test_the_readme_table_names_every_metric_with_its_type_and_labels() -> None:
+    """Every family the code registers, with the type and label names the README gives it, and no other.
+
+    Each labelled metric is given one sample through the README's label names: if they are not the code's,
+    prometheus_client refuses them. Families read at scrape get one row each.
+    """
+    metrics = Metrics(version="1.2.3")
+    metrics.count_resources(lambda: {("file", "Converged"): 1})
+    metrics.count_open_issues(lambda: {("file", "warning"): 1})
+    metrics.count_hook_deliveries(lambda: {"delivered": 1})
+    table = documented()
+    wrappers = {}
+    for wrapper in vars(metrics).values():
+        if isinstance(wrapper, MetricWrapperBase):
+            family = wrapper.describe()[0]
+            wrappers[f"{family.name}_total" if family.type == "counter" else family.name] = wrapper
+    for name, (_, labels) in table.items():
+        wrapper = wrappers.get(name)
+        if wrapper is not None and labels:
+            try:
+                wrapper.labels(**dict.fromkeys(labels, "x"))
+            except ValueError as e:
+                pytest.fail(f"the README gives {name} the labels {sorted(labels)}, the code does not: {e}")
+
+    assert exposed(metrics.registry) == table
 
 
 # -- build info ------------------------------------------------------------------------------------------------------
