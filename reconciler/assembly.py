@@ -126,8 +126,10 @@ def build(
 ) -> Runtime:
     s = settings
     queue: WorkQueue[ResourceKey] = WorkQueue(
-        backoff=ExponentialBackoff(base=s.reconciler.backoff_base_seconds, cap=s.reconciler.backoff_max_seconds)
+        backoff=ExponentialBackoff(base=s.reconciler.backoff_base_seconds, cap=s.reconciler.backoff_max_seconds),
+        observer=metrics.queue_counts(),
     )
+    metrics.watch_queue(queue)
     claims = ClaimIndex(agents=parts.agents, cache=cache)
 
     def on_change(key: ResourceKey) -> None:
@@ -135,13 +137,14 @@ def build(
         for other in claims.update(key):
             queue.add(other)
         queue.add(key)
-        metrics.workqueue_depth.set(len(queue))
 
     stopping = asyncio.Event()
     status = StatusWriter(
         store=store, keys=keys, open_issues=cache.open_issues,
         on_heal=lambda state: metrics.heals.labels(result=state.value).inc(),
     )  # fmt: skip
+    metrics.count_resources(status.phase_counts)
+    metrics.count_open_issues(cache.issue_counts)
     journal = PlanJournal(store=store, keys=keys, status=status)
     observer = Observer(
         store=store, keys=keys, cache=cache, agents=parts.agents, poll_seconds=parts.poll_seconds,

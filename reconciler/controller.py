@@ -109,7 +109,6 @@ class Controller:
                 await self._process(key)
             finally:
                 self._queue.done(key)
-                self._metrics.workqueue_depth.set(len(self._queue))
 
     async def _process(self, key: ResourceKey) -> None:
         started = time.monotonic()

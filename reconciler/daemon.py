@@ -74,7 +74,7 @@ class Daemon:
     def __init__(self, settings: Settings, *, assembly: Assembly | None = None) -> None:
         self.settings = settings
         self._assembly = assembly
-        self.metrics = Metrics()
+        self.metrics = Metrics(version=setpoint_version())
         self.keys = KeySpace(settings.etcd.prefix)
         self.cache = Cache(self.keys)
         self.embedded: EmbeddedEtcd | None = None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -149,7 +150,6 @@ class Executor:
         journal = record.steps[validated.index]
         journal.finished_at = utcnow()
         journal.output, note = cap_output(result.output)
-        self._metrics.steps.labels(tool=validated.tool.name, result=result.status.value).inc()
         if not result.ok:
             journal.state = StepState.FAILED
             journal.message = "; ".join(filter(None, [result.error or "failed", note]))[:MAX_MESSAGE_CHARS]
@@ -178,6 +178,8 @@ class Executor:
         return True
 
     async def _run(self, validated: ValidatedStep, record: PlanRecord) -> ToolResult:
+        """Call the step's tool, retrying what may be retried; the step is counted, and its time (every
+        attempt and the waits between them) observed, under its final result."""
         r = self._retries
 
         def log_retry(state: RetryCallState) -> None:
@@ -195,7 +197,11 @@ class Executor:
             before_sleep=log_retry,
             retry_error_callback=lambda state: state.outcome.result() if state.outcome is not None else None,
         )
+        started = time.monotonic()
         result: ToolResult = await retrying(self._call, validated, record)
+        labels = {"tool": validated.tool.name, "result": result.status.value}
+        self._metrics.steps.labels(**labels).inc()
+        self._metrics.step_duration.labels(**labels).observe(time.monotonic() - started)
         return result
 
     async def _call(self, validated: ValidatedStep, record: PlanRecord) -> ToolResult:

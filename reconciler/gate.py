@@ -113,7 +113,7 @@ class Gate:
             return Verdict(Check.EMPTY, plan, plan.reasoning)
         decision = self.decide(plan, labels)
         if not approved:
-            self._metrics.plans.labels(decision=decision.action.value).inc()
+            self._metrics.plans.labels(risk=plan.risk.value, decision=decision.action.value).inc()
         record = PlanRecord.start(
             plan, decision=decision.action.value, decision_reason=decision.reason, decision_rule=decision.rule,
             approvers=list(decision.approvers),

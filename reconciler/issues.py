@@ -53,6 +53,7 @@ class IssueState(StrEnum):
 
 
 DONE = frozenset({IssueState.HEALED, IssueState.FAILED, IssueState.UNHEALABLE})  # final for a report
+HEALS = (IssueState.HEALED, IssueState.FAILED, IssueState.UNHEALABLE, IssueState.BLOCKED)  # setpoint_heals_total
 _WITH_MESSAGE = frozenset({IssueState.FAILED, IssueState.BLOCKED, IssueState.UNHEALABLE})
 
 
@@ -143,8 +144,7 @@ def merge(
 def newly(previous: Sequence[IssueStatus], current: Sequence[IssueStatus]) -> list[IssueState]:
     """The states issues entered between two lists (for `setpoint_heals_total`): final or `blocked` ones."""
     before = {(s.id, s.report): s.state for s in previous}
-    counted = DONE | {IssueState.BLOCKED}
-    return [s.state for s in current if s.state in counted and before.get((s.id, s.report)) is not s.state]
+    return [s.state for s in current if s.state in HEALS and before.get((s.id, s.report)) is not s.state]
 
 
 def ref(entry: IssueEntry) -> IssueRef:

@@ -1,19 +1,57 @@
-"""Prometheus metrics, on a registry owned by the daemon (no import-time global registry)."""
+"""Prometheus metrics, on a registry owned by the daemon (no import-time global registry).
+
+Most metrics are plain counters, gauges and histograms that the component
+where the event happens updates. Some are read at scrape instead, from the
+state their owner keeps anyway, so they can never disagree with it: the work
+queue's depth and longest-running key (`watch_queue`), and the counts given by
+`count_resources`, `count_open_issues` and `count_hook_deliveries`. Those
+families are registered here, up front, so every name is exposed from the
+start (with no samples until their reader is given), and giving a reader
+again replaces it.
+
+The work queue knows nothing of Prometheus: it reports to a `QueueCounts`
+(`queue_counts`), which has the methods `workqueue.QueueObserver` asks for.
+
+Labels take bounded values only (kinds, phases, tools, results, reasons),
+never a key, a name or a plan id.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from reconciler import alerts
+from reconciler.issues import HEALS
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+# The closed sets of the counters other components increment, created at 0 so a rate is defined from the start.
+HEAL_RESULTS = tuple(state.value for state in HEALS)
+ALERT_RESULTS = alerts.RESULTS
+
+
+class QueueState(Protocol):
+    """What `watch_queue` reads from the work queue at scrape."""
+
+    def __len__(self) -> int: ...
+
+    def longest_running(self) -> float: ...
+
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, version: str | None = None) -> None:
+        """`version` labels `setpoint_build_info`; without one (a dry run) the family has no sample."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.build_info = Gauge(
+            "setpoint_build_info", "Always 1; the version label says which setpoint runs.", ["version"], registry=r
+        )
+        if version is not None:
+            self.build_info.labels(version=version).set(1)
         self.events = Counter(
             "setpoint_events", "etcd watch events applied to the cache, by section and type.",
             ["section", "type"], registry=r,
@@ -25,13 +63,19 @@ class Metrics:
             "setpoint_reconcile_duration_seconds", "Time to reconcile one key.", ["kind"],
             buckets=_DURATION_BUCKETS, registry=r,
         )  # fmt: skip
-        self.workqueue_depth = Gauge("setpoint_workqueue_depth", "Keys waiting in the work queue.", registry=r)
+        self._workqueue(r)
         self.steps = Counter(
             "setpoint_plan_steps", "Executed plan steps by tool and result.", ["tool", "result"], registry=r
         )
+        self.step_duration = Histogram(
+            "setpoint_plan_step_duration_seconds",
+            "Time to run one plan step (its retries included), by tool and result.", ["tool", "result"],
+            buckets=_DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
         self.plans = Counter(
-            "setpoint_plans", "Plans by policy decision (auto, notify, approve, deny).", ["decision"], registry=r
-        )
+            "setpoint_plans", "Plans by risk and policy decision (auto, notify, approve, deny).",
+            ["risk", "decision"], registry=r,
+        )  # fmt: skip
         self.approvals_pending = Gauge(
             "setpoint_approvals_pending", "Plans awaiting a person's approval.", registry=r
         )
@@ -47,6 +91,11 @@ class Metrics:
             "setpoint_invalid_keys", "Keys under desired/ or actual/ that do not fit the key layout.", registry=r
         )
         self.etcd_revision = Gauge("setpoint_etcd_revision", "Last etcd revision seen by the watch.", registry=r)
+        self.watch_last_response = Gauge(
+            "setpoint_watch_last_response_timestamp_seconds",
+            "Unix time of the last watch response (events or progress notification); 0 before the first.",
+            registry=r,
+        )  # fmt: skip
         self.watch_restarts = Counter(
             "setpoint_etcd_watch_restarts", "Watch restarts by reason.", ["reason"], registry=r
         )
@@ -62,39 +111,119 @@ class Metrics:
             "setpoint_mutation_budget_wait_seconds",
             "Seconds steps waited for the global mutating-steps-per-minute budget.", registry=r,
         )  # fmt: skip
-        self.invalid_issues = Counter(
-            "setpoint_invalid_issues", "Issue values that could not be read (logged and ignored).", registry=r
+        self.tool_retries = Counter(
+            "setpoint_tool_retries", "Tool calls retried after a retryable error.", ["tool"], registry=r
         )
+        self._health(r)
+        self._hook_deliveries = _Counts(
+            "setpoint_hook_deliveries", "Approval webhook deliveries by result (delivered, failed, dropped).",
+            ["result"], counter=True,
+        )  # fmt: skip
+        r.register(self._hook_deliveries)
+
+    def _workqueue(self, r: CollectorRegistry) -> None:
+        self.workqueue_depth = Gauge(
+            "setpoint_workqueue_depth", "Keys in the work queue that a worker can take now.", registry=r
+        )
+        self.workqueue_adds = Counter(
+            "setpoint_workqueue_adds", "Adds to the work queue, whether or not the key was queued already.", registry=r
+        )
+        self.workqueue_retries = Counter(
+            "setpoint_workqueue_retries", "Keys sent back to the work queue with a backoff after a failure.", registry=r
+        )
+        self.workqueue_queue_duration = Histogram(
+            "setpoint_workqueue_queue_duration_seconds",
+            "Time a key waited in the work queue, from when it could be taken to when a worker took it.",
+            buckets=_DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.workqueue_longest_running = Gauge(
+            "setpoint_workqueue_longest_running_processor_seconds",
+            "How long the longest reconcile under way has been running (0: none).", registry=r,
+        )  # fmt: skip
+
+    def _health(self, r: CollectorRegistry) -> None:
+        """What state the resources are in, and what was reported and done about them."""
+        self._resources = _Counts(
+            "setpoint_resources", "Resources by kind and status phase.", ["kind", "phase"], counter=False
+        )
+        r.register(self._resources)
+        self._issues_open = _Counts(
+            "setpoint_issues_open", "Open issues by kind and severity.", ["kind", "severity"], counter=False
+        )
+        r.register(self._issues_open)
         self.heals = Counter(
             "setpoint_heals", "Issue reports by what healing them came to: healed, failed, unhealable, blocked.",
             ["result"], registry=r,
         )  # fmt: skip
-        self.alerts_received = Counter(
-            "setpoint_alerts_received",
-            "Alerts received on POST /v1/alerts, by what became of them: reported, resolved, unchanged, ignored, "
-            "invalid.", ["result"], registry=r,
-        )  # fmt: skip
-        self.tool_retries = Counter(
-            "setpoint_tool_retries", "Tool calls retried after a retryable error.", ["tool"], registry=r
+        for result in HEAL_RESULTS:
+            self.heals.labels(result=result)
+        self.invalid_issues = Counter(
+            "setpoint_invalid_issues", "Issue values that could not be read (logged and ignored).", registry=r
         )
+        self.alerts_received = Counter(
+            "setpoint_alerts_received", "Alerts received on POST /v1/alerts, by what became of each.", ["result"],
+            registry=r,
+        )  # fmt: skip
+        for result in ALERT_RESULTS:
+            self.alerts_received.labels(result=result)
+
+    def queue_counts(self) -> QueueCounts:
+        """What the work queue reports its adds, retries and waits to."""
+        return QueueCounts(self)
+
+    def watch_queue(self, queue: QueueState) -> None:
+        """Expose the queue's depth and its longest-running key, read at scrape."""
+        self.workqueue_depth.set_function(lambda: len(queue))
+        self.workqueue_longest_running.set_function(queue.longest_running)
 
     def count_hook_deliveries(self, read: Callable[[], Mapping[str, int]]) -> None:
         """Expose `setpoint_hook_deliveries_total{result}` from the notifier's own counts, read at scrape."""
-        self.registry.register(_Deliveries(read))
+        self._hook_deliveries.read = lambda: [((result,), n) for result, n in read().items()]
+
+    def count_resources(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """Expose `setpoint_resources{kind, phase}` from `read()`, keyed by (kind, phase), read at scrape."""
+        self._resources.read = lambda: read().items()
+
+    def count_open_issues(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """Expose `setpoint_issues_open{kind, severity}` from `read()`, keyed by (kind, severity), read at scrape."""
+        self._issues_open.read = lambda: read().items()
 
 
-class _Deliveries:
-    def __init__(self, read: Callable[[], Mapping[str, int]]) -> None:
-        self._read = read
+class QueueCounts:
+    """The work queue's `QueueObserver`: its events, as the `setpoint_workqueue_*` metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def added(self) -> None:
+        self._metrics.workqueue_adds.inc()
+
+    def retried(self) -> None:
+        self._metrics.workqueue_retries.inc()
+
+    def taken(self, waited: float) -> None:
+        self._metrics.workqueue_queue_duration.observe(waited)
+
+
+class _Counts:
+    """A family read at scrape from `read()`: a count for each tuple of label values."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], *, counter: bool) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labels = list(labels)
+        self._counter = counter
+        self.read: Callable[[], Iterable[tuple[Sequence[str], int]]] = list  # label values and count
 
     def describe(self) -> list[Metric]:
-        return [CounterMetricFamily("setpoint_hook_deliveries", "Approval webhook deliveries by result.")]
+        return [self._family()]
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "setpoint_hook_deliveries", "Approval webhook deliveries by result (delivered, failed, dropped).",
-            labels=["result"],
-        )  # fmt: skip
-        for result, count in self._read().items():
-            family.add_metric([result], count)
+        family = self._family()
+        for values, count in self.read():
+            family.add_metric(list(values), count)
         yield family
+
+    def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        kind = CounterMetricFamily if self._counter else GaugeMetricFamily
+        return kind(self._name, self._documentation, labels=self._labels)

@@ -28,6 +28,7 @@ be torn down.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -277,6 +278,14 @@ class StatusWriter:
             return WriteResult.STALE
         self.remember(update)
         return WriteResult.WRITTEN
+
+    def phase_counts(self) -> dict[tuple[str, str], int]:
+        """How many resources of each kind are in each phase, by (kind, phase), from the statuses this writer
+        knows (at start-up, every stored one). Every phase of a kind with a status is counted, 0 included, so a
+        phase that empties reads 0 rather than vanishing."""
+        found = Counter((key.kind, status.phase.value) for key, status in self._last.items() if status is not None)
+        kinds = {kind for kind, _ in found}
+        return {(kind, phase.value): found[(kind, phase.value)] for kind in kinds for phase in Phase}
 
     async def is_converged(self, key: ResourceKey, revision: int) -> bool:
         """Whether the stored status says `key` converged at desired `revision` (and to what it looked like)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Callable
 
 import structlog
@@ -151,6 +152,7 @@ class Reflector:
         async with contextlib.aclosing(stream):
             async for batch in stream:
                 self._failures = 0  # the stream works: the next failure starts the backoff over
+                self._metrics.watch_last_response.set(time.time())  # wall-clock time, for alerting on its age
                 last = self._cache.revision
                 for event in batch.events:
                     section = self._section_label(event.kv.key)

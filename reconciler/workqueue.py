@@ -9,6 +9,15 @@
 - `add_rate_limited` delays a key by its own exponential backoff
   (`base * 2**failures`, capped); `forget` resets it after a success.
 - `add_after` delays an add; if a key is already waiting, the earlier time wins.
+
+What the queue does is reported to a `QueueObserver` (the daemon's metrics),
+so the queue itself stays free of any metrics library: every `add` (whether
+or not the key was queued already; a delayed add when its delay ends), every
+`add_rate_limited`, and, when a worker takes a key, how long it waited since
+it could first be taken. A key added while it is being processed can be
+taken only after `done`, so its wait starts then; a delayed key's starts
+when its delay ends. `longest_running` says how long the oldest key still
+being processed has been.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from reconciler.clock import Clock, SystemClock
 
@@ -54,13 +63,45 @@ class ShutDownError(Exception):
     pass
 
 
+class QueueObserver(Protocol):
+    """Told what the queue does, as it does it (synchronously, so it must not block)."""
+
+    def added(self) -> None: ...
+
+    def retried(self) -> None: ...
+
+    def taken(self, waited: float) -> None:
+        """A worker took a key that could have been taken `waited` seconds earlier."""
+        ...
+
+
+class _Unobserved:
+    def added(self) -> None:
+        pass
+
+    def retried(self) -> None:
+        pass
+
+    def taken(self, waited: float) -> None:
+        pass
+
+
 class WorkQueue(Generic[K]):
-    def __init__(self, *, clock: Clock | None = None, backoff: ExponentialBackoff[K] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        backoff: ExponentialBackoff[K] | None = None,
+        observer: QueueObserver | None = None,
+    ) -> None:
+        """`clock` defaults to the system clock, `backoff` to `ExponentialBackoff()`; `observer` to none."""
         self._clock = clock or SystemClock()
         self.backoff = backoff or ExponentialBackoff()
+        self._observer: QueueObserver = observer or _Unobserved()
         self._queue: deque[K] = deque()
+        self._ready_since: dict[K, float] = {}  # for each queued key, since when it could be taken
         self._dirty: set[K] = set()
-        self._processing: set[K] = set()
+        self._processing: dict[K, float] = {}  # each key being processed, and when it was taken
         self._getters: deque[asyncio.Future[None]] = deque()
         self._waiting: dict[K, float] = {}
         self._heap: list[tuple[float, int, K]] = []
@@ -72,13 +113,18 @@ class WorkQueue(Generic[K]):
     # -- adding -----------------------------------------------------------------
 
     def add(self, key: K) -> None:
-        if self._shutting_down or key in self._dirty:
+        self._add(key, ready_since=None)
+
+    def _add(self, key: K, *, ready_since: float | None) -> None:
+        if self._shutting_down:
+            return
+        self._observer.added()
+        if key in self._dirty:
             return
         self._dirty.add(key)
         if key in self._processing:
             return
-        self._queue.append(key)
-        self._notify()
+        self._enqueue(key, self._clock.now() if ready_since is None else ready_since)
 
     def add_after(self, key: K, delay: float) -> None:
         if self._shutting_down:
@@ -97,6 +143,8 @@ class WorkQueue(Generic[K]):
 
     def add_rate_limited(self, key: K) -> float:
         """Re-add `key` after its next backoff delay; returns the delay."""
+        if not self._shutting_down:
+            self._observer.retried()
         delay = self.backoff.next_delay(key)
         self.add_after(key, delay)
         return delay
@@ -121,15 +169,16 @@ class WorkQueue(Generic[K]):
                     self._notify()
                 raise
         key = self._queue.popleft()
-        self._processing.add(key)
+        now = self._clock.now()
+        self._processing[key] = now
         self._dirty.discard(key)
+        self._observer.taken(max(0.0, now - self._ready_since.pop(key, now)))
         return key
 
     def done(self, key: K) -> None:
-        self._processing.discard(key)
+        self._processing.pop(key, None)
         if key in self._dirty and not self._shutting_down:
-            self._queue.append(key)
-            self._notify()
+            self._enqueue(key, self._clock.now())
 
     # -- state ------------------------------------------------------------------
 
@@ -144,10 +193,16 @@ class WorkQueue(Generic[K]):
     def processing(self) -> frozenset[K]:
         return frozenset(self._processing)
 
+    def longest_running(self) -> float:
+        """Seconds since the longest-processed key still in hand was taken; 0 when none is."""
+        now = self._clock.now()
+        return max((now - taken for taken in self._processing.values()), default=0.0)
+
     async def shutdown(self) -> None:
         """Stop accepting keys and wake every waiting `get`; queued keys are dropped."""
         self._shutting_down = True
         self._queue.clear()
+        self._ready_since.clear()
         self._dirty.clear()
         self._waiting.clear()
         self._heap.clear()
@@ -161,6 +216,11 @@ class WorkQueue(Generic[K]):
                 waiter.set_result(None)
 
     # -- internals --------------------------------------------------------------
+
+    def _enqueue(self, key: K, ready_since: float) -> None:
+        self._queue.append(key)
+        self._ready_since[key] = ready_since
+        self._notify()
 
     def _notify(self) -> None:
         while self._getters:
@@ -184,7 +244,7 @@ class WorkQueue(Generic[K]):
                     break
                 heapq.heappop(self._heap)
                 del self._waiting[key]
-                self.add(key)
+                self._add(key, ready_since=ready_at)  # its wait began when its delay ended
             self._heap_changed.clear()
             if not self._heap:
                 await self._heap_changed.wait()

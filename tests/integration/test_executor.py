@@ -86,6 +86,7 @@ class Rig:
     executor: Executor
     journal: PlanJournal
     keys: KeySpace
+    metrics: Metrics
 
 
 def make(store: EtcdStore, *, per_minute: int = 100, time: FakeTime | None = None) -> Rig:
@@ -94,8 +95,9 @@ def make(store: EtcdStore, *, per_minute: int = 100, time: FakeTime | None = Non
     budget = MutationBudget(per_minute=per_minute, now=time.now, sleep=time.sleep)
     retries = ToolSettings(retry_attempts=3, retry_backoff_base_seconds=0.001, retry_backoff_max_seconds=0.01)
     journal = PlanJournal(store=store, keys=keys, status=StatusWriter(store=store, keys=keys))
-    executor = Executor(journal=journal, metrics=Metrics(), budget=budget, stopping=asyncio.Event(), retries=retries)
-    return Rig(executor, journal, keys)
+    metrics = Metrics()
+    executor = Executor(journal=journal, metrics=metrics, budget=budget, stopping=asyncio.Event(), retries=retries)
+    return Rig(executor, journal, keys, metrics)
 
 
 async def execute(rig: Rig, record: PlanRecord, steps: list, revision: Callable[[], int]) -> PlanRecord:
@@ -175,6 +177,29 @@ async def test_a_timed_out_idempotent_tool_is_retried(store: EtcdStore) -> None:
 
     assert tool.calls == 2
     assert record.state is PlanState.SUCCEEDED
+
+
+async def test_a_step_is_counted_and_timed_once_under_its_final_result_its_retries_included(
+    store: EtcdStore,
+) -> None:
+    rig = make(store)
+    timed_out_then_ok, broken = Scripted(["hang", "ok"]), type("Broken", (Scripted,), {"name": "test.broken"})([])
+    broken.script = ["error"]
+
+    await run(rig, timed_out_then_ok)
+    await run(rig, broken)
+
+    def sample(name: str, tool: str, result: str) -> float | None:
+        value = rig.metrics.registry.get_sample_value(name, {"tool": tool, "result": result})
+        return None if value is None else float(value)
+
+    assert sample("setpoint_plan_steps_total", "test.scripted", "success") == 1
+    assert sample("setpoint_plan_step_duration_seconds_count", "test.scripted", "success") == 1
+    took = sample("setpoint_plan_step_duration_seconds_sum", "test.scripted", "success")
+    assert took is not None and took >= Scripted.timeout_s, "the timed-out attempt is part of the step's time"
+    assert sample("setpoint_plan_steps_total", "test.broken", "error") == 1
+    assert sample("setpoint_plan_step_duration_seconds_count", "test.broken", "error") == 1
+    assert sample("setpoint_plan_step_duration_seconds_count", "test.scripted", "error") is None
 
 
 async def test_only_mutating_steps_take_from_the_budget_and_wait_their_turn(store: EtcdStore) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -220,6 +221,32 @@ async def test_a_progress_notification_moves_the_resume_revision_and_a_progress_
         assert cache.revision == 31
         assert metrics.etcd_revision._value.get() == 31
         assert file("a") in seen
+
+
+async def test_every_watch_response_events_or_progress_stamps_the_last_response_time() -> None:
+    store = FakeStore(
+        attempts=[
+            ([WatchBatch(events=(put("a", 12),), revision=15)], StoreUnavailableError("down")),
+            ([WatchBatch(events=(), revision=30, progress=True)], None),
+        ]
+    )
+    clock = FakeClock()
+    before = time.time()
+    async with running(store, clock) as (_, _, metrics, _):
+        stamped = metrics.registry.get_sample_value("setpoint_watch_last_response_timestamp_seconds")
+        assert before <= stamped <= time.time(), "the batch of events stamps it"
+        await asyncio.sleep(0.01)  # so that a later stamp is a larger one
+        clock.advance(SETTINGS.backoff_max_seconds)  # the second watch opens after its backoff
+        await settle()
+        assert store.watched_from == [11, 13]
+        later = metrics.registry.get_sample_value("setpoint_watch_last_response_timestamp_seconds")
+        assert stamped < later <= time.time(), "the progress notification stamps it again"
+
+
+async def test_the_list_is_no_watch_response() -> None:
+    async with running(FakeStore(attempts=[]), FakeClock()) as (reflector, _, metrics, _):
+        assert reflector.synced.is_set()
+        assert metrics.registry.get_sample_value("setpoint_watch_last_response_timestamp_seconds") == 0
 
 
 async def test_the_watch_gets_the_progress_and_stall_settings() -> None:
