@@ -9,14 +9,16 @@ gauge recovers and a resolved notification follows.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
-from servers import Servers, wait_for
+from servers import Servers, shipped_rules, wait_for
 
 
 @dataclass
@@ -126,3 +128,12 @@ def test_the_servers_stop(servers: Servers, tmp_path: Path) -> None:
     processes = [prom.process.process, am.process.process]
     servers.close()
     assert all(p is not None and p.poll() is not None for p in processes)
+
+
+def test_the_shipped_rules_can_be_loaded_with_a_short_hold(tmp_path: Path, promtool: str) -> None:
+    path = shipped_rules(tmp_path, hold="1s")
+    rules = [r for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
+    assert {r["alert"] for r in rules} >= {"SetpointDown", "SetpointResourceNotConverged"}
+    assert {r.get("for") for r in rules} == {"1s"}
+    check = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
