@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= setpoint.yaml
 STATE := .setpoint
 
-.PHONY: venv run stop test lint clean
+.PHONY: venv servers run stop test lint clean prometheusrule
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+## Prometheus, Alertmanager and systemd-analyze for the tests that run them: installed from Debian's packages
+## where this runs as root with apt-get (services not started); elsewhere those tests skip, with a message here.
+servers:
+	@bash .ci/install-servers
 
 ## Start the daemon on embedded etcd with the example config, apply the example
 ## resources, wait until they converge and show their status. The daemon keeps
@@ -24,12 +29,17 @@ run: venv
 stop: venv
 	$(PY) examples/run_demo.py --config $(CONFIG) --stop
 
-## Unit tests, layer contracts, type and lint checks, then integration tests against a real etcd.
-test: venv
+## Unit tests, layer contracts, type and lint checks, then integration tests against a real etcd
+## and tests against real Prometheus and Alertmanager servers.
+test: venv servers
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## Write deploy/kubernetes/prometheusrule.yaml from deploy/prometheus/alerts.yaml (edit only the latter).
+prometheusrule: venv
+	$(PY) deploy/prometheus/prometheusrule.py
 
 clean:
 	rm -rf $(VENV) $(STATE) build dist *.egg-info

@@ -1,4 +1,5 @@
-"""Shared fixtures: one real etcd process per test session, on free loopback ports."""
+"""Shared fixtures: one real etcd process per test session, on free loopback ports; real Prometheus and
+Alertmanager servers, and the tools that check deploy files (see servers.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from servers import ALERTMANAGER, PROMETHEUS, PROMTOOL, SYSTEMD_ANALYZE, Servers, require
 
 from reconciler.embedded import EmbeddedEtcd
 
@@ -33,3 +35,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def soak(request: pytest.FixtureRequest) -> bool:
     """True when the suite runs with --soak: fault tests use their full sizes."""
     return bool(request.config.getoption("--soak"))
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    """Starts real Prometheus and Alertmanager servers for this test and stops them after it.
+
+    Skips the test when either is not installed (fails it under SETPOINT_REQUIRE_SERVERS=1).
+    """
+    require(PROMETHEUS)
+    require(ALERTMANAGER)
+    started = Servers(tmp_path / "servers")
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@pytest.fixture
+def promtool() -> str:
+    """The path of promtool (Debian package prometheus); skips, or fails under SETPOINT_REQUIRE_SERVERS=1."""
+    return require(PROMTOOL)
+
+
+@pytest.fixture
+def systemd_analyze() -> str:
+    """The path of systemd-analyze (Debian package systemd); skips, or fails under SETPOINT_REQUIRE_SERVERS=1."""
+    return require(SYSTEMD_ANALYZE)
