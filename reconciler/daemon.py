@@ -15,6 +15,11 @@ ends, which only a bug or a dead etcd can make happen, the daemon logs which
 part and why, drains and stops the rest cleanly, and exits 1, so systemd or
 the container runtime restarts it.
 
+Under systemd (`Type=notify`) it says what it is doing in `STATUS=` lines,
+sends READY=1 when ready and STOPPING=1 when it drains, and pings the
+watchdog from the event loop for the whole run, start-up included
+(`reconciler.systemd`).
+
 SIGHUP reloads the policy file: a valid one is in force from the next plan
 on; an invalid one is refused with one log line and the old policies stay.
 
@@ -48,7 +53,7 @@ from reconciler.keys import KeySpace
 from reconciler.metrics import Metrics
 from reconciler.settings import Settings
 from reconciler.store import EtcdStore, StoreError, StoreUnavailableError
-from reconciler.systemd import sd_notify
+from reconciler.systemd import Notifier
 
 log = structlog.get_logger("setpoint.daemon")
 
@@ -71,9 +76,13 @@ def setpoint_version() -> str:
 class Daemon:
     """The daemon. `assembly` replaces the built-in agents and tools (for embedding setpoint as a library)."""
 
-    def __init__(self, settings: Settings, *, assembly: Assembly | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, assembly: Assembly | None = None, systemd: Notifier | None = None
+    ) -> None:
+        """`systemd`: where to report to systemd; defaults to nowhere (`setpoint run` takes it from the environment)."""
         self.settings = settings
         self._assembly = assembly
+        self._systemd = systemd or Notifier()
         self.metrics = Metrics(version=setpoint_version())
         self.keys = KeySpace(settings.etcd.prefix)
         self.cache = Cache(self.keys)
@@ -105,18 +114,22 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> int:
         """Run until `stop` is set; returns the exit code."""
         log.info("daemon.starting", version=setpoint_version(), settings=self.settings.model_dump(mode="json"))
-        # First what is most likely to be refused, before an etcd is started for nothing: the state
-        # directory (another daemon has it), then the port.
-        if not self.endpoints:
-            state_dir = self.settings.resolved_state_dir()
-            state_dir.mkdir(parents=True, exist_ok=True)
-            self._lock = StateDirLock(state_dir)
-            self._lock.acquire()
-        try:
-            return await self._run(stop)
-        finally:
-            if self._lock is not None:
-                self._lock.release()
+        self._systemd.status("starting")
+        # The watchdog runs from here on: starting (an embedded etcd, an etcd that does not answer yet) can take a
+        # while, and a loop stuck then must be found too.
+        async with self._systemd.watchdog():
+            # First what is most likely to be refused, before an etcd is started for nothing: the state
+            # directory (another daemon has it), then the port.
+            if not self.endpoints:
+                state_dir = self.settings.resolved_state_dir()
+                state_dir.mkdir(parents=True, exist_ok=True)
+                self._lock = StateDirLock(state_dir)
+                self._lock.acquire()
+            try:
+                return await self._run(stop)
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
 
     async def _run(self, stop: asyncio.Event) -> int:
         # The policy file is checked before anything starts: a daemon must not run on policies it cannot read.
@@ -151,6 +164,7 @@ class Daemon:
                 await store.close()
         finally:
             if self.embedded is not None:
+                self._systemd.status("stopping the embedded etcd")
                 remove_endpoint_file(self.settings.resolved_state_dir())
                 await asyncio.to_thread(self.embedded.stop)
                 log.info("etcd.embedded.stopped")
@@ -176,6 +190,7 @@ class Daemon:
     async def _start_embedded(self) -> None:
         state_dir = self.settings.resolved_state_dir()
         embedded_settings = self.settings.etcd.embedded
+        self._systemd.status(f"starting the embedded etcd in {state_dir / 'etcd'}")
         self.embedded = EmbeddedEtcd(
             state_dir / "etcd",
             binary=embedded_settings.binary,
@@ -206,18 +221,22 @@ class Daemon:
         )
         await store.connect()
         delay = 0.2
+        where = ", ".join(self.endpoints)
+        self._systemd.status(f"connecting to etcd at {where}")
         while not stop.is_set():
             try:
                 revision = await store.ping()
                 server = await store.server_version()
             except (StoreUnavailableError, StoreError) as e:
                 log.warning("etcd.unreachable", endpoints=self.endpoints, error=str(e), retry_in=round(delay, 2))
+                self._systemd.status(f"etcd at {where} unreachable, retrying in {delay:.1f} s: {str(e)[:200]}")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
                 continue
             log.info("etcd.connected", endpoints=self.endpoints, revision=revision, etcd_version=server)
             return store
+        self._systemd.stopping("stopping: asked to stop before etcd answered")
         await store.close()
         return None
 
@@ -237,14 +256,18 @@ class Daemon:
             parts.append(asyncio.create_task(self.embedded.watch(), name="etcd"))
         try:
             if not await self._start(rt, stop, parts):
+                self._systemd.stopping("stopping before ready" if stop.is_set() else "a part stopped while starting")
                 return 0 if stop.is_set() else 1
             code = await self._wait(stop, parts)
-            sd_notify("STOPPING=1")
+            drain = f"running plans finish their current step (up to {s.reconciler.shutdown_timeout_seconds:g} s)"
+            self._systemd.stopping(f"draining: {drain}" if code == 0 else f"a part stopped; draining: {drain}")
             log.info("daemon.stopping", signal=self.stop_signal, crashed=code != 0)
             rt.stopping.set()
             if not await rt.controller.shutdown(s.reconciler.shutdown_timeout_seconds):
                 log.error("daemon.drain_timeout", timeout=s.reconciler.shutdown_timeout_seconds)
+            self._systemd.status("stopping: delivering queued webhooks")
             await rt.notifier.drain(timeout=5.0)  # what the last plans announced
+            self._systemd.status("stopping: closing the watch and the etcd client")
             return code
         finally:
             for task in parts:
@@ -253,14 +276,17 @@ class Daemon:
 
     async def _start(self, rt: Runtime, stop: asyncio.Event, parts: list[asyncio.Task[None]]) -> bool:
         """Wait for the initial list, recover, then start working; False if stopped or crashed first."""
+        self._systemd.status("listing resources from etcd")
         if not await self._wait_synced(rt, stop, parts):
             return False
+        self._systemd.status("resuming what the last run left unfinished")
         resume_first = await self._unless_stopped(rt.resumer.load(stop), stop, parts)
         if resume_first is None:
             return False
         for key in resume_first:
             rt.enqueue(key)
         # What has drifted is known before the first plan, so a mass failure is seen as one.
+        self._systemd.status(f"observing {len(self.cache.desired)} resources")
         if not await self._unless_stopped(_done(rt.observer.poll_all()), stop, parts):
             return False
         self.ready.set()
@@ -270,7 +296,7 @@ class Daemon:
             asyncio.create_task(rt.observer.run(wait_first=True), name="observer"),
             asyncio.create_task(self._resync(rt), name="resync"),
         ]
-        sd_notify("READY=1")
+        self._systemd.ready(self._ready_status())
         log.info("daemon.ready", keys=len(self.cache.desired), workers=self.settings.reconciler.workers)
         return True
 
@@ -324,3 +350,7 @@ class Daemon:
             for key in keys:
                 rt.enqueue(key)
             log.info("resync", keys=len(keys))
+            self._systemd.status(self._ready_status())
+
+    def _ready_status(self) -> str:
+        return f"ready: {len(self.cache.desired)} resources, {self.settings.reconciler.workers} workers"

@@ -9,15 +9,18 @@ import signal
 from reconciler.cli.common import settings_of
 from reconciler.daemon import Daemon
 from reconciler.logs import configure_logging
+from reconciler.systemd import Notifier
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     configure_logging(settings.log.level)
+    # Taken out of the environment before anything is started, so that no child (the embedded etcd) inherits it.
+    systemd = Notifier.from_environment()
 
     async def main() -> int:
         stop = asyncio.Event()
-        daemon = Daemon(settings)
+        daemon = Daemon(settings, systemd=systemd)
 
         def on_signal(sig: signal.Signals) -> None:
             daemon.stop_signal = daemon.stop_signal or sig.name
