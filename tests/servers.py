@@ -57,6 +57,7 @@ PROMETHEUS = Binary(("prometheus",), "prometheus")
 PROMTOOL = Binary(("promtool",), "prometheus")
 ALERTMANAGER = Binary(("prometheus-alertmanager", "alertmanager"), "prometheus-alertmanager")
 SYSTEMD_ANALYZE = Binary(("systemd-analyze",), "systemd")
+SYSTEMD_SYSUSERS = Binary(("systemd-sysusers",), "systemd")
 
 
 def require(binary: Binary) -> str:

@@ -19,39 +19,32 @@ from typing import Any
 
 import pytest
 import yaml
-from binaries import require_binary
+from servers import PROMTOOL, require
 
+from reconciler.metrics import Metrics
 from reconciler.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 KUBE = REPO / "deploy" / "kubernetes"
 DASHBOARD = REPO / "deploy" / "grafana" / "setpoint.json"
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-# Written in another branch of issue 8 (the rules of deploy/prometheus/alerts.yaml, wrapped): listed in
-# kustomization.yaml already, checked by that branch's tests.
-PROMETHEUS_RULE = "prometheusrule.yaml"
+PROMETHEUS_RULE = "prometheusrule.yaml"  # the rules of deploy/prometheus/alerts.yaml, wrapped
 
-# The metric names of the issue 8 contract (/work/notes/issue8-contract.md), by type. To be replaced by the
-# live registry (reconciler.metrics.Metrics) once every one of them is implemented.
-COUNTERS = {
-    "setpoint_events_total", "setpoint_reconcile_total", "setpoint_plan_steps_total", "setpoint_plans_total",
-    "setpoint_approvals_total", "setpoint_invalid_keys_total", "setpoint_etcd_watch_restarts_total",
-    "setpoint_flap_guard_blocked_total", "setpoint_healing_paused_total",
-    "setpoint_mutation_budget_wait_seconds_total", "setpoint_tool_retries_total", "setpoint_hook_deliveries_total",
-    "setpoint_workqueue_adds_total", "setpoint_workqueue_retries_total", "setpoint_heals_total",
-    "setpoint_invalid_issues_total", "setpoint_alerts_received_total",
-}  # fmt: skip
-GAUGES = {
-    "setpoint_workqueue_depth", "setpoint_approvals_pending", "setpoint_approvals_oldest_age_seconds",
-    "setpoint_etcd_revision", "setpoint_ready", "setpoint_build_info",
-    "setpoint_workqueue_longest_running_processor_seconds", "setpoint_watch_last_response_timestamp_seconds",
-    "setpoint_resources", "setpoint_issues_open",
-}  # fmt: skip
-HISTOGRAMS = {
-    "setpoint_reconcile_duration_seconds", "setpoint_workqueue_queue_duration_seconds",
-    "setpoint_plan_step_duration_seconds",
-}  # fmt: skip
-CONTRACT = COUNTERS | GAUGES | HISTOGRAMS
+
+def _exposed() -> tuple[set[str], set[str]]:
+    """The metric names the daemon exposes (counters with `_total`), and which of them are histograms."""
+    names, histograms = set(), set()
+    for family in Metrics().registry.collect():
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        else:
+            names.add(family.name)
+        if family.type == "histogram":
+            histograms.add(family.name)
+    return names, histograms
+
+
+CONTRACT, HISTOGRAMS = _exposed()
 
 
 def load(name: str) -> list[dict[str, Any]]:
@@ -312,7 +305,7 @@ def test_the_dashboard_shows_what_the_issue_asks_for() -> None:
 
 
 def test_every_dashboard_expression_is_valid_promql(tmp_path: Path) -> None:
-    promtool = require_binary("promtool", "prometheus")
+    promtool = require(PROMTOOL)
     concrete = [
         e.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", ".*") for e in expressions()
     ]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from binaries import require_binary
+from servers import SYSTEMD_ANALYZE, SYSTEMD_SYSUSERS, require
 
 from reconciler.settings import Settings
 
@@ -82,7 +82,7 @@ def copy_for_verify(tmp_path: Path) -> Path:
 
 def verify(unit: Path) -> None:
     """Fail with systemd-analyze's words on an error or on any warning about the unit or its drop-ins."""
-    tool = require_binary("systemd-analyze", "systemd")
+    tool = require(SYSTEMD_ANALYZE)
     done = subprocess.run(
         [tool, "verify", "--man=no", str(unit)], cwd=unit.parent, capture_output=True, text=True, timeout=60
     )
@@ -117,7 +117,7 @@ def test_the_sandbox_stays_rated_ok_by_systemd_analyze_security(tmp_path: Path, 
     if dropin:
         (tmp_path / "setpoint.service.d").mkdir()
         shutil.copy(DEPLOY / "systemd" / "run-as-root.conf", tmp_path / "setpoint.service.d")
-    tool = require_binary("systemd-analyze", "systemd")
+    tool = require(SYSTEMD_ANALYZE)
     # 1.3 as a dedicated user, 1.8 as root with the drop-in, when this was written; above 2.5, say why.
     done = subprocess.run(
         [tool, "security", "--offline=true", "--threshold=25", "--no-pager", str(copy)],
@@ -164,7 +164,7 @@ def test_the_account_file_creates_the_units_user_and_group(tmp_path: Path) -> No
     entries = [line.split() for line in (DEPLOY / "systemd" / "setpoint.sysusers").read_text().splitlines()
                if line.strip() and not line.startswith("#")]  # fmt: skip
     assert [(e[0], e[1]) for e in entries] == [("u", one(SERVICE, "User"))]
-    tool = require_binary("systemd-sysusers", "systemd")
+    tool = require(SYSTEMD_SYSUSERS)
     done = subprocess.run(
         [tool, "--dry-run", f"--root={tmp_path}", str(DEPLOY / "systemd" / "setpoint.sysusers")],
         capture_output=True, text=True, timeout=60,
