@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -24,21 +23,25 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from reconciler.errors import StartupError
 
 ENDPOINT_FILE = "endpoint"
-_PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM etcd when the thread that started it exits.
+def spawn_child(argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start `argv` in a session of its own. On Linux, when `setpriv` (util-linux) is there, the kernel sends
+    the child SIGTERM when the thread that started it ends: without that, a SIGKILLed daemon would leave its
+    etcd running, holding the data directory, and the next start would fail.
 
-    Without it, a SIGKILLed daemon would leave its etcd running, holding the
-    data directory, and the next start would fail.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    `setpriv --pdeathsig` asks for it between its own fork and exec. A Python `preexec_fn` would run Python
+    in the forked child of a process whose gRPC threads are busy, and a few children in a hundred crash there
+    before they exec (SIGSEGV): an etcd restarted under load would not start."""
+    setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
+    if setpriv is not None:
+        argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+    return subprocess.Popen(argv, start_new_session=True, **popen)
 
 
 class EmbeddedEtcdError(StartupError):
@@ -141,7 +144,7 @@ class EmbeddedEtcd:
         return cmd
 
     def start(self, *, timeout: float = 30.0) -> None:
-        """Spawn etcd and wait until it is healthy. Call from the main thread (see `_die_with_parent`)."""
+        """Spawn etcd and wait until it is healthy. Call from the main thread (see `spawn_child`)."""
         self.spawn()
         self._wait_healthy(timeout)
 
@@ -152,10 +155,7 @@ class EmbeddedEtcd:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self._log_path, "ab")
         try:
-            self._proc = subprocess.Popen(
-                self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            )  # fmt: skip
+            self._proc = spawn_child(self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         finally:
             log.close()
 
