@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +35,8 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+
+from reconciler.embedded import spawn_child
 
 REQUIRE_SERVERS_ENV = "SETPOINT_REQUIRE_SERVERS"
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,27 +99,6 @@ class ServerStartError(Exception):
     """A server exited or did not become ready; the message ends with the tail of its log."""
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A preexec_fn that has the kernel send SIGTERM to the child when this process dies (Linux only).
-
-    The kernel sends it when the *thread* that started the child ends, so only
-    the main thread asks for it: a server started from a worker thread would
-    die with that thread."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    prctl = libc.prctl
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return preexec
-
-
 @dataclass
 class ServerProcess:
     """One server process: its log file, its start (until `/-/ready` answers 200) and its stop."""
@@ -134,14 +111,9 @@ class ServerProcess:
 
     def start(self, *, timeout: float = 20.0) -> None:
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C in the terminal reaches pytest, which stops us in order
-                preexec_fn=_parent_death_signal(),
-            )
+            # In a session of its own (a Ctrl-C in the terminal reaches pytest, which stops it in order), and
+            # sent SIGTERM by the kernel if pytest dies.
+            self.process = spawn_child(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -329,11 +301,13 @@ class Servers:
         group_wait: str = "1s",
         group_interval: str = "1s",
         repeat_interval: str = "1h",
+        credentials_file: Path | None = None,
     ) -> Alertmanager:
-        """An Alertmanager that sends every alert, firing and resolved, to `webhook_url` (webhook v4 payloads)."""
+        """An Alertmanager that sends every alert, firing and resolved, to `webhook_url` (webhook v4 payloads);
+        with `credentials_file`, as `Authorization: Bearer <its content>`."""
         binary = require(ALERTMANAGER)
         base = self._dir("alertmanager")
-        config = {
+        config: dict[str, Any] = {
             "route": {
                 "receiver": "test",
                 "group_by": list(group_by),
@@ -343,6 +317,9 @@ class Servers:
             },
             "receivers": [{"name": "test", "webhook_configs": [{"url": webhook_url, "send_resolved": True}]}],
         }
+        if credentials_file is not None:
+            hook = config["receivers"][0]["webhook_configs"][0]
+            hook["http_config"] = {"authorization": {"type": "Bearer", "credentials_file": str(credentials_file)}}
         config_path = base / "alertmanager.yml"
         config_path.write_text(yaml.safe_dump(config))
 
