@@ -177,7 +177,7 @@ def build(
     )  # fmt: skip
     reconciler = Reconciler(
         cache=cache, agents=parts.agents, claims=claims, observer=observer, gate=gate, runner=runner,
-        resumer=resumer, unfinished=unfinished, status=status, approvals=approvals,
+        resumer=resumer, unfinished=unfinished, status=status, approvals=approvals, journal=journal,
     )  # fmt: skip
     controller = Controller(
         queue=queue, reconcile=reconciler.reconcile, metrics=metrics, workers=s.reconciler.workers,

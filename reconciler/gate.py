@@ -14,8 +14,9 @@ here, in this order:
    an `approve` decision, never a `deny`;
 5. limits: the flap guard (`FLAP_GUARD`), the max-unhealthy pause for a plan
    that heals drift from a value the resource had converged to, or heals a
-   reported issue (`HEALING_PAUSED`; resources that drifted or have open
-   issues count as needing healing), and the mutation budget (`BUDGET`: the plan has not
+   reported issue (`HEALING_PAUSED`; the resources that drifted are those
+   that need healing: an issue may stay open long after its heal), and the
+   mutation budget (`BUDGET`: the plan has not
    started, so its worker is freed until a slot is);
 6. otherwise `RUN`, with the validated steps and a new plan record.
 """
@@ -147,8 +148,7 @@ class Gate:
             self._metrics.flap_guard_blocked.labels(kind=key.kind).inc()
             return Verdict(Check.FLAP_GUARD, plan, self._flap.reason(key), retry_after=wait + 0.1)
         if heals_drift:
-            reported = {k for k in self._cache.issues if k.kind == key.kind}  # a probe or an alert says so
-            healing = self._observer.drifted(key.kind) | reported | {key}
+            healing = self._observer.drifted(key.kind) | {key}
             total = sum(1 for e in self._cache.desired.values() if e.key.kind == key.kind and e.valid and not e.deleted)
             reason = healing_paused(
                 kind=key.kind,

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
-from plans import IssueRef
+from plans import Issue, IssueRef
 
 if TYPE_CHECKING:  # the cache imports the status, which imports this
     from reconciler.cache import IssueEntry
@@ -54,7 +54,7 @@ class IssueState(StrEnum):
 
 DONE = frozenset({IssueState.HEALED, IssueState.FAILED, IssueState.UNHEALABLE})  # final for a report
 HEALS = (IssueState.HEALED, IssueState.FAILED, IssueState.UNHEALABLE, IssueState.BLOCKED)  # setpoint_heals_total
-_WITH_MESSAGE = frozenset({IssueState.FAILED, IssueState.BLOCKED, IssueState.UNHEALABLE})
+_WITH_MESSAGE = frozenset({IssueState.HEALED, IssueState.FAILED, IssueState.BLOCKED, IssueState.UNHEALABLE})
 
 
 class IssueStatus(BaseModel):
@@ -84,6 +84,7 @@ class IssueMark:
     entry: IssueEntry
     state: IssueState
     message: str = ""
+    plan_id: str | None = None  # the plan that answered it, when one did
 
 
 def _cut(text: str, limit: int) -> str:
@@ -121,7 +122,7 @@ def merge(
         text = old.message if old is not None else ""
         mark = marked.get(entry.id)
         if mark is not None:
-            state, text = mark.state, mark.message
+            state, text, plan = mark.state, mark.message, mark.plan_id
         elif plan_id is not None and plan_state is not None:
             if (entry.id, entry.report) in answered or (plan == plan_id and state not in DONE):
                 state, plan, text = plan_state, plan_id, message
@@ -145,6 +146,21 @@ def newly(previous: Sequence[IssueStatus], current: Sequence[IssueStatus]) -> li
     """The states issues entered between two lists (for `setpoint_heals_total`): final or `blocked` ones."""
     before = {(s.id, s.report): s.state for s in previous}
     return [s.state for s in current if s.state in HEALS and before.get((s.id, s.report)) is not s.state]
+
+
+def began(issue: Issue) -> datetime | None:
+    """When the problem began, as its reporter says (`details.starts_at` from Alertmanager, `details.reported_at`
+    from the CLI); None when it does not say."""
+    for name in ("starts_at", "reported_at"):
+        value = issue.details.get(name)
+        if isinstance(value, str):
+            try:
+                when = datetime.fromisoformat(value)
+            except ValueError:
+                continue
+            if when.tzinfo is not None:
+                return when
+    return None
 
 
 def ref(entry: IssueEntry) -> IssueRef:

@@ -40,6 +40,16 @@ class PlanJournal:
         record.updated_at = utcnow()
         return Put(self._keys.plan(record.plan.id), record.model_dump_json().encode())
 
+    async def read(self, plan_id: str) -> PlanRecord | None:
+        """The stored record of `plan_id`, or None when there is none or it cannot be read."""
+        kv = await self._store.get(self._keys.plan(plan_id))
+        if kv is None:
+            return None
+        try:
+            return PlanRecord.model_validate_json(kv.value)
+        except ValueError:
+            return None
+
     async def save(self, record: PlanRecord) -> None:
         """Write the record on its own."""
         await self._store.txn(then=[self.record_put(record)])

@@ -46,7 +46,8 @@ from reconciler.approvals import Approvals, Review
 from reconciler.cache import Cache, DesiredEntry, IssueEntry
 from reconciler.claims import ClaimIndex
 from reconciler.gate import Check, Gate, Verdict, plan_and_check
-from reconciler.issues import IssueMark, IssueState, ref, unhandled
+from reconciler.issues import IssueMark, IssueState, began, ref, unhandled
+from reconciler.journal import PlanJournal
 from reconciler.observer import Observer
 from reconciler.outcome import Outcome, Result
 from reconciler.resume import Resumer, Unfinished
@@ -58,7 +59,7 @@ from tools import ValidatedStep
 log = structlog.get_logger("setpoint.reconcile")
 
 KEEP_LABEL = "setpoint/keep"  # on a deleted resource: stop managing it, leave what it made
-NO_RULE = "no rule covers this issue"  # why an issue the agent has no plan for is unhealable
+NO_RULE = "no rule covers this issue"  # why an issue the agent has no plan for is unhealable, unless it says
 
 _ENDED = (PlanState.SUCCEEDED, PlanState.FAILED, PlanState.SUPERSEDED)
 
@@ -86,6 +87,7 @@ class Reconciler:
         unfinished: Unfinished,
         status: StatusWriter,
         approvals: Approvals,
+        journal: PlanJournal,
     ) -> None:
         self._cache = cache
         self._agents = agents
@@ -97,6 +99,7 @@ class Reconciler:
         self._unfinished = unfinished
         self._status = status
         self._approvals = approvals
+        self._journal = journal
 
     async def reconcile(self, key: ResourceKey) -> Outcome:
         outcome = await self._reconcile(key)
@@ -155,7 +158,7 @@ class Reconciler:
             marks: list[IssueMark] = []
             untouched = await self._unhandled(entry)
             if verdict.check is Check.EMPTY and untouched:
-                verdict, marks, untouched = await self._heal(agent, entry, snapshot, untouched)
+                verdict, marks, untouched = await self._heal(agent, entry, snapshot, untouched, verdict)
             elif heals_drift and untouched:  # repairing the drift answers them
                 if verdict.record is not None:
                     verdict.record.answers = [ref(issue) for issue in untouched]
@@ -178,15 +181,21 @@ class Reconciler:
         return unhandled(await self._status.issue_statuses(entry.key), self._cache.open_issues(entry.key))
 
     async def _heal(
-        self, agent: Agent, entry: DesiredEntry, snapshot: Snapshot, untouched: list[IssueEntry]
+        self, agent: Agent, entry: DesiredEntry, snapshot: Snapshot, untouched: list[IssueEntry], drift: Verdict
     ) -> tuple[Verdict, list[IssueMark], list[IssueEntry]]:
-        """With no drift: ask the agent to heal the open issues in turn, oldest first, up to the first one it
-        has a plan for. Returns the verdict on that plan (on no plan: the empty one), what was found about the
-        issues before it, and the issues left after it."""
+        """With no drift (`drift` is the empty verdict): ask the agent to heal the open issues in turn, oldest
+        first, up to the first one it has a plan for. An issue a plan already answered (it succeeded, and began
+        after the problem did: the report came late) is not asked about. Returns the verdict on that plan (on
+        none: `drift`), what was found about the issues before it, and the issues left after it."""
         assert entry.resource is not None
         marks: list[IssueMark] = []
         for i, issue in enumerate(untouched):
             with structlog.contextvars.bound_contextvars(issue=issue.id):
+                answered = await self._answered_before(entry.key, issue)
+                if answered is not None:
+                    marks.append(answered)
+                    log.info("issue.healed_before_reported", plan_id=answered.plan_id)
+                    continue
                 plan = await agent.heal(issue.issue, snapshot)
                 verdict = self._gate.check(
                     plan, key=entry.key, revision=entry.mod_revision, heals_drift=True, labels=entry.resource.labels
@@ -206,7 +215,23 @@ class Reconciler:
             else:  # held back: tried again as any plan held back is
                 marks.append(IssueMark(issue, IssueState.BLOCKED, verdict.message))
             return verdict, marks, untouched[i + 1 :]
-        return Verdict(Check.EMPTY, snapshot.plan(agent=agent.name, reasoning=NO_RULE)), marks, []
+        return drift, marks, []
+
+    async def _answered_before(self, key: ResourceKey, issue: IssueEntry) -> IssueMark | None:
+        """The last plan run for `key`, as the answer to `issue`, if it succeeded and began after the problem did
+        (the poll found the drift first, and the alert about it came after the repair)."""
+        since = began(issue.issue)
+        plan_id = await self._status.plan_id(key) if since is not None else None
+        record = await self._journal.read(plan_id) if plan_id is not None else None
+        if since is None or record is None or record.state is not PlanState.SUCCEEDED or record.plan.resource != key:
+            return None
+        start = record.steps[0].started_at if record.steps else None
+        if start is None or start < since:
+            return None
+        return IssueMark(
+            issue, IssueState.HEALED, f"repaired by plan {record.plan.id}, which began after the problem did",
+            plan_id=record.plan.id,
+        )  # fmt: skip
 
     async def _reviewed(
         self, entry: DesiredEntry, snapshot: Snapshot, review: Review, observed: Observed | None

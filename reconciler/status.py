@@ -259,6 +259,11 @@ class StatusWriter:
         )  # fmt: skip
         return await self._commit(update, revision=kept.observed_revision, deleted=kept.deleted)
 
+    async def plan_id(self, key: ResourceKey) -> str | None:
+        """The plan the stored status names: the last one run for `key`, or the one waiting or held."""
+        previous = await self._previous(key)
+        return previous.plan_id if previous is not None else None
+
     async def issue_statuses(self, key: ResourceKey) -> list[IssueStatus]:
         """What the stored status says of `key`'s open issues."""
         previous = await self._previous(key)

@@ -149,8 +149,8 @@ class FileAgent:
         """Drift is all a file agent can repair: the plan that restores the desired content and mode, if the
         file (observed afresh by the reconcile the issue started) differs; else no plan, saying so."""
         plan = await self.reconcile(snapshot)
-        if plan.is_empty:
-            return snapshot.plan(agent=self.name, reasoning=NO_RULE)
+        if plan.is_empty:  # the file is as desired: whatever is wrong, it is not the file agent's to fix
+            return snapshot.plan(agent=self.name, reasoning=f"{NO_RULE}: {plan.reasoning}")
         return plan.model_copy(update={"reasoning": f"{issue.summary}: {plan.reasoning}"})
 
     async def plan(self, snapshot: Snapshot) -> ExecutionPlan:

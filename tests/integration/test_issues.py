@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -58,9 +59,10 @@ async def test_an_issue_with_nothing_to_repair_is_unhealable_once_per_report(har
 
     await harness.report_issue("calm", "i1", "users say it is slow")
     unhealable = await harness.wait_issue("calm", "i1", "unhealable")
-    assert unhealable["message"] == "no rule covers this issue"
+    assert unhealable["message"] == "no rule covers this issue: file matches the desired content and mode"
     status = await harness.status("calm")
     assert status is not None and status["phase"] == "Converged"
+    assert "no rule" not in status["message"], "the message is the resource's own, not an issue's"
 
     # Another report on the same resource makes it look again: the first report is not healed twice.
     await harness.report_issue("calm", "i2", "second report")
@@ -247,3 +249,25 @@ async def test_each_open_issue_is_healed_once_oldest_first(harness: Harness, tmp
     await harness.report_issue("web", "later", "check failed again", kind="svc")
     await harness.wait_issue("web", "later", "healed", kind="svc")
     assert await _restarts(directory) == 3
+
+
+async def test_a_report_that_comes_after_the_repair_names_the_plan_that_made_it(running: Harness) -> None:
+    await running.put_desired(running.resource("late", "right\n"))
+    first = await running.wait_status("late", "Converged")
+    broken_at = datetime.now(UTC)
+    (running.root / "late").write_text("wrong\n")
+
+    async def repaired() -> dict[str, Any] | None:
+        status = await running.status("late")
+        return status if status and status["plan_id"] != first["plan_id"] and status["phase"] == "Converged" else None
+
+    repair = await eventually(repaired, what="the poll to repair the file")
+    # The alert about it arrives now, saying when the problem began.
+    await running.report_issue("late", "alert1", "late is wrong", details={"starts_at": broken_at.isoformat()})
+    healed = await running.wait_issue("late", "alert1", "healed")
+    assert healed["plan_id"] == repair["plan_id"]
+    assert healed["message"] == f"repaired by plan {repair['plan_id']}, which began after the problem did"
+
+    # A problem that began after the last plan is not that plan's: the agent is asked, and finds nothing.
+    await running.report_issue("late", "later", "still odd", details={"reported_at": datetime.now(UTC).isoformat()})
+    assert (await running.wait_issue("late", "later", "unhealable"))["plan_id"] is None
