@@ -6,7 +6,9 @@ annotation (else `description`, else the alert's name), its severity from
 the `severity` label (`critical` and `page` are critical, `info`, `low` and
 `none` are info, anything else is a warning), its source
 `alertmanager/<alertname>`, and the alert's labels, annotations, start and
-link in `details`. A resolved alert deletes its issue.
+link in `details`. A resolved alert deletes its issue, unless the issue is of a later firing of
+the same alert (another `startsAt`): a late resolved notification does not
+close it.
 
 A firing is one report (an issue is healed once per report): while an
 issue from the same firing (the same `startsAt`) is stored, the alert is
@@ -51,6 +53,7 @@ class Change:
     key: ResourceKey
     issue_id: str
     issue: Issue | None  # None: resolved
+    starts_at: str | None = None  # the firing it is about
 
 
 @dataclass(slots=True)
@@ -88,7 +91,8 @@ def parse(raw: bytes) -> Batch | str:
         return "the request body must be a JSON object (Alertmanager's webhook payload)"
     version = payload.get("version")
     if version != "4":
-        return f"unsupported payload version {str(version)[:20]!r}: setpoint takes Alertmanager's webhook version 4"
+        given = json.dumps(version)[:20] if "version" in payload else "none"
+        return f'unsupported payload version {given}: setpoint takes Alertmanager\'s webhook payload, "version": "4"'
     alerts = payload.get("alerts")
     if not isinstance(alerts, list):
         return "the payload has no 'alerts' list"
@@ -142,7 +146,8 @@ def _add(batch: Batch, alert: Any, where: str) -> str | None:
                 "generator_url": alert.get("generatorURL"), "labels": labels, "annotations": annotations,
             },
         )  # fmt: skip
-    batch.changes[(key, issue_id)] = Change(key, issue_id, issue)  # a later alert for the same issue wins
+    # A later alert for the same issue wins.
+    batch.changes[(key, issue_id)] = Change(key, issue_id, issue, alert.get("startsAt"))
     return None
 
 
@@ -153,6 +158,17 @@ def _same_firing(stored: bytes, issue: Issue) -> bool:
     except ValueError:
         return False  # not readable: replaced
     return before.source == issue.source and before.details.get("starts_at") == issue.details.get("starts_at")
+
+
+def _resolves(stored: bytes, starts_at: str | None) -> bool:
+    """Whether a resolved alert that started at `starts_at` ends the stored issue: not when the issue is of a
+    later firing of the same alert (a late resolved notification must not close it)."""
+    try:
+        before = Issue.model_validate_json(stored)
+    except ValueError:
+        return True
+    stored_start = before.details.get("starts_at")
+    return stored_start is None or starts_at is None or stored_start == starts_at
 
 
 def encode(issue: Issue) -> bytes:
@@ -168,7 +184,7 @@ async def apply(store: EtcdStore, keys: KeySpace, batch: Batch) -> Counter[str]:
     for change, kv in zip(changes, current, strict=True):
         path = keys.issue(change.key, change.issue_id)
         if change.issue is None:
-            if kv is None:
+            if kv is None or not _resolves(kv.value, change.starts_at):
                 counts["unchanged"] += 1
                 continue
             ops.append(Delete(path))

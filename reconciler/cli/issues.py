@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from plans import NAME_PATTERN, Issue, ResourceKey
+from reconciler.assembly import assemble
 from reconciler.cache import parse_issue
 from reconciler.cli.common import CliError, age, os_user, print_table, resource_key, run, settings_of, shorten, store
 from reconciler.keys import KeySpace, Section
@@ -37,7 +38,9 @@ def cmd_issues_list(args: argparse.Namespace) -> int:
         state = str(item["state"])
         if item.get("plan_id"):
             state += f" ({item['plan_id']})"
-        detail = item.get("message") or item.get("summary") or ""
+        detail = str(item.get("summary") or "")
+        if item.get("message"):
+            detail += f" ({item['message']})"
         rows.append([
             str(item["resource"]), str(item["id"]), str(item.get("severity", "?")), state, str(item.get("source", "?")),
             age(item.get("reported_at")), shorten(str(detail), 120),
@@ -65,7 +68,7 @@ async def _list(keys: KeySpace, client: EtcdStore, wanted: ResourceKey | None) -
         for issue in status.issues:
             said[(parsed.resource, issue.id)] = issue.model_dump(mode="json")
     listed = []
-    for kv in kvs:
+    for kv in sorted(kvs, key=lambda kv: kv.mod_revision):  # oldest report first, as the daemon heals them
         parsed = keys.parse(kv.key)
         if parsed is None or parsed.resource is None or not parsed.issue_id:
             continue
@@ -92,6 +95,9 @@ def cmd_issues_report(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     keys = KeySpace(settings.etcd.prefix)
     key = resource_key(args.resource)
+    kinds = assemble(settings).agents.kinds
+    if key.kind not in kinds:
+        raise CliError(f"no agent handles kind {key.kind!r} (known: {', '.join(sorted(kinds))}): nothing would heal it")
     now = datetime.now(UTC)
     issue_id = args.id or f"cli-{now:%Y%m%dt%H%M%S}-{secrets.token_hex(3)}"
     if NAME_PATTERN.fullmatch(issue_id) is None:
@@ -125,8 +131,8 @@ def cmd_issues_resolve(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     keys = KeySpace(settings.etcd.prefix)
     key = resource_key(args.resource)
-    if NAME_PATTERN.fullmatch(args.id) is None:
-        raise CliError(f"{args.id!r} is not an issue id: ids match {NAME_PATTERN.pattern}")
+    if not args.id or "/" in args.id:  # any other id is taken, so that a key written by hand can be removed
+        raise CliError(f"{args.id!r} is not an issue id: an id is one key segment, with no '/'")
 
     async def main() -> bool:
         async with store(settings) as client:

@@ -338,6 +338,7 @@ def test_issues_report_list_and_resolve(daemon: subprocess.Popen[bytes], config:
     assert by_hand["severity"] == "critical" and by_hand["summary"] == "banner looks odd"
     assert by_hand["source"].startswith("cli/") and by_hand["message"].startswith("no rule covers this issue")
     table = run_cli("issues", "list", "-c", str(config)).stdout.splitlines()
+    assert any("banner looks odd (no rule covers this issue" in line for line in table), table
     assert table[0].split() == ["RESOURCE", "ID", "SEVERITY", "STATE", "SOURCE", "AGE", "SUMMARY"]
     assert any(line.startswith("file/banner") and "by-hand" in line and "unhealable" in line for line in table)
     status_table = run_cli("status", "file/banner", "-c", str(config)).stdout
@@ -365,3 +366,9 @@ def test_issues_list_shows_an_unreadable_issue(config: Path) -> None:  # noqa: F
     listed = json.loads(run_cli("issues", "list", "-o", "json", "-c", str(config)).stdout)
     assert listed[0]["state"] == "invalid"
     assert listed[0]["message"].startswith("ignored by the daemon: value is not valid JSON")
+
+
+def test_issues_report_refuses_a_kind_no_agent_handles(config: Path) -> None:  # noqa: F811
+    refused = one_sentence(run_cli("issues", "report", "service/nginx", "--summary", "down", "-c", str(config),
+                                   check=False))  # fmt: skip
+    assert refused == "setpoint: no agent handles kind 'service' (known: file): nothing would heal it"

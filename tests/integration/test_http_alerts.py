@@ -152,7 +152,9 @@ async def test_labels_that_are_not_valid_names_are_counted_and_skipped(endpoint:
     [
         (b"{not json", "the request body is not valid JSON"),
         (b"[]", "the request body must be a JSON object (Alertmanager's webhook payload)"),
-        (json.dumps({**payload(alert()), "version": "3"}).encode(), "unsupported payload version '3'"),
+        (json.dumps({**payload(alert()), "version": "3"}).encode(), 'unsupported payload version "3"'),
+        (json.dumps({**payload(alert()), "version": 4}).encode(),
+         'unsupported payload version 4: setpoint takes Alertmanager\'s webhook payload, "version": "4"'),
         (json.dumps({"version": "4"}).encode(), "the payload has no 'alerts' list"),
         (json.dumps(payload(alert(), alert("pending"))).encode(), "alerts[1].status must be 'firing' or 'resolved'"),
         (json.dumps(payload(alert(), {**alert(), "labels": {"a": 1}})).encode(),
@@ -195,3 +197,6 @@ async def test_a_firing_is_one_report_whatever_its_annotations_say_meanwhile(end
     refired = alert()
     refired["startsAt"] = "2026-11-22T11:00:00.000Z"
     assert (await endpoint.post(payload(refired)))[1]["reported"] == 1
+    # A late resolved notification of the first firing does not close the second.
+    assert (await endpoint.post(payload(alert("resolved"))))[1]["unchanged"] == 1
+    assert len(await endpoint.issues()) == 1
