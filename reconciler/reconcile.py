@@ -189,6 +189,7 @@ class Reconciler:
         none: `drift`), what was found about the issues before it, and the issues left after it."""
         assert entry.resource is not None
         marks: list[IssueMark] = []
+        denied: Verdict | None = None  # the first heal the policy denied: the phase says so if nothing runs
         for i, issue in enumerate(untouched):
             with structlog.contextvars.bound_contextvars(issue=issue.id):
                 answered = await self._answered_before(entry.key, issue)
@@ -212,10 +213,14 @@ class Reconciler:
                 log.info("issue.healing", check=verdict.check.value, risk=plan.risk.value, reasoning=plan.reasoning)
             if verdict.record is not None:  # to run, or to wait for approval
                 verdict.record.answers = [ref(issue)]
-            else:  # held back: tried again as any plan held back is
-                marks.append(IssueMark(issue, IssueState.BLOCKED, verdict.message))
-            return verdict, marks, untouched[i + 1 :]
-        return drift, marks, []
+                return verdict, marks, untouched[i + 1 :]
+            # Held back: tried again as any plan held back is. A denial is about this plan only: the next
+            # issue is asked about; a limit holds back whatever would run now.
+            marks.append(IssueMark(issue, IssueState.BLOCKED, verdict.message))
+            if verdict.check is not Check.DENIED:
+                return verdict, marks, untouched[i + 1 :]
+            denied = denied or verdict
+        return denied or drift, marks, []
 
     async def _answered_before(self, key: ResourceKey, issue: IssueEntry) -> IssueMark | None:
         """The last plan run for `key`, as the answer to `issue`, if it succeeded and began after the problem did

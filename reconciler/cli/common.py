@@ -91,7 +91,7 @@ def resource_key(text: str) -> ResourceKey:
 
 def age(when: datetime | str | None, now: datetime | None = None) -> str:
     """A short age such as 5s, 3m, 2h, 4d; "-" when unknown."""
-    if when is None:
+    if not isinstance(when, str | datetime):  # None, or a value from etcd of another type
         return "-"
     if isinstance(when, str):
         try:

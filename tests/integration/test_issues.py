@@ -180,14 +180,20 @@ class Restart(Tool):
         return ToolResult.success()
 
 
+class Wipe(Restart):
+    name: ClassVar[str] = "svc.wipe"
+    description: ClassVar[str] = "Wipe the service's data (critical: the default policy denies it)."
+    risk: ClassVar[RiskLevel] = RiskLevel.CRITICAL
+
+
 class ServiceAgent:
-    """Nothing drifts; every issue is answered by a restart."""
+    """Nothing drifts; an issue about corruption is answered by a wipe, every other one by a restart."""
 
     name = "svc"
     kinds = frozenset({"svc"})
 
     def tools(self) -> Sequence[Tool]:
-        return [Restart()]
+        return [Restart(), Wipe()]
 
     async def reconcile(self, snapshot: Snapshot) -> ExecutionPlan:
         return snapshot.plan(agent=self.name, reasoning="nothing to compare")
@@ -198,10 +204,10 @@ class ServiceAgent:
     async def heal(self, issue: Issue, snapshot: Snapshot) -> ExecutionPlan:
         if issue.severity == "info":
             return snapshot.plan(agent=self.name, reasoning="info reports need nobody to act")
+        tool = "svc.wipe" if "corrupt" in issue.summary else "svc.restart"
         step = Step(
-            tool="svc.restart", parameters={"dir": str(snapshot.desired.spec["dir"])},
-            description="restart the service", risk=RiskLevel.LOW,
-        )  # fmt: skip
+            tool=tool, parameters={"dir": str(snapshot.desired.spec["dir"])}, description=tool, risk=RiskLevel.LOW
+        )
         return snapshot.plan(agent=self.name, steps=[step], reasoning=f"restart: {issue.summary}")
 
     async def plan(self, snapshot: Snapshot) -> ExecutionPlan:
@@ -271,3 +277,21 @@ async def test_a_report_that_comes_after_the_repair_names_the_plan_that_made_it(
     # A problem that began after the last plan is not that plan's: the agent is asked, and finds nothing.
     await running.report_issue("late", "later", "still odd", details={"reported_at": datetime.now(UTC).isoformat()})
     assert (await running.wait_issue("late", "later", "unhealable"))["plan_id"] is None
+
+
+async def test_a_denied_heal_does_not_hold_back_the_issues_after_it(harness: Harness, tmp_path: Path) -> None:
+    harness.assembly = service_assembly()
+    directory = tmp_path / "svc"
+    directory.mkdir()
+    await harness.put_desired({"kind": "svc", "name": "db", "spec": {"dir": str(directory)}})
+    await harness.start()
+    await harness.report_issue("db", "old", "data looks corrupt", kind="svc")
+    denied = await harness.wait_issue("db", "old", "blocked", kind="svc")
+    assert "denied by policy" in denied["message"]
+    status = await harness.status("db", "svc")
+    assert status is not None and status["phase"] == "Blocked"
+
+    await harness.report_issue("db", "new", "the service is down", kind="svc")
+    await harness.wait_issue("db", "new", "healed", kind="svc")
+    assert await _restarts(directory) == 1
+    assert (await harness.issue_states("db", kind="svc"))["old"]["state"] == "blocked"
