@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from plans import NAME_PATTERN, Issue, ResourceKey
 from reconciler.keys import KeySpace
-from reconciler.store import MAX_TXN_OPS, Delete, EtcdStore, Op, Put
+from reconciler.store import Delete, EtcdStore, Guard, Op, Put, StoreError
 
 KIND_LABEL = "setpoint_kind"
 NAME_LABEL = "setpoint_name"
@@ -41,6 +41,9 @@ RESULTS = ("reported", "resolved", "unchanged", "ignored", "invalid")  # what be
 MAX_ALERTS = 1000
 MAX_TEXT_CHARS = 1024  # of one label or annotation value kept in an issue's details
 MAX_PAIRS = 64  # labels or annotations kept in an issue's details
+MAX_ISSUE_BYTES = 64 * 1024  # of one issue's value
+CHUNK = 16  # alerts per transaction: 16 issues at most MAX_ISSUE_BYTES are well under etcd's 1.5 MiB request
+ATTEMPTS = 3
 
 Severity = Literal["info", "warning", "critical"]
 _SEVERITY: dict[str, Severity] = {
@@ -172,30 +175,55 @@ def _resolves(stored: bytes, starts_at: str | None) -> bool:
 
 
 def encode(issue: Issue) -> bytes:
-    return json.dumps(issue.model_dump(mode="json"), separators=(",", ":"), sort_keys=True).encode()
+    """The issue's value: at most MAX_ISSUE_BYTES, the alert's labels and annotations left out of `details`
+    when they would make it larger."""
+    value = _json(issue)
+    if len(value) > MAX_ISSUE_BYTES:
+        kept = {k: v for k, v in issue.details.items() if k not in ("labels", "annotations")}
+        value = _json(issue.model_copy(update={"details": {**kept, "details_cut": True}}))
+    return value
+
+
+def _json(issue: Issue) -> bytes:
+    return json.dumps(issue.model_dump(mode="json"), separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
 
 
 async def apply(store: EtcdStore, keys: KeySpace, batch: Batch) -> Counter[str]:
-    """Write `batch`: put what fires and changed, delete what resolved. Returns every alert's result."""
+    """Write `batch`: put what fires and changed, delete what resolved. Returns every alert's result.
+
+    A few alerts at a time, each transaction guarded by the revisions it read: when another delivery of the
+    same alerts (Alertmanager in a cluster sends each one from every member) wrote first, the chunk is read
+    and decided again, so one firing is written once. Each chunk stays well under etcd's request limit. If
+    etcd fails midway, the chunks before are written; Alertmanager sends the notification again, and what
+    is written already is then `unchanged`."""
     counts = Counter(batch.counts)
     changes = list(batch.changes.values())
-    current = await asyncio.gather(*(store.get(keys.issue(c.key, c.issue_id)) for c in changes))
-    ops: list[Op] = []
-    for change, kv in zip(changes, current, strict=True):
-        path = keys.issue(change.key, change.issue_id)
-        if change.issue is None:
-            if kv is None or not _resolves(kv.value, change.starts_at):
+    for start in range(0, len(changes), CHUNK):
+        counts += await _apply_chunk(store, keys, changes[start : start + CHUNK])
+    return counts
+
+
+async def _apply_chunk(store: EtcdStore, keys: KeySpace, changes: list[Change]) -> Counter[str]:
+    for _ in range(ATTEMPTS):
+        counts: Counter[str] = Counter()
+        current = await asyncio.gather(*(store.get(keys.issue(c.key, c.issue_id)) for c in changes))
+        ops: list[Op] = []
+        guards: list[Guard] = []
+        for change, kv in zip(changes, current, strict=True):
+            path = keys.issue(change.key, change.issue_id)
+            if change.issue is None:
+                if kv is None or not _resolves(kv.value, change.starts_at):
+                    counts["unchanged"] += 1
+                    continue
+                ops.append(Delete(path))
+                counts["resolved"] += 1
+            elif kv is not None and _same_firing(kv.value, change.issue):
                 counts["unchanged"] += 1
                 continue
-            ops.append(Delete(path))
-            counts["resolved"] += 1
-            continue
-        if kv is not None and _same_firing(kv.value, change.issue):
-            counts["unchanged"] += 1
-            continue
-        value = encode(change.issue)
-        ops.append(Put(path, value))
-        counts["reported"] += 1
-    for start in range(0, len(ops), MAX_TXN_OPS):
-        await store.txn(then=ops[start : start + MAX_TXN_OPS])
-    return counts
+            else:
+                ops.append(Put(path, encode(change.issue)))
+                counts["reported"] += 1
+            guards.append(Guard(path, kv.mod_revision if kv is not None else 0))
+        if not ops or await store.txn(guard=guards, then=ops):
+            return counts
+    raise StoreError(f"the issues these alerts are about kept changing while they were written ({ATTEMPTS} tries)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -200,3 +201,37 @@ async def test_a_firing_is_one_report_whatever_its_annotations_say_meanwhile(end
     # A late resolved notification of the first firing does not close the second.
     assert (await endpoint.post(payload(alert("resolved"))))[1]["unchanged"] == 1
     assert len(await endpoint.issues()) == 1
+
+
+def _big(fingerprint: str) -> dict[str, Any]:
+    """An alert whose annotations are as large as setpoint keeps them, in characters JSON escapes to 12 bytes."""
+    big = alert(fingerprint=fingerprint, name=f"big-{fingerprint[-4:]}")
+    big["annotations"] = {f"a{n:02d}": "\U0001f600" * 1024 for n in range(64)}
+    return big
+
+
+async def test_large_alerts_are_recorded_whole_in_requests_etcd_takes(endpoint: Endpoint) -> None:
+    small = [alert(fingerprint=f"{n:016x}", name=f"f{n}") for n in range(128)]
+    large = [_big(f"ffff{n:012x}") for n in range(3)]
+    raw = json.dumps(payload(*small, *large), ensure_ascii=False).encode()
+    assert len(raw) < 1024 * 1024
+
+    status, body = await endpoint.post(data=raw)
+
+    assert (status, body["reported"]) == (200, 131), body
+    issues = await endpoint.issues()
+    assert len(issues) == 131
+    cut = [issue for issue in issues.values() if issue["details"].get("details_cut")]
+    assert len(cut) == 3 and all("annotations" not in issue["details"] for issue in cut)
+
+
+async def test_two_deliveries_of_one_firing_at_once_make_one_report(endpoint: Endpoint) -> None:
+    # Alertmanager in a cluster sends a notification from each member; the summaries differ by a $value.
+    first, second = alert(), alert()
+    second["annotations"]["summary"] = "motd is broken (value 2)"
+    results = await asyncio.gather(*(endpoint.post(payload(a)) for a in (first, second) for _ in range(3)))
+
+    assert all(status == 200 for status, _ in results)
+    assert sum(body["reported"] for _, body in results) == 1
+    kv = await endpoint.store.get(endpoint.keys.issue(ResourceKey(kind="file", name="motd"), "3f2a9c0d1e4b5a67"))
+    assert kv is not None and kv.version == 1, "written once"
