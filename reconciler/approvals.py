@@ -7,8 +7,8 @@ It is not planned again while it waits. Each reconcile of the resource
 reviews it instead (`review`):
 
 - voided (and the resource planned afresh) when the desired value moved, or
-  the resource no longer looks as it did when the plan was made, or a person
-  asked to `replan`;
+  the resource no longer looks as it did when the plan was made, or every
+  issue report it answers was resolved, or a person asked to `replan`;
 - `expired` after `approvals.plan_ttl_seconds` without a decision;
 - a decision under `approvals/<plan-id>` is taken only if it carries the
   plan's hash and comes from someone the deciding policy lets approve; a
@@ -204,6 +204,10 @@ class Approvals:
                 return Review()
             if snapshot.actual_fingerprint() != record.observed_fingerprint:
                 await self._void(entry.key, record, "the resource changed before anyone decided; planned again")
+                return Review()
+            open_reports = {(issue.id, issue.report) for issue in self._cache.open_issues(entry.key)}
+            if record.answers and not any((a.id, a.report) in open_reports for a in record.answers):
+                await self._void(entry.key, record, "the issues it answers were resolved before anyone decided")
                 return Review()
             left = (record.expires_at - self._now()).total_seconds() if record.expires_at is not None else 0.0
             if left <= 0:  # before any decision: one that came too late is refused by `closed`

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agents import AgentRegistry
 from plans import ExecutionPlan, Issue, RiskLevel, Snapshot, Step
-from policies import Policies
+from policies import Policies, load_policies
 from reconciler.assembly import Assembly
 from reconciler.decisions import Submitted, decide
 from tools import Tool, ToolContext, ToolRegistry, ToolResult
@@ -295,3 +295,33 @@ async def test_a_denied_heal_does_not_hold_back_the_issues_after_it(harness: Har
     await harness.wait_issue("db", "new", "healed", kind="svc")
     assert await _restarts(directory) == 1
     assert (await harness.issue_states("db", kind="svc"))["old"]["state"] == "blocked"
+
+
+async def test_a_heal_whose_issue_is_resolved_before_anyone_decides_is_voided(harness: Harness, tmp_path: Path) -> None:
+    harness.use_policies({"rules": [{"name": "restarts", "match": {"tools": ["svc.restart"]}, "action": "approve"}]})
+    parts = service_assembly()
+    harness.assembly = Assembly(
+        agents=parts.agents, tools=parts.tools, poll_seconds={},
+        policies=load_policies(harness.settings.policies.file, known_tools=["svc.restart", "svc.wipe"]),
+    )  # fmt: skip
+    directory = tmp_path / "svc"
+    directory.mkdir()
+    await harness.put_desired({"kind": "svc", "name": "web", "spec": {"dir": str(directory)}})
+    await harness.start()
+    await harness.report_issue("web", "blip", "a blip", kind="svc")
+    waiting = await harness.wait_issue("web", "blip", "awaiting_approval", kind="svc")
+
+    await harness.resolve_issue("web", "blip", kind="svc")
+
+    async def voided() -> bool:
+        return bool((await harness.plan_record(waiting["plan_id"]))["state"] == "voided")
+
+    await eventually(voided, what="the waiting heal to be voided")
+    record = await harness.plan_record(waiting["plan_id"])
+    assert record["message"] == "the issues it answers were resolved before anyone decided"
+    refused = await decide(harness.store, harness.keys, waiting["plan_id"], "approve", by="oncall", source="test")
+    assert not isinstance(refused, Submitted) or refused.approval is None
+    await asyncio.sleep(0.5)
+    assert await _restarts(directory) == 0
+    status = await harness.status("web", "svc")
+    assert status is not None and status["phase"] == "Converged" and status["issues"] == []
