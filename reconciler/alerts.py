@@ -154,23 +154,28 @@ def _add(batch: Batch, alert: Any, where: str) -> str | None:
     return None
 
 
+def _stored(value: bytes) -> Issue | None:
+    try:
+        return Issue.model_validate_json(value)
+    except ValueError:
+        return None  # not readable: replaced, or deleted
+
+
 def _same_firing(stored: bytes, issue: Issue) -> bool:
     """Whether `stored` is the issue of the same firing as `issue` (same source and start)."""
-    try:
-        before = Issue.model_validate_json(stored)
-    except ValueError:
-        return False  # not readable: replaced
-    return before.source == issue.source and before.details.get("starts_at") == issue.details.get("starts_at")
+    before = _stored(stored)
+    return (
+        before is not None
+        and before.source == issue.source
+        and before.details.get("starts_at") == issue.details.get("starts_at")
+    )
 
 
 def _resolves(stored: bytes, starts_at: str | None) -> bool:
     """Whether a resolved alert that started at `starts_at` ends the stored issue: not when the issue is of a
     later firing of the same alert (a late resolved notification must not close it)."""
-    try:
-        before = Issue.model_validate_json(stored)
-    except ValueError:
-        return True
-    stored_start = before.details.get("starts_at")
+    before = _stored(stored)
+    stored_start = before.details.get("starts_at") if before is not None else None
     return stored_start is None or starts_at is None or stored_start == starts_at
 
 

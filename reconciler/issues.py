@@ -148,7 +148,7 @@ def newly(previous: Sequence[IssueStatus], current: Sequence[IssueStatus]) -> li
     return [s.state for s in current if s.state in HEALS and before.get((s.id, s.report)) is not s.state]
 
 
-def began(issue: Issue) -> datetime | None:
+def problem_began(issue: Issue) -> datetime | None:
     """When the problem began, as its reporter says (`details.starts_at` from Alertmanager, `details.reported_at`
     from the CLI); None when it does not say."""
     for name in ("starts_at", "reported_at"):

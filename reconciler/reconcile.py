@@ -46,7 +46,7 @@ from reconciler.approvals import Approvals, Review
 from reconciler.cache import Cache, DesiredEntry, IssueEntry
 from reconciler.claims import ClaimIndex
 from reconciler.gate import Check, Gate, Verdict, plan_and_check
-from reconciler.issues import IssueMark, IssueState, began, ref, unhandled
+from reconciler.issues import IssueMark, IssueState, problem_began, ref, unhandled
 from reconciler.journal import PlanJournal
 from reconciler.observer import Observer
 from reconciler.outcome import Outcome, Result
@@ -225,7 +225,7 @@ class Reconciler:
     async def _answered_before(self, key: ResourceKey, issue: IssueEntry) -> IssueMark | None:
         """The last plan run for `key`, as the answer to `issue`, if it succeeded and began after the problem did
         (the poll found the drift first, and the alert about it came after the repair)."""
-        since = began(issue.issue)
+        since = problem_began(issue.issue)
         plan_id = await self._status.plan_id(key) if since is not None else None
         record = await self._journal.read(plan_id) if plan_id is not None else None
         if since is None or record is None or record.state is not PlanState.SUCCEEDED or record.plan.resource != key:
@@ -329,7 +329,8 @@ class Reconciler:
                 return await self._runner.remove(entry, None)
             self._observer.mark_converged(entry.key, snapshot.actual.state if snapshot.actual is not None else None)
             if await self._status.is_converged(entry.key, entry.mod_revision):  # it says what made it so
-                await self._status.mark_issues(entry.key, marks)
+                if marks:  # else `reconcile` brings the issue list up to date
+                    await self._status.mark_issues(entry.key, marks)
             else:
                 baseline = snapshot.actual.state if snapshot.actual is not None else None
                 await self._status.write(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from plans import ResourceKey
 from reconciler.assembly import Assembly
@@ -36,6 +36,14 @@ async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = 10
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what or check}; last value {last!r}")
         await asyncio.sleep(0.05)
+
+
+def sample_value(registry: CollectorRegistry, sample: str) -> float | None:
+    """The value of one sample (`name{labels}` as exposed) in `registry`, or None when it has none."""
+    for line in generate_latest(registry).decode().splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
 
 
 @dataclass
@@ -114,11 +122,7 @@ class Harness:
     async def metric(self, sample: str) -> float | None:
         """The value of one sample (`name{labels}` as exposed) on the daemon's /metrics, or None."""
         assert self.daemon is not None
-        text = generate_latest(self.daemon.metrics.registry).decode()
-        for line in text.splitlines():
-            if line.startswith(sample + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return None
+        return sample_value(self.daemon.metrics.registry, sample)
 
     def use_policies(self, policies: dict[str, Any]) -> None:
         """Run the daemon (at its next start) with `policies` as its policy file."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import generate_latest
+from harness import sample_value
 
 from plans import ResourceKey
 from reconciler.embedded import EmbeddedEtcd
@@ -67,11 +67,8 @@ class Endpoint:
         kvs, _ = await self.store.get_prefix(prefix)
         return {kv.key.decode()[len(prefix) :]: json.loads(kv.value) for kv in kvs}
 
-    def count(self, result: str) -> float:
-        for line in generate_latest(self.metrics.registry).decode().splitlines():
-            if line.startswith(f'setpoint_alerts_received_total{{result="{result}"}} '):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+    def count(self, result: str) -> float | None:
+        return sample_value(self.metrics.registry, f'setpoint_alerts_received_total{{result="{result}"}}')
 
 
 async def _endpoint(etcd: EmbeddedEtcd, token: bytes | None) -> AsyncIterator[Endpoint]:
