@@ -26,7 +26,7 @@ Two passes, both returning new values (nothing is scrubbed in place):
 
 Literals go first, so a configured key is caught even when it has none of
 these shapes. Every pattern has bounded quantifiers and no nested
-repetition, so the time taken is linear in the length of the text (a few
+repetition, so the time taken is linear in the length of the text (some ten
 milliseconds for 64 KiB, whatever the content): text from etcd, issues and
 tool outputs is attacker-controlled, and a regex that backtracks
 catastrophically would be a denial of service. The price of the bounds is
