@@ -9,6 +9,8 @@ from plans.approval import Approval, ApprovalDecision
 from plans.errors import (
     InvalidResourceError,
     PermanentError,
+    PlanningFailed,
+    PlanningUnavailable,
     PlanValidationError,
     SetpointError,
     TemporaryError,
@@ -40,6 +42,8 @@ __all__ = [
     "PlanRecord",
     "PlanState",
     "PlanValidationError",
+    "PlanningFailed",
+    "PlanningUnavailable",
     "Resource",
     "ResourceKey",
     "RiskLevel",

@@ -40,6 +40,16 @@ class PlanValidationError(PermanentError):
     """A plan step does not match its tool (unknown tool, bad parameters)."""
 
 
+class PlanningUnavailable(TemporaryError):
+    """No plan can be made now, but may be later: the model budget is spent, or no model answers.
+    `delay` is when to ask again."""
+
+
+class PlanningFailed(PermanentError):
+    """The planner was asked and gave no usable plan (every answer was rejected); asking again with the same
+    inputs will not help."""
+
+
 def describe_validation_error(
     error: ValidationError,
     *,

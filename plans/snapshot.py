@@ -1,7 +1,7 @@
 """What an agent plans from: one consistent view of one resource.
 
 The reconciler takes the snapshot (the desired value and the etcd revision
-it was read at, whether it was deleted, and what was observed) and hands it
+it was read at, whether it was deleted, what was observed, and the issues open on it) and hands it
 to the owning agent. `Snapshot.plan` binds a plan to exactly that resource
 and revision, so a plan always says which desired value it was made for and
 no one has to patch that in afterwards.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from plans.model import ExecutionPlan, Step
-from plans.resources import Observed, Resource, ResourceKey
+from plans.resources import Issue, Observed, Resource, ResourceKey
 
 
 class Snapshot(BaseModel):
@@ -26,6 +26,7 @@ class Snapshot(BaseModel):
     revision: int = Field(ge=0, description="etcd mod_revision of that value (of the deletion, once deleted).")
     deleted: bool = False
     actual: Observed | None = None
+    issues: tuple[Issue, ...] = Field(default=(), description="The issues open on the resource, oldest first.")
 
     @property
     def key(self) -> ResourceKey:

@@ -1,6 +1,7 @@
 """The policy file: what runs on its own, what is announced, what waits for a person, what never runs.
 
     defaults: {read_only: auto, low: auto, medium: notify, high: approve, critical: deny}
+    llm_defaults: {read_only: auto, low: auto, medium: approve, high: approve, critical: deny}
     approvers: []                 # who may approve by default; empty: anyone who can write approvals/
     rules:                        # the first rule that matches decides; else the default for the risk
       - name: no-deletes-in-office-hours
@@ -16,7 +17,9 @@
         approvers: [alice, bob]
     limits: {flap_max_plans: 6, ...}
 
-`notify` runs like `auto` and is announced through the approval hooks.
+`llm_defaults` take the place of `defaults` for a plan a language model
+made (`planner: llm:...`): out of the box, such a plan above `low` waits for
+a person. `notify` runs like `auto` and is announced through the approval hooks.
 Every part of a match must hold for the rule to match; a part left out
 matches anything. An empty plan is never evaluated: there is nothing to
 decide. The decision names the rule that made it (`defaults.<risk>` when
@@ -109,6 +112,12 @@ class Defaults(_Strict):
         return action
 
 
+class ModelDefaults(Defaults):
+    """What each risk level does, when no rule matches, for a plan a language model made."""
+
+    medium: Action = Action.APPROVE
+
+
 class Decision(_Strict):
     action: Action
     rule: str = Field(description="The rule that decided, or defaults.<risk>.")
@@ -118,6 +127,7 @@ class Decision(_Strict):
 
 class Policies(_Strict):
     defaults: Defaults = Field(default_factory=Defaults)
+    llm_defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     approvers: list[str] = Field(default_factory=list, description="Who may approve; empty: anyone.")
     rules: list[Rule] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
@@ -140,6 +150,12 @@ class Policies(_Strict):
                     reason=f"rule {rule.name!r} matched (risk {plan.risk})",
                     approvers=tuple(rule.approvers if rule.approvers is not None else self.approvers),
                 )  # fmt: skip
+        if plan.planner.startswith("llm:"):
+            action = self.llm_defaults.for_risk(plan.risk)
+            return Decision(
+                action=action, rule=f"llm_defaults.{plan.risk}",
+                reason=f"risk {plan.risk} from a language model: {action} by default", approvers=tuple(self.approvers),
+            )  # fmt: skip
         action = self.defaults.for_risk(plan.risk)
         return Decision(
             action=action, rule=f"defaults.{plan.risk}", reason=f"risk {plan.risk}: {action} by default",

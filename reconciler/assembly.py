@@ -1,7 +1,10 @@
 """Start-up assembly: the one place where the daemon's parts are built and wired together.
 
 `assemble` builds the agents, tools and policies from settings (a library
-user passes their own `Assembly` instead). `build` wires the runtime around
+user passes their own `Assembly` instead), and, when `llm.tiers` names any
+model, the language-model planner: the file agent asks it about issues its
+rules cannot heal, and each kind in `llm.kinds` gets a `ModelAgent` with the
+tools named there. Nothing else knows a model is involved. `build` wires the runtime around
 them: cache and watch, work queue, observer, status writer, journal,
 executor, gate, runner, crash recovery, reconciler and controller. Nothing
 registers itself on import, and no component reaches into another to find
@@ -16,7 +19,12 @@ from dataclasses import dataclass
 
 from agents import AgentRegistry
 from agents.builtin.file import FileAgent
-from plans import ResourceKey
+from agents.llm import ModelAgent, ModelPlanner
+from agents.plancache import PlanCache
+from llm_router import NoEvents, RouterEvents
+from llm_router.redact import Redactor
+from llm_router.router import build_router
+from plans import ResourceKey, Snapshot
 from policies import Policies, load_policies
 from policies.hooks import Notifier, Webhook, read_secret
 from policies.limits import FlapGuard, MutationBudget
@@ -36,7 +44,7 @@ from reconciler.reconcile import Reconciler
 from reconciler.resume import Resumer, Unfinished
 from reconciler.runner import Runner
 from reconciler.settings import Settings
-from reconciler.status import StatusWriter
+from reconciler.status import Phase, StatusWriter
 from reconciler.store import EtcdStore
 from reconciler.watch import Reflector
 from reconciler.workqueue import ExponentialBackoff, WorkQueue
@@ -49,19 +57,51 @@ class Assembly:
     tools: ToolRegistry
     policies: Policies
     poll_seconds: dict[str, float]
+    planner: ModelPlanner | None = None
 
 
-def assemble(settings: Settings) -> Assembly:
-    """The built-in agents and tools, and the policies in `policies.file` (PolicyError when it is invalid)."""
-    file_agent = FileAgent(allowed_roots=settings.agents.file.allowed_roots)
+def assemble(settings: Settings, *, metrics: Metrics | None = None, models: bool = True) -> Assembly:
+    """The built-in agents and tools, the model planner when models are configured, and the policies in
+    `policies.file` (PolicyError when it is invalid). `models=False` leaves the planner out (commands that
+    plan nothing, so need no API key); StartupError when a model's key or SDK is missing."""
+    planner = _planner(settings, metrics) if models and settings.llm.tiers.configured else None
+    file_agent = FileAgent(allowed_roots=settings.agents.file.allowed_roots, fallback=planner)
     agents = AgentRegistry([file_agent])
     tools = ToolRegistry(agents.tools())
+    for kind, config in settings.llm.kinds.items():
+        offered = []
+        for name in config.tools:
+            if name not in tools:
+                known = ", ".join(t.name for t in tools)
+                raise StartupError(f"llm.kinds.{kind}.tools: no tool is named {name!r} (the tools are: {known})")
+            offered.append(tools.get(name))
+        try:
+            agents.register(ModelAgent(kind=kind, tools=offered, planner=planner, hint=config.hint))
+        except ValueError as e:
+            raise StartupError(f"llm.kinds.{kind}: {e}") from None
     return Assembly(
         agents=agents,
         tools=tools,
         policies=load_policies(settings.policies.file, known_tools=[tool.name for tool in tools]),
         poll_seconds={"file": settings.agents.file.poll_seconds},
+        planner=planner,
     )
+
+
+def _planner(settings: Settings, metrics: Metrics | None) -> ModelPlanner:
+    llm = settings.llm
+    events: RouterEvents = metrics.llm_events() if metrics is not None else NoEvents()
+    try:
+        router = build_router(llm, events=events, redactor=Redactor(key_patterns=llm.redact_keys))
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+    if metrics is not None and llm.budget.usd_per_hour is not None:
+        metrics.llm_budget_remaining.set_function(lambda: router.budget_remaining() or 0.0)
+    return ModelPlanner(
+        router=router, redactor=router.redactor, max_steps=llm.max_steps,
+        cache=PlanCache(ttl_seconds=llm.plan_cache.ttl_seconds, max_entries=llm.plan_cache.max_entries),
+        on_cache_hit=metrics.llm_plan_cache_hits.inc if metrics is not None else lambda: None,
+    )  # fmt: skip
 
 
 def webhooks(settings: Settings) -> list[Webhook]:
@@ -86,6 +126,13 @@ def public_url(settings: Settings) -> str | None:
     if approvals.token_env is None and approvals.token_file is None:
         return None
     return (approvals.public_url or f"http://{settings.http.listen}").rstrip("/")
+
+
+async def _planning(status: StatusWriter, snapshot: Snapshot, message: str) -> None:
+    """Phase `Planning` while a model is asked (written only if the desired value is still `snapshot`'s)."""
+    await status.write(
+        snapshot.key, phase=Phase.PLANNING, revision=snapshot.revision, deleted=snapshot.deleted, message=message
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +190,8 @@ def build(
         store=store, keys=keys, open_issues=cache.open_issues,
         on_heal=lambda state: metrics.heals.labels(result=state.value).inc(),
     )  # fmt: skip
+    if parts.planner is not None:
+        parts.planner.on_planning = lambda snapshot, message: _planning(status, snapshot, message)
     metrics.count_resources(status.phase_counts)
     metrics.count_open_issues(cache.issue_counts)
     journal = PlanJournal(store=store, keys=keys, status=status)

@@ -134,7 +134,7 @@ class Daemon:
     async def _run(self, stop: asyncio.Event) -> int:
         # The policy file is checked before anything starts: a daemon must not run on policies it cannot read.
         try:
-            self._parts = self._assembly or assemble(self.settings)
+            self._parts = self._assembly or assemble(self.settings, metrics=self.metrics)
         except PolicyError as e:
             raise StartupError(str(e)) from None
         approvals = self.settings.approvals

@@ -24,6 +24,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from agents.llm import REJECTIONS as LLM_REJECTIONS
 from reconciler import alerts
 from reconciler.issues import HEALS
 
@@ -115,6 +116,7 @@ class Metrics:
             "setpoint_tool_retries", "Tool calls retried after a retryable error.", ["tool"], registry=r
         )
         self._health(r)
+        self._llm(r)
         self._hook_deliveries = _Counts(
             "setpoint_hook_deliveries", "Approval webhook deliveries by result (delivered, failed, dropped).",
             ["result"], counter=True,
@@ -167,6 +169,43 @@ class Metrics:
         for result in ALERT_RESULTS:
             self.alerts_received.labels(result=result)
 
+    def _llm(self, r: CollectorRegistry) -> None:
+        """Language-model planning: calls, tokens, cost, time, cache hits, budget left, rejected answers."""
+        self.llm_requests = Counter(
+            "setpoint_llm_requests", "Calls to language models, by provider, model, tier and result.",
+            ["provider", "model", "tier", "result"], registry=r,
+        )  # fmt: skip
+        self.llm_tokens = Counter(
+            "setpoint_llm_tokens", "Tokens sent to (input) and received from (output) language models.",
+            ["provider", "model", "direction"], registry=r,
+        )  # fmt: skip
+        self.llm_cost = Counter(
+            "setpoint_llm_cost_usd", "What language-model calls cost, in USD, at the configured prices.",
+            ["provider", "model"], registry=r,
+        )  # fmt: skip
+        self.llm_request_duration = Histogram(
+            "setpoint_llm_request_duration_seconds", "Time one call to a language model took, failed ones included.",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120), registry=r,
+        )  # fmt: skip
+        self.llm_plan_cache_hits = Counter(
+            "setpoint_llm_plan_cache_hits", "Plans (or failures to plan) reused from the plan cache, without a call.",
+            registry=r,
+        )  # fmt: skip
+        self.llm_budget_remaining = Gauge(
+            "setpoint_llm_budget_remaining_usd",
+            "What is left of the hourly language-model budget (no sample when there is no budget).", registry=r,
+        )  # fmt: skip
+        self.llm_rejected = Counter(
+            "setpoint_llm_rejected_answers", "Model answers rejected by validation, by reason.", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        for reason in LLM_REJECTIONS:
+            self.llm_rejected.labels(reason=reason)
+
+    def llm_events(self) -> LlmCounts:
+        """What the router reports its calls and rejections to."""
+        return LlmCounts(self)
+
     def queue_counts(self) -> QueueCounts:
         """What the work queue reports its adds, retries and waits to."""
         return QueueCounts(self)
@@ -203,6 +242,27 @@ class QueueCounts:
 
     def taken(self, waited: float) -> None:
         self._metrics.workqueue_queue_duration.observe(waited)
+
+
+class LlmCounts:
+    """The router's `RouterEvents`: its calls and rejected answers, as the `setpoint_llm_*` metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def request(
+        self, *, provider: str, model: str, tier: str, result: str, seconds: float, input_tokens: int,
+        output_tokens: int, cost_usd: float,
+    ) -> None:  # fmt: skip
+        m = self._metrics
+        m.llm_requests.labels(provider=provider, model=model, tier=tier, result=result).inc()
+        m.llm_request_duration.observe(seconds)
+        m.llm_tokens.labels(provider=provider, model=model, direction="input").inc(input_tokens)
+        m.llm_tokens.labels(provider=provider, model=model, direction="output").inc(output_tokens)
+        m.llm_cost.labels(provider=provider, model=model).inc(cost_usd)
+
+    def rejected(self, reason: str) -> None:
+        self._metrics.llm_rejected.labels(reason=reason).inc()
 
 
 class _Counts:

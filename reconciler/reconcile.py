@@ -29,8 +29,13 @@ so coalesced events and resyncs are handled the same way. The path, in order:
    With no drift, the agent's `heal` is asked about each such issue, oldest
    first; the first plan goes through the same gate and path as any plan,
    and the next issue gets a reconcile of its own. No plan: the issue is
-   `unhealable`, with the agent's reason. The status lists every open issue
-   with what was done about it, and a report is healed once.
+   `unhealable`, with the agent's reason; a planner that was asked and gave
+   nothing runnable (`PlanningFailed`: every model's answer was rejected)
+   makes it `failed`. The status lists every open issue with what was done
+   about it, and a report is healed once;
+11. a planner that can say nothing now (`PlanningUnavailable`: the model
+   budget is spent, no model answers) leaves the resource `Pending` with
+   the reason, and it is tried again when the planner says.
 """
 
 from __future__ import annotations
@@ -40,7 +45,17 @@ from collections.abc import Sequence
 import structlog
 
 from agents import Agent, AgentRegistry
-from plans import InvalidResourceError, Observed, PlanRecord, PlanState, PlanValidationError, ResourceKey, Snapshot
+from plans import (
+    InvalidResourceError,
+    Observed,
+    PlanningFailed,
+    PlanningUnavailable,
+    PlanRecord,
+    PlanState,
+    PlanValidationError,
+    ResourceKey,
+    Snapshot,
+)
 from policies import Action
 from reconciler.approvals import Approvals, Review
 from reconciler.cache import Cache, DesiredEntry, IssueEntry
@@ -167,6 +182,12 @@ class Reconciler:
                 untouched = []
         except InvalidResourceError as e:
             return await self._invalid(entry, str(e))
+        except PlanningUnavailable as e:  # the planner can say nothing now: when it will be asked again, and why
+            await self._write(entry, Phase.PENDING, str(e))
+            raise
+        except PlanningFailed as e:  # asked, and gave nothing that could run
+            await self._write(entry, Phase.FAILED, str(e))
+            raise
         if verdict.check is not Check.RUN and observed is not None:
             await self._observer.record(observed)  # a plan that runs records what it leaves instead
         outcome = await self._act(entry, snapshot, verdict, marks)
@@ -197,7 +218,12 @@ class Reconciler:
                     marks.append(answered)
                     log.info("issue.healed_before_reported", plan_id=answered.plan_id)
                     continue
-                plan = await agent.heal(issue.issue, snapshot)
+                try:
+                    plan = await agent.heal(issue.issue, snapshot)
+                except PlanningFailed as e:  # no plan that could run: the report failed, the next is asked about
+                    marks.append(IssueMark(issue, IssueState.FAILED, str(e)))
+                    log.warning("issue.heal_failed", reason=str(e)[:500])
+                    continue
                 verdict = self._gate.check(
                     plan, key=entry.key, revision=entry.mod_revision, heals_drift=True, labels=entry.resource.labels
                 )
@@ -308,7 +334,10 @@ class Reconciler:
         if actual is None:
             cached = self._cache.actual.get(entry.key)
             actual = cached.observed if cached is not None else None
-        snapshot = Snapshot(desired=entry.resource, revision=entry.mod_revision, deleted=entry.deleted, actual=actual)
+        issues = tuple(issue.issue for issue in self._cache.open_issues(entry.key)) if not entry.deleted else ()
+        snapshot = Snapshot(
+            desired=entry.resource, revision=entry.mod_revision, deleted=entry.deleted, actual=actual, issues=issues
+        )
         return snapshot, observed
 
     async def _act(

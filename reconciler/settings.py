@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llm_router.config import LlmConfig
+from plans import validate_name
 from plans.yamldoc import YamlError, load_document
 
 
@@ -246,6 +248,49 @@ class AgentsSettings(_Group):
     file: FileAgentSettings = Field(default_factory=FileAgentSettings)
 
 
+class LlmKindSettings(_Group):
+    tools: list[str] = Field(
+        min_length=1, description="The tools a model may use for this kind (names of registered tools)."
+    )
+    hint: float | None = Field(
+        default=None, ge=0, le=1,
+        description="How hard this kind's planning is, 0 to 1: adds up to 0.2 to the complexity score. Defaults to "
+        "none.",
+    )  # fmt: skip
+
+
+class PlanCacheSettings(_Group):
+    ttl_seconds: float = Field(
+        default=600.0, ge=0, description="How long a model's validated plan is reused for the same inputs. "
+        "Defaults to 600 s; 0 turns the cache off.",
+    )  # fmt: skip
+    max_entries: int = Field(default=1000, ge=1, description="Defaults to 1000.")
+
+
+class LlmSettings(LlmConfig):
+    """The `llm` group: the router's settings (`llm_router/config.py`) and what setpoint plans with a model."""
+
+    kinds: dict[str, LlmKindSettings] = Field(
+        default_factory=dict,
+        description="Kinds no rule-based agent handles, planned by a model with the tools named. Defaults to none.",
+    )
+    plan_cache: PlanCacheSettings = Field(default_factory=PlanCacheSettings)
+    max_steps: int = Field(default=10, ge=1, le=100, description="Steps a model's plan may have. Defaults to 10.")
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, value: dict[str, LlmKindSettings]) -> dict[str, LlmKindSettings]:
+        for kind in value:
+            validate_name(kind, what="kind")
+        return value
+
+    @model_validator(mode="after")
+    def _kinds_need_models(self) -> LlmSettings:
+        if self.kinds and not self.tiers.configured:
+            raise ValueError("llm.kinds are planned by a model, so llm.tiers must name at least one")
+        return self
+
+
 class LogSettings(_Group):
     level: str = Field(default="info", pattern="^(debug|info|warning|error)$", description="Defaults to info.")
 
@@ -260,6 +305,7 @@ class Settings(_Group):
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     tools: ToolSettings = Field(default_factory=ToolSettings)
     agents: AgentsSettings = Field(default_factory=AgentsSettings)
+    llm: LlmSettings = Field(default_factory=LlmSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     state_dir: str = Field(
         default="",
@@ -309,6 +355,10 @@ def _absolutise(data: dict[str, Any], base: Path) -> None:
     for hook in group("approvals").get("webhooks") or []:
         if isinstance(hook, dict) and "secret_file" in hook:
             hook["secret_file"] = absolute(hook["secret_file"])
+    for models in group("llm", "tiers").values():
+        for model in models if isinstance(models, list) else []:
+            if isinstance(model, dict) and "api_key_file" in model:
+                model["api_key_file"] = absolute(model["api_key_file"])
 
 
 def load_settings(path: str | Path | None) -> Settings:

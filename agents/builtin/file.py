@@ -5,8 +5,11 @@ Desired spec: `{"path": absolute path, "content": string, "mode": "0644"}`
 Planning is by rules: write the file when it is missing or its content or
 mode differ; delete it (a high-risk step) when the desired resource is
 deleted. An issue reported on a file is healed by repairing drift, if the
-file differs; otherwise no rule covers it (`heal` says so, and the issue is
-`unhealable`). Paths must lie inside `allowed_roots`; anything else is an invalid
+file differs; otherwise no rule covers it: with a language-model planner
+(`fallback`), the model is asked, else `heal` says so and the issue is
+`unhealable`. A model's step may touch only this resource's file, may not
+delete it, and may write only the desired content and mode (`in_scope`).
+Paths must lie inside `allowed_roots`; anything else is an invalid
 resource and nothing is planned. The path is checked (it resolves symlinks)
 in a thread, never on the event loop.
 
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
+from agents.llm import ModelPlanner
 from plans import ExecutionPlan, InvalidResourceError, Issue, Resource, Snapshot, Step
 from plans.errors import describe_validation_error
 from tools import Tool
@@ -68,9 +72,10 @@ class FileAgent:
     name = "file"
     kinds = frozenset({"file"})
 
-    def __init__(self, *, allowed_roots: Sequence[str]) -> None:
+    def __init__(self, *, allowed_roots: Sequence[str], fallback: ModelPlanner | None = None) -> None:
         self._roots = tuple(allowed_roots)
         self._tools = file_tools(allowed_roots=self._roots)
+        self._fallback = fallback
 
     def tools(self) -> Sequence[Tool]:
         return self._tools
@@ -146,12 +151,36 @@ class FileAgent:
         return await asyncio.to_thread(_diff, spec, path, state)
 
     async def heal(self, issue: Issue, snapshot: Snapshot) -> ExecutionPlan:
-        """Drift is all a file agent can repair: the plan that restores the desired content and mode, if the
-        file (observed afresh by the reconcile the issue started) differs; else no plan, saying so."""
+        """Drift is all the rules repair: the plan that restores the desired content and mode, if the file
+        (observed afresh by the reconcile the issue started) differs. Else the model, when there is one, is
+        asked; else no plan, saying so."""
         plan = await self.reconcile(snapshot)
-        if plan.is_empty:  # the file is as desired: whatever is wrong, it is not the file agent's to fix
+        if not plan.is_empty:
+            return plan.model_copy(update={"reasoning": f"{issue.summary}: {plan.reasoning}"})
+        if self._fallback is None:  # the file is as desired: whatever is wrong, the rules cannot fix it
             return snapshot.plan(agent=self.name, reasoning=f"{NO_RULE}: {plan.reasoning}")
-        return plan.model_copy(update={"reasoning": f"{issue.summary}: {plan.reasoning}"})
+        spec, path = await asyncio.to_thread(self.parse, snapshot.desired)
+        return await self._fallback.heal(
+            issue, snapshot, agent=self.name, tools=self._tools, rules_said=f"{NO_RULE}: {plan.reasoning}",
+            scope=lambda step: self.in_scope(step, spec=spec, path=path), drift=[],
+        )  # fmt: skip
+
+    @staticmethod
+    def in_scope(step: Step, *, spec: FileSpec, path: Path) -> str | None:
+        """Why a model's `step` for the resource with `spec` (at the confined `path`) is outside what it may
+        touch, or None: only its own file, never deleted, and written only with the desired content and mode."""
+        target = step.parameters.get("path")
+        if not isinstance(target, str) or os.path.normpath(target) not in {str(path), os.path.normpath(spec.path)}:
+            return f"this resource manages {spec.path} only; a step for it may not touch another path"
+        if step.tool == FileDelete.name:
+            return "deleting the file this resource keeps cannot heal it"
+        if step.tool == FileWrite.name:
+            mode = step.parameters.get("mode", "0644")
+            if step.parameters.get("content") != spec.content or not isinstance(mode, str) or (
+                parse_mode(mode) != parse_mode(spec.mode)
+            ):
+                return "file.write may write only the desired content and mode of this resource"
+        return None
 
     async def plan(self, snapshot: Snapshot) -> ExecutionPlan:
         return await self.reconcile(snapshot)

@@ -95,7 +95,7 @@ def cmd_issues_report(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     keys = KeySpace(settings.etcd.prefix)
     key = resource_key(args.resource)
-    kinds = assemble(settings).agents.kinds
+    kinds = assemble(settings, models=False).agents.kinds
     if key.kind not in kinds:
         raise CliError(f"no agent handles kind {key.kind!r} (known: {', '.join(sorted(kinds))}): nothing would heal it")
     now = datetime.now(UTC)

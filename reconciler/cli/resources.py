@@ -39,7 +39,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     resources = load_resources(args.file)
     source = "standard input" if args.file == "-" else args.file
-    validate(resources, assemble(settings).agents, source)
+    validate(resources, assemble(settings, models=False).agents, source)
     keys = KeySpace(settings.etcd.prefix)
     items = [
         (r.key, keys.desired(r.key), json.dumps(r.model_dump(mode="json"), sort_keys=True).encode()) for r in resources

@@ -1,0 +1,403 @@
+"""The language-model planner: plans for what rules do not cover, from an untrusted model, checked by code.
+
+Two ways in, both composed in `reconciler/assembly.py`, so the controller
+never learns about models:
+
+- a rule-based agent built with `fallback=ModelPlanner` asks it to heal an
+  issue its rules have no plan for (the file agent's `unhealable` cases);
+- a `ModelAgent` plans a kind that no rule-based agent handles, with the
+  tools `llm.kinds.<kind>.tools` names.
+
+What the model sees: the system prompt and one task prompt
+(`agents/prompts/*.md`), carrying the desired value, the actual state, a
+JSON diff, the open issues and the tool catalogue (names, risks and the
+JSON schemas of the tools' parameter models). Each is JSON between
+`<data>` delimiters that no value can close, redacted first
+(`llm_router/redact.py`: settable key patterns and common token formats),
+and cut to `MAX_DATA_CHARS`. The model answers by calling `submit_plan`
+with `{"reasoning", "steps": [{"tool", "parameters", "description", "risk"}]}`.
+
+The answer is data. It is rejected, with a reason the rejection metric
+counts, when: it does not match `submit_plan`'s schema (`schema`); it has
+more than `max_steps` steps (`too_many_steps`); a step names a tool outside
+the catalogue (`unknown_tool`); its parameters fail the tool's model
+(`parameters`); it claims a lower risk than its tool's (`risk_understated`);
+or the owning agent says a step is outside what this resource may touch
+(`out_of_scope`). A rejected answer gets one repair turn, then the next
+tier (the router's job); no valid answer from any tier is `PlanningFailed`,
+and nothing runs. A valid plan is gated like any other; its `planner` is
+`llm:<tier>:<provider>/<model>`, which the policy file can match.
+
+Routing: the complexity features of the task (fields in the diff, the
+issue's severity, candidate tools, earlier failed planning for this
+resource, the agent's hint) give a score, and the score a tier
+(`llm_router/complexity.py`). Before a model is asked, `on_planning` is
+told (the daemon writes phase `Planning`). A validated plan, or the
+failure to get one, is cached (`agents/plancache.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from string import Template
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from agents.plancache import CachedPlan, PlanCache, cache_key, canonical
+from llm_router import BudgetSpent, ChatMessage, InvalidAnswer, NoModelAnswered, NoValidAnswer, Tier, ToolSpec
+from llm_router.complexity import Features, Score, score
+from llm_router.redact import Redactor
+from llm_router.router import Router
+from plans import ExecutionPlan, Issue, PlanningFailed, PlanningUnavailable, ResourceKey, RiskLevel, Snapshot, Step
+from plans.errors import describe_validation_error
+from tools import Tool
+
+log = structlog.get_logger("setpoint.llm")
+
+PROMPTS = Path(__file__).parent / "prompts"
+MAX_DATA_CHARS = 8000  # per data block: a large value costs tokens and tells a model little more
+MAX_REASONING_CHARS = 2000
+
+# Why an answer is rejected: the validator's reasons, and the router's for an answer with no call.
+REJECTIONS = (
+    "no_tool_call", "schema", "too_many_steps", "unknown_tool", "parameters", "risk_understated", "out_of_scope",
+)  # fmt: skip
+
+Scope = Callable[[Step], str | None]  # why a step is outside what the resource may touch, or None
+OnPlanning = Callable[[Snapshot, str], Awaitable[None]]
+
+SUBMIT_PLAN = ToolSpec(
+    name="submit_plan",
+    description="Submit the plan for the resource: your reasoning and the tool calls to make, in order. "
+    "Submit no steps when no tool in the catalogue can help.",
+    parameters={
+        "type": "object",
+        "properties": {
+            "reasoning": {"type": "string", "description": "What is wrong and why these steps fix it."},
+            "steps": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "tool": {"type": "string", "description": "A tool name from the catalogue."},
+                        "parameters": {"type": "object", "description": "Arguments matching the tool's schema."},
+                        "description": {"type": "string", "description": "What this step does, in a few words."},
+                        "risk": {
+                            "type": "string",
+                            "enum": [level.value for level in RiskLevel],
+                            "description": "Never lower than the tool's own risk.",
+                        },
+                    },
+                    "required": ["tool", "parameters", "description", "risk"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "required": ["reasoning", "steps"],
+        "additionalProperties": False,
+    },
+)
+
+
+class _ProposedStep(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tool: str = Field(min_length=1, max_length=200)
+    parameters: dict[str, JsonValue] = Field(default_factory=dict)
+    description: str = Field(default="", max_length=1000)
+    risk: RiskLevel
+
+
+class _SubmitPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reasoning: str = Field(max_length=20_000)
+    steps: list[_ProposedStep]
+
+
+class Catalogue:
+    """The tools offered to the model for one task, and a version that changes when any of them does."""
+
+    def __init__(self, tools: Sequence[Tool]) -> None:
+        self._tools = {tool.name: tool for tool in tools}
+        self.entries: list[dict[str, JsonValue]] = [
+            {
+                "name": tool.name,
+                "description": tool.description,
+                "risk": tool.risk.value,
+                "idempotent": tool.idempotent,
+                "parameters": tool.parameters.model_json_schema(),
+            }
+            for tool in tools
+        ]
+        self.version = hashlib.sha256(canonical(self.entries).encode("utf-8")).hexdigest()
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tools)
+
+
+def json_diff(desired: JsonValue, actual: JsonValue, path: str = "") -> list[JsonValue]:
+    """Where `actual` differs from `desired`, over the keys `desired` names: `{"path", "desired", "actual"}`
+    entries, `actual` null where it has no such key. Keys only `actual` has are observations, not drift."""
+    if isinstance(desired, dict):
+        found: list[JsonValue] = []
+        actual_map = actual if isinstance(actual, dict) else {}
+        for name in sorted(desired):
+            found += json_diff(desired[name], actual_map.get(name), f"{path}/{name}")
+        return found
+    if desired != actual:
+        return [{"path": path or "/", "desired": desired, "actual": actual}]
+    return []
+
+
+class ModelPlanner:
+    def __init__(
+        self,
+        *,
+        router: Router,
+        redactor: Redactor,
+        cache: PlanCache,
+        max_steps: int = 10,
+        prompts: Path = PROMPTS,
+        on_cache_hit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._router = router
+        self._redactor = redactor
+        self._cache = cache
+        self._max_steps = max_steps
+        self._templates = {name: Template((prompts / f"{name}.md").read_text("utf-8")) for name in _PROMPTS}
+        self._on_cache_hit = on_cache_hit
+        self._failures: dict[ResourceKey, int] = {}
+        self.on_planning: OnPlanning | None = None  # set by the daemon: writes phase Planning
+
+    def route(
+        self, snapshot: Snapshot, *, tools: Sequence[Tool], issue: Issue | None = None, hint: float | None = None,
+        drift: Sequence[JsonValue] | None = None,
+    ) -> tuple[Score, Tier]:  # fmt: skip
+        """The complexity score of planning `snapshot` (with `issue`, if any) and the tier it routes to."""
+        diff = list(drift) if drift is not None else json_diff(snapshot.desired.spec, _state(snapshot))
+        features = Features(
+            changed_fields=len(diff),
+            changed_resources=1,
+            issue_severity=issue.severity if issue is not None else None,
+            candidate_tools=len(tools),
+            failed_attempts=self._failures.get(snapshot.key, 0),
+            hint=hint,
+        )
+        total = score(features)
+        return total, self._router.tier_for(total.total)
+
+    async def heal(
+        self, issue: Issue, snapshot: Snapshot, *, agent: str, tools: Sequence[Tool], rules_said: str,
+        scope: Scope | None = None, drift: Sequence[JsonValue] | None = None, hint: float | None = None,
+    ) -> ExecutionPlan:  # fmt: skip
+        """A plan for `issue` that `agent`'s rules could not heal (`rules_said` is why), made with `tools`."""
+        return await self._plan(
+            snapshot, agent=agent, tools=tools, issue=issue, scope=scope, drift=drift, hint=hint,
+            template="heal", fields={"rules_said": rules_said, "issue": _data(self._redactor.value(_issue(issue)))},
+        )  # fmt: skip
+
+    async def reconcile(
+        self, snapshot: Snapshot, *, agent: str, tools: Sequence[Tool], task: str, hint: float | None = None,
+        scope: Scope | None = None,
+    ) -> ExecutionPlan:  # fmt: skip
+        """A plan that moves `snapshot`'s resource to its desired state (`task` says what is asked)."""
+        return await self._plan(
+            snapshot, agent=agent, tools=tools, issue=None, scope=scope, drift=None, hint=hint, template="reconcile",
+            fields={"task": task},
+        )  # fmt: skip
+
+    async def _plan(
+        self, snapshot: Snapshot, *, agent: str, tools: Sequence[Tool], issue: Issue | None, scope: Scope | None,
+        drift: Sequence[JsonValue] | None, hint: float | None, template: str, fields: dict[str, str],
+    ) -> ExecutionPlan:  # fmt: skip
+        catalogue = Catalogue(tools)
+        diff = list(drift) if drift is not None else json_diff(snapshot.desired.spec, _state(snapshot))
+        key = cache_key(agent=agent, spec=snapshot.desired.spec, diff=diff, issue=issue, catalogue=catalogue.version)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._on_cache_hit()
+            log.info("llm.plan_cache_hit", planner=cached.planner, failed=cached.failure is not None)
+            if cached.failure is not None:
+                raise PlanningFailed(cached.failure)
+            return snapshot.plan(agent=agent, steps=cached.steps, reasoning=cached.reasoning, planner=cached.planner)
+        complexity, tier = self.route(snapshot, tools=tools, issue=issue, hint=hint, drift=diff)
+        if self.on_planning is not None:
+            await self.on_planning(snapshot, f"asking a {tier} language model for a plan (complexity "
+                                             f"{complexity.total:.2f})")  # fmt: skip
+        messages = self._messages(snapshot, template, fields, diff=diff, catalogue=catalogue)
+        log.debug("llm.prompt", tier=tier.value, messages=[m.content for m in messages])  # redacted already
+        try:
+            solved = await self._router.solve(
+                messages=messages, tool=SUBMIT_PLAN, tier=tier, validate=self._validator(catalogue, scope)
+            )
+        except NoValidAnswer as e:
+            self._failures[snapshot.key] = self._failures.get(snapshot.key, 0) + 1
+            reason = f"no valid plan from a language model: {e}"
+            self._cache.put(key, CachedPlan(failure=reason))
+            raise PlanningFailed(reason) from None
+        except (BudgetSpent, NoModelAnswered) as e:
+            raise PlanningUnavailable(f"language-model planning is paused: {e}", delay=e.retry_after) from None
+        self._failures.pop(snapshot.key, None)
+        steps, reasoning = solved.value
+        log.info(
+            "llm.planned", planner=solved.planner, steps=len(steps), tokens=solved.tokens,
+            cost_usd=round(solved.cost_usd, 6), seconds=round(solved.seconds, 3),
+        )  # fmt: skip
+        self._cache.put(key, CachedPlan(steps=steps, reasoning=reasoning, planner=solved.planner))
+        return snapshot.plan(agent=agent, steps=steps, reasoning=reasoning, planner=solved.planner)
+
+    def _messages(
+        self, snapshot: Snapshot, template: str, fields: dict[str, str], *, diff: list[JsonValue],
+        catalogue: Catalogue,
+    ) -> tuple[ChatMessage, ...]:  # fmt: skip
+        redact = self._redactor.value
+        actual = snapshot.actual.state if snapshot.actual is not None else None
+        common = {
+            "resource": str(snapshot.key),
+            "kind": snapshot.key.kind,
+            "desired": _data(redact(snapshot.desired.model_dump(mode="json"))),
+            "actual": _data(redact(actual) if actual is not None else "not observed yet"),
+            "diff": _data(redact(diff)),
+            "open_issues": _data(redact([_issue(i) for i in snapshot.issues])),
+            "tools": _data(catalogue.entries),
+        }
+        user = self._templates[template].substitute({**common, **fields})
+        return (
+            ChatMessage(role="system", content=self._templates["system"].substitute()),
+            ChatMessage(role="user", content=user),
+        )
+
+    def _validator(
+        self, catalogue: Catalogue, scope: Scope | None
+    ) -> Callable[[dict[str, JsonValue]], tuple[tuple[Step, ...], str]]:
+        def validate(arguments: dict[str, JsonValue]) -> tuple[tuple[Step, ...], str]:
+            log.debug("llm.answer", arguments=self._redactor.value(arguments))
+            try:
+                answer = _SubmitPlan.model_validate(arguments)
+            except ValidationError as e:
+                detail = describe_validation_error(e, every=True)
+                raise InvalidAnswer("schema", f"submit_plan's arguments do not match its schema: {detail}") from None
+            if len(answer.steps) > self._max_steps:
+                raise InvalidAnswer(
+                    "too_many_steps", f"the plan has {len(answer.steps)} steps; at most {self._max_steps} are allowed"
+                )
+            steps = tuple(self._step(i, proposed, catalogue, scope) for i, proposed in enumerate(answer.steps, 1))
+            return steps, _cut(answer.reasoning, MAX_REASONING_CHARS)
+
+        return validate
+
+    @staticmethod
+    def _step(index: int, proposed: _ProposedStep, catalogue: Catalogue, scope: Scope | None) -> Step:
+        tool = catalogue.get(proposed.tool)
+        if tool is None:
+            raise InvalidAnswer(
+                "unknown_tool",
+                f"step {index}: tool {_cut(proposed.tool, 60)!r} is not in the catalogue "
+                f"(the tools are: {', '.join(catalogue.names) or 'none'})",
+            )
+        try:
+            tool.parameters.model_validate(proposed.parameters, strict=True)
+        except ValidationError as e:
+            detail = describe_validation_error(e, what="parameter", whole="(parameters)", every=True)
+            raise InvalidAnswer("parameters", f"step {index} ({tool.name}): {detail}") from None
+        if proposed.risk < tool.risk:
+            raise InvalidAnswer(
+                "risk_understated",
+                f"step {index} ({tool.name}) claims risk {proposed.risk}, lower than the tool's own risk {tool.risk}",
+            )
+        step = Step(
+            tool=tool.name, parameters=proposed.parameters, description=_cut(proposed.description, 300) or tool.name,
+            risk=proposed.risk,
+        )  # fmt: skip
+        why = scope(step) if scope is not None else None
+        if why is not None:
+            raise InvalidAnswer("out_of_scope", f"step {index} ({tool.name}): {why}")
+        return step
+
+
+_PROMPTS = ("system", "heal", "reconcile")
+
+
+class ModelAgent:
+    """Plans a kind that no rule-based agent handles, with a model and the tools configured for the kind.
+
+    Its `actual/` state is written by an observer outside setpoint (or by a
+    tool). Actual matching desired on every field desired names is
+    converged, and no model is asked; anything else is planned by the model.
+    """
+
+    name = "llm"
+
+    def __init__(
+        self, *, kind: str, tools: Sequence[Tool], planner: ModelPlanner | None, hint: float | None = None
+    ) -> None:
+        """`planner` None: a command that plans nothing (it only needs to know the kind)."""
+        self.kinds = frozenset({kind})
+        self._tools = tuple(tools)
+        self._given = planner
+        self._hint = hint
+
+    @property
+    def _planner(self) -> ModelPlanner:
+        if self._given is None:
+            raise PlanningUnavailable("this command has no language-model planner")
+        return self._given
+
+    def tools(self) -> Sequence[Tool]:
+        return ()  # the tools belong to the agents that registered them; this one only offers them to a model
+
+    async def reconcile(self, snapshot: Snapshot) -> ExecutionPlan:
+        if not json_diff(snapshot.desired.spec, _state(snapshot)) and snapshot.actual is not None:
+            return snapshot.plan(agent=self.name, reasoning="actual matches desired")
+        return await self._planner.reconcile(
+            snapshot, agent=self.name, tools=self._tools, hint=self._hint,
+            task="Actual differs from desired (or was not observed yet): plan the steps that make them match.",
+        )  # fmt: skip
+
+    async def retire(self, snapshot: Snapshot) -> ExecutionPlan:
+        return await self._planner.reconcile(
+            snapshot, agent=self.name, tools=self._tools, hint=self._hint,
+            task="The desired resource was deleted (the desired state below is its last value): plan the removal of "
+            "what it made, or no steps if nothing needs removing.",
+        )  # fmt: skip
+
+    async def heal(self, issue: Issue, snapshot: Snapshot) -> ExecutionPlan:
+        return await self._planner.heal(
+            issue, snapshot, agent=self.name, tools=self._tools, hint=self._hint,
+            rules_said="no rule-based agent handles this kind.",
+        )  # fmt: skip
+
+    async def plan(self, snapshot: Snapshot) -> ExecutionPlan:
+        return await self.reconcile(snapshot)
+
+
+def _state(snapshot: Snapshot) -> dict[str, JsonValue] | None:
+    return snapshot.actual.state if snapshot.actual is not None else None
+
+
+def _issue(issue: Issue) -> dict[str, JsonValue]:
+    return issue.model_dump(mode="json")
+
+
+def _data(value: object) -> str:
+    """`value` as JSON that cannot close its `<data>` block, cut to MAX_DATA_CHARS."""
+    text = json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False, default=str).replace("<", "\\u003c")
+    if len(text) > MAX_DATA_CHARS:
+        text = text[:MAX_DATA_CHARS] + f"\n... [{len(text) - MAX_DATA_CHARS} more characters cut]"
+    return text
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
