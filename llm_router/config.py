@@ -118,7 +118,10 @@ class BreakerConfig(_Group):
 
 class RetryConfig(_Group):
     attempts: int = Field(
-        default=3, ge=1, le=10, description="Calls to one model on 429, 5xx, timeouts, connection errors. Defaults to 3."
+        default=3,
+        ge=1,
+        le=10,
+        description="Calls to one model on 429, 5xx, timeouts, connection errors. Defaults to 3.",
     )
     backoff_base_seconds: float = Field(default=0.5, gt=0, description="Defaults to 0.5 s, doubling, jittered.")
     backoff_max_seconds: float = Field(default=20.0, gt=0, description="Defaults to 20 s.")
