@@ -87,8 +87,8 @@ class AnthropicProvider:
             usage = getattr(message, "usage", None)
             tokens_in, tokens_out = getattr(usage, "input_tokens", 0), getattr(usage, "output_tokens", 0)
             return answer(tool, calls, text=text, input_tokens=tokens_in, output_tokens=tokens_out)
-        except (AttributeError, TypeError) as e:
-            raise malformed(self._who, "not a message of the Messages API") from e
+        except (AttributeError, TypeError):
+            raise malformed(self._who, "not a message of the Messages API") from None
 
     async def aclose(self) -> None:
         """Closes the SDK client's connections."""

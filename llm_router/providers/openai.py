@@ -25,6 +25,8 @@ import openai
 from openai.types.chat import (
     ChatCompletion,
     ChatCompletionFunctionToolParam,
+    ChatCompletionMessage,
+    ChatCompletionMessageCustomToolCall,
     ChatCompletionMessageParam,
     ChatCompletionNamedToolChoiceParam,
 )
@@ -96,8 +98,8 @@ class OpenAIProvider:
             usage = getattr(completion, "usage", None)
             tokens_in, tokens_out = getattr(usage, "prompt_tokens", 0), getattr(usage, "completion_tokens", 0)
             return answer(tool, calls, text=text, input_tokens=tokens_in, output_tokens=tokens_out)
-        except (AttributeError, TypeError) as e:
-            raise malformed(self._who, "not a chat completion") from e
+        except (AttributeError, TypeError):
+            raise malformed(self._who, "not a chat completion") from None
 
     async def aclose(self) -> None:
         """Closes the SDK client's connections."""
@@ -112,15 +114,15 @@ def _message(role: str, content: str) -> ChatCompletionMessageParam:
     return {"role": "user", "content": content}
 
 
-def _calls(message: object) -> list[Call]:
+def _calls(message: ChatCompletionMessage) -> list[Call]:
+    """The message's calls in order. Read by class, not by `type`: some compatible servers leave `type` out,
+    and the SDK, which does not validate, still builds a function call from the rest."""
     calls: list[Call] = []
-    for call in getattr(message, "tool_calls", None) or []:
-        kind = getattr(call, "type", None)
-        if kind == "function":
-            calls.append(Call(call.function.name, call.function.arguments))
-        elif kind == "custom":
+    for call in message.tool_calls or []:
+        if isinstance(call, ChatCompletionMessageCustomToolCall):
             calls.append(Call(call.custom.name, call.custom.input))
-    legacy = getattr(message, "function_call", None)
-    if not calls and legacy is not None:
-        calls.append(Call(legacy.name, legacy.arguments))
+        else:
+            calls.append(Call(call.function.name, call.function.arguments))
+    if not calls and message.function_call is not None:  # the legacy single call
+        calls.append(Call(message.function_call.name, message.function_call.arguments))
     return calls
