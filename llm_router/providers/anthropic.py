@@ -79,7 +79,7 @@ class AnthropicProvider:
 
     def _answer(self, message: object, tool: str) -> Answer:
         if not isinstance(message, Message):
-            raise malformed(self._who, "not a message")
+            raise malformed(self._who, "not a message of the Messages API")
         try:
             blocks = list(message.content)
             calls = [Call(b.name, b.input) for b in blocks if isinstance(b, ToolUseBlock)]

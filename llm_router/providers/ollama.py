@@ -15,7 +15,8 @@ has no per-call timeout: the call is bounded by `asyncio.timeout`.
 
 One client per provider object; the Ollama client does not retry. A key,
 for a server behind an authenticating proxy or ollama.com, goes as
-`Authorization: Bearer`.
+`Authorization: Bearer`; without one the client itself sends
+`OLLAMA_API_KEY` from the environment when that is set.
 """
 
 from __future__ import annotations
