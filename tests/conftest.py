@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from llm_fakes import llm_server as llm_server  # the fake model APIs, for tests/llm_router and agents
 from servers import ALERTMANAGER, PROMETHEUS, PROMTOOL, SYSTEMD_ANALYZE, Servers, require
 
 from reconciler.embedded import EmbeddedEtcd
