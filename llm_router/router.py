@@ -50,7 +50,6 @@ rate limits, which are what they should share.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import random as _random
 import time
@@ -456,9 +455,9 @@ class Router:
 
 def _sdk_provider(config: ModelConfig, *, api_key: str | None) -> ChatProvider:
     """`llm_router.providers.build_provider`, imported on first use: a router with no models loads no SDK."""
-    providers = importlib.import_module("llm_router.providers")
-    build: ProviderFactory = providers.build_provider
-    return build(config, api_key=api_key)
+    from llm_router.providers import build_provider
+
+    return build_provider(config, api_key=api_key)
 
 
 def build_router(
