@@ -51,10 +51,11 @@ class Budget:
         return sum(usd for _, usd in self._charges)
 
     def remaining(self) -> float | None:
-        """USD left in the rolling hour (may be negative after an overshoot); None when there is no limit."""
+        """USD left in the rolling hour (0 after an overshoot: a call's cost is known only once it is made);
+        None when there is no limit."""
         if self.usd_per_hour is None:
             return None
-        return self.usd_per_hour - self.spent_in_window()
+        return max(0.0, self.usd_per_hour - self.spent_in_window())
 
     def spent(self) -> bool:
         """True when there is a limit and nothing is left of it."""
