@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from llm_router import Tier
 from policies.hooks import read_secret
 from reconciler.assembly import assemble, webhooks
 from reconciler.cli.common import find_config
-from reconciler.settings import load_settings
+from reconciler.settings import Settings, load_settings
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -21,6 +22,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     approvals = settings.approvals
     token = read_secret(env=approvals.token_env, file=approvals.token_file, what="the HTTP approval token")
     print(f"approvals: {len(hooks)} webhooks, HTTP approvals {'on' if token else 'off (no token)'}")
+    print(_llm_line(settings))
     alerts = settings.alerts
     if not alerts.enabled:
         print("alerts: POST /v1/alerts off")
@@ -28,3 +30,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     alert_token = read_secret(env=alerts.token_env, file=alerts.token_file, what="the HTTP alerts token")
     print(f"alerts: POST /v1/alerts on, {'with a bearer token' if alert_token else 'open (no token)'}")
     return 0
+
+
+def _llm_line(settings: Settings) -> str:
+    """What `assemble` built for models: it has read every key already, or failed naming the missing one."""
+    tiers = settings.llm.tiers
+    if not tiers.configured:
+        return "llm: off (no model in llm.tiers)"
+    counts = ", ".join(f"{tier} {len(tiers.models(tier))}" for tier in Tier)
+    kinds = ", ".join(sorted(settings.llm.kinds)) or "none"
+    budget = settings.llm.budget.usd_per_hour
+    spend = f"{budget} USD per hour" if budget is not None else "no budget"
+    return f"llm: models by tier: {counts}; keys read; {spend}; kinds planned by a model: {kinds}"

@@ -181,7 +181,11 @@ def _good_doc(data: st.DataObject, name: str, root: Path) -> dict[str, Any]:
 
 
 def _dump(data: st.DataObject, doc: Any) -> bytes:
-    return json.dumps(doc, ensure_ascii=data.draw(st.booleans()), allow_nan=True).encode("utf-8")
+    text = json.dumps(doc, ensure_ascii=data.draw(st.booleans()), allow_nan=True)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate drawn: only its escaped form can be written as JSON
+        return json.dumps(doc, ensure_ascii=True, allow_nan=True).encode("utf-8")
 
 
 def _hostile(data: st.DataObject, name: str, root: Path) -> tuple[str, bytes]:
