@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from pydantic import JsonValue
 
 from agents.builtin.file import FileAgent
@@ -228,11 +229,15 @@ async def test_secrets_in_desired_values_and_issues_never_reach_the_model(tmp_pa
     s.path.write_text(content)
     hurt = issue(f"token {canaries['github']} leaked", api_token=canaries["by key"], note=canaries["slack"])
     snapshot = s.snapshot(content)
-    plan = await s.agent.heal(hurt, snapshot)
+    with structlog.testing.capture_logs() as logs:  # debug included: prompts and answers are logged there
+        plan = await s.agent.heal(hurt, snapshot)
     assert plan.is_empty
     sent = json.dumps([r.model_dump(mode="json") for r in small.requests])
+    logged = repr(logs)
+    assert "llm.prompt" in logged and "llm.answer" in logged
     for name, canary in {**canaries, "api key": API_KEY}.items():
         assert canary not in sent, name
+        assert canary not in logged, name
     assert "[REDACTED]" in sent
 
 
