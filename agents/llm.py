@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from string import Template
@@ -69,6 +70,11 @@ REJECTIONS = (
 
 Scope = Callable[[Step], str | None]  # why a step is outside what the resource may touch, or None
 OnPlanning = Callable[[Snapshot, str], Awaitable[None]]
+# The validator the router is given: the accepted steps, the reasoning, and the arguments they came from.
+_Validator = Callable[[dict[str, JsonValue]], tuple[tuple[Step, ...], str, dict[str, JsonValue]]]
+# Parameters that name what a step acts on: a model-planned kind's mutating step may name only what its spec does.
+TARGET_PARAMETERS = frozenset({"path", "paths", "url", "unit", "host", "target"})
+WAIT_FOR_ACTUAL_SECONDS = 60.0
 
 SUBMIT_PLAN = ToolSpec(
     name="submit_plan",
@@ -224,14 +230,16 @@ class ModelPlanner:
     ) -> ExecutionPlan:  # fmt: skip
         catalogue = Catalogue(tools)
         diff = list(drift) if drift is not None else json_diff(snapshot.desired.spec, _state(snapshot))
-        key = cache_key(agent=agent, spec=snapshot.desired.spec, diff=diff, issue=issue, catalogue=catalogue.version)
-        cached = self._cache.get(key)
+        task = "\x00".join([template, fields.get("task", ""), "deleted" if snapshot.deleted else ""])
+        key = cache_key(
+            agent=agent, resource=str(snapshot.key), task=task, spec=snapshot.desired.spec, diff=diff, issue=issue,
+            open_issues=snapshot.issues, catalogue=catalogue.version,
+        )  # fmt: skip
+        validate = self._validator(catalogue, scope)
+        cached = self._from_cache(key, validate)
         if cached is not None:
-            self._on_cache_hit()
-            log.info("llm.plan_cache_hit", planner=cached.planner, failed=cached.failure is not None)
-            if cached.failure is not None:
-                raise PlanningFailed(cached.failure)
-            return snapshot.plan(agent=agent, steps=cached.steps, reasoning=cached.reasoning, planner=cached.planner)
+            steps, reasoning, planner = cached
+            return snapshot.plan(agent=agent, steps=steps, reasoning=reasoning, planner=planner)
         complexity, tier = self.route(snapshot, tools=tools, issue=issue, hint=hint, drift=diff)
         if self.on_planning is not None:
             await self.on_planning(snapshot, f"asking a {tier} language model for a plan (complexity "
@@ -239,24 +247,43 @@ class ModelPlanner:
         messages = self._messages(snapshot, template, fields, diff=diff, catalogue=catalogue)
         log.debug("llm.prompt", tier=tier.value, messages=[m.content for m in messages])  # redacted already
         try:
-            solved = await self._router.solve(
-                messages=messages, tool=SUBMIT_PLAN, tier=tier, validate=self._validator(catalogue, scope)
-            )
+            solved = await self._router.solve(messages=messages, tool=SUBMIT_PLAN, tier=tier, validate=validate)
         except NoValidAnswer as e:
             self._failures[snapshot.key] = self._failures.get(snapshot.key, 0) + 1
             reason = f"no valid plan from a language model: {e}"
             self._cache.put(key, CachedPlan(failure=reason))
             raise PlanningFailed(reason) from None
         except (BudgetSpent, NoModelAnswered) as e:
-            raise PlanningUnavailable(f"language-model planning is paused: {e}", delay=e.retry_after) from None
+            resumes = f"; planning resumes in {e.retry_after:.0f} s" if e.retry_after is not None else ""
+            raise PlanningUnavailable(f"language-model planning is paused: {e}{resumes}", delay=e.retry_after) from None
         self._failures.pop(snapshot.key, None)
-        steps, reasoning = solved.value
+        steps, reasoning, arguments = solved.value
         log.info(
             "llm.planned", planner=solved.planner, steps=len(steps), tokens=solved.tokens,
             cost_usd=round(solved.cost_usd, 6), seconds=round(solved.seconds, 3),
         )  # fmt: skip
-        self._cache.put(key, CachedPlan(steps=steps, reasoning=reasoning, planner=solved.planner))
+        self._cache.put(key, CachedPlan(arguments=arguments, planner=solved.planner))
         return snapshot.plan(agent=agent, steps=steps, reasoning=reasoning, planner=solved.planner)
+
+    def _from_cache(self, key: str, validate: _Validator) -> tuple[tuple[Step, ...], str, str] | None:
+        """The cached answer for `key`, validated again (steps, reasoning, planner); PlanningFailed for a cached
+        failure; None when there is none, or it no longer passes (the entry is then asked afresh)."""
+        cached = self._cache.get(key)
+        if cached is None:
+            return None
+        if cached.failure is not None:
+            self._on_cache_hit()
+            log.info("llm.plan_cache_hit", failed=True)
+            raise PlanningFailed(cached.failure)
+        assert cached.arguments is not None
+        try:
+            steps, reasoning, _ = validate(cached.arguments)
+        except InvalidAnswer as e:
+            log.info("llm.plan_cache_stale", reason=e.reason)
+            return None
+        self._on_cache_hit()
+        log.info("llm.plan_cache_hit", planner=cached.planner, failed=False)
+        return steps, reasoning, cached.planner
 
     def _messages(
         self, snapshot: Snapshot, template: str, fields: dict[str, str], *, diff: list[JsonValue],
@@ -269,7 +296,7 @@ class ModelPlanner:
             "kind": snapshot.key.kind,
             "desired": _data(redact(snapshot.desired.model_dump(mode="json"))),
             "actual": _data(redact(actual) if actual is not None else "not observed yet"),
-            "diff": _data(redact(diff)),
+            "diff": _data(self._redact_diff(diff)),
             "open_issues": _data(redact([_issue(i) for i in snapshot.issues])),
             "tools": _data(catalogue.entries),
         }
@@ -279,10 +306,20 @@ class ModelPlanner:
             ChatMessage(role="user", content=user),
         )
 
-    def _validator(
-        self, catalogue: Catalogue, scope: Scope | None
-    ) -> Callable[[dict[str, JsonValue]], tuple[tuple[Step, ...], str]]:
-        def validate(arguments: dict[str, JsonValue]) -> tuple[tuple[Step, ...], str]:
+    def _redact_diff(self, diff: list[JsonValue]) -> JsonValue:
+        """The diff with both sides of an entry redacted when any key on its path is a secret one (a diff entry
+        moves a value from under its own key to under `desired` / `actual`, where the key globs cannot see it)."""
+        entries: list[JsonValue] = []
+        for entry in diff:
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                segments = str(entry["path"]).split("/")
+                if any(self._redactor.secret_key(segment) for segment in segments if segment):
+                    entry = {**entry, "desired": "[REDACTED]", "actual": "[REDACTED]"}
+            entries.append(entry)
+        return self._redactor.value(entries)
+
+    def _validator(self, catalogue: Catalogue, scope: Scope | None) -> _Validator:
+        def validate(arguments: dict[str, JsonValue]) -> tuple[tuple[Step, ...], str, dict[str, JsonValue]]:
             log.debug("llm.answer", arguments=self._redactor.value(arguments))
             try:
                 answer = _SubmitPlan.model_validate(arguments)
@@ -294,7 +331,7 @@ class ModelPlanner:
                     "too_many_steps", f"the plan has {len(answer.steps)} steps; at most {self._max_steps} are allowed"
                 )
             steps = tuple(self._step(i, proposed, catalogue, scope) for i, proposed in enumerate(answer.steps, 1))
-            return steps, _cut(answer.reasoning, MAX_REASONING_CHARS)
+            return steps, _cut(answer.reasoning, MAX_REASONING_CHARS), arguments
 
         return validate
 
@@ -336,6 +373,11 @@ class ModelAgent:
     Its `actual/` state is written by an observer outside setpoint (or by a
     tool). Actual matching desired on every field desired names is
     converged, and no model is asked; anything else is planned by the model.
+    Until something has written `actual/`, nothing is planned (the resource
+    is `Pending`, saying so): a plan made blind would run again at every
+    resync. A mutating step may name as its target (`TARGET_PARAMETERS`)
+    only a value the desired spec names, so nothing a model reads can point
+    it at another file, unit or host.
     """
 
     name = "llm"
@@ -359,28 +401,63 @@ class ModelAgent:
         return ()  # the tools belong to the agents that registered them; this one only offers them to a model
 
     async def reconcile(self, snapshot: Snapshot) -> ExecutionPlan:
-        if not json_diff(snapshot.desired.spec, _state(snapshot)) and snapshot.actual is not None:
+        if snapshot.actual is None:
+            raise PlanningUnavailable(
+                f"waiting for the actual state: a kind planned by a model is planned once something writes "
+                f"actual/{snapshot.key}", delay=WAIT_FOR_ACTUAL_SECONDS,
+            )  # fmt: skip
+        if not json_diff(snapshot.desired.spec, _state(snapshot)):
             return snapshot.plan(agent=self.name, reasoning="actual matches desired")
         return await self._planner.reconcile(
-            snapshot, agent=self.name, tools=self._tools, hint=self._hint,
-            task="Actual differs from desired (or was not observed yet): plan the steps that make them match.",
+            snapshot, agent=self.name, tools=self._tools, hint=self._hint, scope=spec_scope(snapshot),
+            task="Actual differs from desired: plan the steps that make them match.",
         )  # fmt: skip
 
     async def retire(self, snapshot: Snapshot) -> ExecutionPlan:
         return await self._planner.reconcile(
             snapshot, agent=self.name, tools=self._tools, hint=self._hint,
             task="The desired resource was deleted (the desired state below is its last value): plan the removal of "
-            "what it made, or no steps if nothing needs removing.",
+            "what it made, or no steps if nothing needs removing.", scope=spec_scope(snapshot),
         )  # fmt: skip
 
     async def heal(self, issue: Issue, snapshot: Snapshot) -> ExecutionPlan:
         return await self._planner.heal(
-            issue, snapshot, agent=self.name, tools=self._tools, hint=self._hint,
+            issue, snapshot, agent=self.name, tools=self._tools, hint=self._hint, scope=spec_scope(snapshot),
             rules_said="no rule-based agent handles this kind.",
         )  # fmt: skip
 
     async def plan(self, snapshot: Snapshot) -> ExecutionPlan:
         return await self.reconcile(snapshot)
+
+
+def spec_scope(snapshot: Snapshot) -> Scope:
+    """A model-planned resource's scope: a mutating step's target parameters must be values its spec names."""
+    named: set[str] = set()
+
+    def collect(value: JsonValue) -> None:
+        if isinstance(value, str):
+            named.update({value, os.path.normpath(value)} if value.startswith("/") else {value})
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+
+    collect(snapshot.desired.spec)
+
+    def check(step: Step) -> str | None:
+        if step.risk is RiskLevel.READ_ONLY:
+            return None
+        for name in sorted(TARGET_PARAMETERS & set(step.parameters)):
+            values = step.parameters[name]
+            for value in values if isinstance(values, list) else [values]:
+                known = isinstance(value, str) and (value in named or os.path.normpath(value) in named)
+                if not known:
+                    return f"parameter {name!r} may name only what the desired spec names, not {_cut(str(value), 80)!r}"
+        return None
+
+    return check
 
 
 def _state(snapshot: Snapshot) -> dict[str, JsonValue] | None:

@@ -1,12 +1,14 @@
 """The plan cache: the same question to a model gets the same validated answer, without a call.
 
 A model-made plan is cached under a key that covers everything the answer
-may depend on: the agent, the desired value (normalised: canonical JSON,
-without its labels), the diff between desired and actual (also canonical),
-the issue's fingerprint (what it says, not when it was reported), and the
-tool catalogue's version (the tools' names, risks and parameter schemas).
-What is cached is the validated steps and reasoning, or the reason no valid
-plan could be had, so a flapping key whose inputs repeat asks a model once
+may depend on: the agent, the resource (kind/name), the task (the prompt and
+what it asks: heal, reconcile or retire), the desired spec (canonical JSON),
+the diff between desired and actual (also canonical), the fingerprints of
+the issue and of every open issue (what they say, not when they were
+reported or how often), and the tool catalogue's version (the tools' names,
+risks and parameter schemas). What is cached is the model's accepted
+answer, validated again whenever it is used, or the reason no valid plan
+could be had, so a flapping key whose inputs repeat asks a model once
 per TTL rather than once per flap, and a question that failed is not asked
 again until the TTL passes or an input changes.
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 from pydantic import JsonValue
 
-from plans import Issue, Step
+from plans import Issue
 
 # Issue details that say when, or how often, not what: two reports of one problem share a fingerprint.
 _VOLATILE_DETAILS = frozenset(
@@ -37,10 +39,10 @@ _VOLATILE_DETAILS = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class CachedPlan:
-    """A validated answer (`steps`, `reasoning`, `planner`), or `failure`: why none could be had."""
+    """A validated answer (the model's `arguments` and the `planner` that gave them), or `failure`: why none
+    could be had. The arguments are validated again when the entry is used: the cache saves a call, not a check."""
 
-    steps: tuple[Step, ...] = ()
-    reasoning: str = ""
+    arguments: dict[str, JsonValue] | None = None
     planner: str = ""
     failure: str | None = None
 
@@ -57,9 +59,13 @@ def issue_fingerprint(issue: Issue | None) -> str:
 
 
 def cache_key(
-    *, agent: str, spec: dict[str, JsonValue], diff: Sequence[JsonValue], issue: Issue | None, catalogue: str
-) -> str:
-    parts = [agent, canonical(spec), canonical(list(diff)), issue_fingerprint(issue), catalogue]
+    *, agent: str, resource: str, task: str, spec: dict[str, JsonValue], diff: Sequence[JsonValue],
+    issue: Issue | None, open_issues: Sequence[Issue], catalogue: str,
+) -> str:  # fmt: skip
+    parts = [
+        agent, resource, task, canonical(spec), canonical(list(diff)), issue_fingerprint(issue),
+        canonical([issue_fingerprint(i) for i in open_issues]), catalogue,
+    ]  # fmt: skip
     return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()
 
 

@@ -83,6 +83,13 @@ class CircuitBreaker:
             self._opened_at = self._now()
             self._trial_at = None
 
+    def cool_down(self, seconds: float) -> None:
+        """The provider asked for `seconds` of quiet (a long Retry-After): open until then, whatever the count."""
+        until = self._now() + seconds
+        if self._opened_at is None or self._opened_at + self.reset_seconds < until:
+            self._opened_at = until - self.reset_seconds
+            self._trial_at = None
+
     def ready_in(self) -> float:
         """Seconds until a call may be tried: 0 when `allows()` would say yes now."""
         now = self._now()

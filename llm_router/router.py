@@ -398,6 +398,8 @@ class Router:
             return answer
         self._record(run, m, result_label(error), self._now() - started, None)
         m.breaker.failure()
+        if error.retry_after is not None and error.retry_after > self._config.retry.max_retry_after_seconds:
+            m.breaker.cool_down(error.retry_after)  # not asked again, by this plan or another, before then
         raise error
 
     def _request(self, run: _Run, messages: tuple[ChatMessage, ...], *, max_tokens: int) -> Request:

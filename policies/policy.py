@@ -17,9 +17,9 @@
         approvers: [alice, bob]
     limits: {flap_max_plans: 6, ...}
 
-`llm_defaults` take the place of `defaults` for a plan a language model
-made (`planner: llm:...`): out of the box, such a plan above `low` waits for
-a person. `notify` runs like `auto` and is announced through the approval hooks.
+For a plan a language model made (`planner: llm:...`), when no rule
+matches, the stricter of `defaults` and `llm_defaults` decides: out of the
+box, such a plan above `low` waits for a person. `notify` runs like `auto` and is announced through the approval hooks.
 Every part of a match must hold for the rule to match; a part left out
 matches anything. An empty plan is never evaluated: there is nothing to
 decide. The decision names the rule that made it (`defaults.<risk>` when
@@ -51,6 +51,9 @@ class Action(StrEnum):
     @property
     def runs_now(self) -> bool:
         return self in (Action.AUTO, Action.NOTIFY)
+
+
+_STRICTNESS = {Action.AUTO: 0, Action.NOTIFY: 1, Action.APPROVE: 2, Action.DENY: 3}
 
 
 class PolicyError(ValueError):
@@ -150,13 +153,15 @@ class Policies(_Strict):
                     reason=f"rule {rule.name!r} matched (risk {plan.risk})",
                     approvers=tuple(rule.approvers if rule.approvers is not None else self.approvers),
                 )  # fmt: skip
-        if plan.planner.startswith("llm:"):
-            action = self.llm_defaults.for_risk(plan.risk)
-            return Decision(
-                action=action, rule=f"llm_defaults.{plan.risk}",
-                reason=f"risk {plan.risk} from a language model: {action} by default", approvers=tuple(self.approvers),
-            )  # fmt: skip
         action = self.defaults.for_risk(plan.risk)
+        if plan.planner.startswith("llm:"):  # the stricter of the two: llm_defaults may not loosen defaults
+            model_action = self.llm_defaults.for_risk(plan.risk)
+            if _STRICTNESS[model_action] >= _STRICTNESS[action]:
+                return Decision(
+                    action=model_action, rule=f"llm_defaults.{plan.risk}",
+                    reason=f"risk {plan.risk} from a language model: {model_action} by default",
+                    approvers=tuple(self.approvers),
+                )  # fmt: skip
         return Decision(
             action=action, rule=f"defaults.{plan.risk}", reason=f"risk {plan.risk}: {action} by default",
             approvers=tuple(self.approvers),

@@ -224,6 +224,10 @@ class Reconciler:
                     marks.append(IssueMark(issue, IssueState.FAILED, str(e)))
                     log.warning("issue.heal_failed", reason=str(e)[:500])
                     continue
+                except PlanningUnavailable:  # what was found about the issues before it stays found
+                    if marks:
+                        await self._status.mark_issues(entry.key, marks)
+                    raise
                 verdict = self._gate.check(
                     plan, key=entry.key, revision=entry.mod_revision, heals_drift=True, labels=entry.resource.labels
                 )

@@ -20,7 +20,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agents import DiffingAgent, ObservingAgent
-from plans import InvalidResourceError, Observed, PlanRecord, PlanState, Resource, ResourceKey, Snapshot
+from plans import (
+    InvalidResourceError,
+    Observed,
+    PlanningFailed,
+    PlanningUnavailable,
+    PlanRecord,
+    PlanState,
+    Resource,
+    ResourceKey,
+    Snapshot,
+)
 from policies.limits import FlapGuard, MutationBudget
 from reconciler.assembly import Assembly, assemble
 from reconciler.cache import Cache, DesiredEntry
@@ -135,7 +145,7 @@ async def _row(entry: DesiredEntry, parts: Assembly, gate: Gate, cache: Cache, *
         snapshot = Snapshot(desired=entry.resource, revision=entry.mod_revision, deleted=entry.deleted, actual=actual)
         verdict = await plan_and_check(agent, gate, snapshot, heals_drift=False)
         diff = await agent.diff(snapshot) if isinstance(agent, DiffingAgent) and verdict.plan.steps else ""
-    except InvalidResourceError as e:
+    except (InvalidResourceError, PlanningFailed, PlanningUnavailable) as e:  # a model's planning too: this row only
         return Row(key, "error", str(e))
     plan = verdict.plan
     row = Row(

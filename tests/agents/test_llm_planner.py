@@ -269,23 +269,42 @@ async def test_when_the_budget_is_spent_no_model_is_asked_and_planning_waits(tmp
     assert len(small.requests) == 1
 
 
-async def test_a_model_planned_kind_asks_only_when_actual_differs(tmp_path: Path) -> None:
+async def test_a_model_planned_kind_asks_only_when_actual_differs_and_stays_in_its_spec(tmp_path: Path) -> None:
     small = Scripted("small-model", [], repeat=True)
     s = Setup(tmp_path, {Tier.SMALL: [small]})
     target = tmp_path / "banner"
     tools = [tool for tool in s.agent.tools() if tool.name in ("file.write", "file.read")]
     agent = ModelAgent(kind="banner", tools=tools, planner=s.planner, hint=0.5)
-    desired = Resource(kind="banner", name="b", spec={"text": "hello"})
-    same = Observed(kind="banner", name="b", state={"text": "hello", "seen": 3}, observed_at=datetime.now(UTC))
+    desired = Resource(kind="banner", name="b", spec={"path": str(target), "text": "hello", "db_password": "hunter2x"})
+    with pytest.raises(PlanningUnavailable, match="actual/banner/b"):  # nothing observed: nothing planned blind
+        await agent.reconcile(Snapshot(desired=desired, revision=3))
+    same = Observed(
+        kind="banner", name="b", state={"path": str(target), "text": "hello", "db_password": "hunter2x", "seen": 3},
+        observed_at=datetime.now(UTC),
+    )  # fmt: skip
     plan = await agent.reconcile(Snapshot(desired=desired, revision=3, actual=same))
     assert plan.is_empty and small.requests == []
-    small.script.append(
-        answer({"tool": "file.write", "parameters": {"path": str(target), "content": "hello"}, "description": "w",
-                "risk": "low"})
-    )  # fmt: skip
-    other = same.model_copy(update={"state": {"text": "bye"}})
+
+    def banner(path: Path) -> dict[str, Any]:
+        parameters = {"path": str(path), "content": "hello"}
+        return answer({"tool": "file.write", "parameters": parameters, "description": "w", "risk": "low"})
+
+    small.script.append(banner(target))
+    other = same.model_copy(update={"state": {"path": str(target), "text": "bye", "db_password": "hunter2y"}})
     plan = await agent.reconcile(Snapshot(desired=desired, revision=3, actual=other))
-    assert plan.agent == "llm" and plan.planner.startswith("llm:small:") and [s.tool for s in plan.steps] == [
-        "file.write"
-    ]
-    assert '"path": "/text"' in small.requests[0].messages[1].content  # the diff
+    assert plan.agent == "llm" and plan.planner.startswith("llm:small:")
+    assert [step.tool for step in plan.steps] == ["file.write"]
+    prompt = small.requests[0].messages[1].content
+    assert '"path": "/text"' in prompt  # the diff
+    assert "hunter2" not in prompt, "a secret moved into the diff is redacted too"
+
+    # Another resource of the kind is another question, never a cached answer to it.
+    elsewhere = desired.model_copy(update={"name": "c"})
+    await agent.reconcile(Snapshot(desired=elsewhere, revision=4, actual=other))
+    assert len(small.requests) == 2
+
+    small.script[0] = banner(tmp_path / "victim")
+    victim = desired.model_copy(update={"name": "d", "spec": {**desired.spec, "path": str(tmp_path / "own")}})
+    with pytest.raises(PlanningFailed, match="may name only what the desired spec names"):
+        await agent.reconcile(Snapshot(desired=victim, revision=5, actual=other))
+    assert s.events.rejections == ["out_of_scope", "out_of_scope"]

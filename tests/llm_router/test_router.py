@@ -279,6 +279,15 @@ async def test_a_retry_after_longer_than_allowed_gives_the_model_up() -> None:
     assert clock.sleeps == []
     assert (a.calls, solved.model.model) == (1, "b")
 
+    # The quiet it asked for holds for later plans too, past the breaker's own reset.
+    b.script.append(answer())
+    solved = await s.router.solve(messages=MESSAGES, tool=TOOL, tier=Tier.SMALL, validate=validate)
+    assert (a.calls, solved.model.model) == (1, "b")
+    clock.t += 61.0
+    a.script.append(answer())
+    solved = await s.router.solve(messages=MESSAGES, tool=TOOL, tier=Tier.SMALL, validate=validate)
+    assert (a.calls, solved.model.model) == (2, "a")
+
 
 async def test_a_provider_timeout_is_retried() -> None:
     clock = Clock()

@@ -189,3 +189,24 @@ def test_the_example_policy_file_is_valid() -> None:
 
     assert [rule.name for rule in policies.rules] == ["never-touch-ssh", "prod-office-hours", "announce-llm-plans"]
     assert policies.defaults == Policies().defaults
+
+
+@pytest.mark.parametrize(
+    ("risk", "policy", "action", "rule"),
+    [
+        (RiskLevel.LOW, {}, Action.AUTO, "llm_defaults.low"),
+        (RiskLevel.MEDIUM, {}, Action.APPROVE, "llm_defaults.medium"),  # rules' medium is only notify
+        (RiskLevel.CRITICAL, {}, Action.DENY, "llm_defaults.critical"),
+        (RiskLevel.LOW, {"defaults": {"low": "approve"}}, Action.APPROVE, "defaults.low"),  # never looser
+        (RiskLevel.MEDIUM, {"llm_defaults": {"medium": "auto"}}, Action.NOTIFY, "defaults.medium"),
+        (RiskLevel.HIGH, {"llm_defaults": {"high": "deny"}}, Action.DENY, "llm_defaults.high"),
+    ],
+)
+def test_a_models_plan_gets_the_stricter_of_defaults_and_llm_defaults(
+    risk: RiskLevel, policy: dict[str, Any], action: Action, rule: str
+) -> None:
+    policies = Policies.model_validate(policy)
+    decision = policies.evaluate(plan_of(risk, planner="llm:small:openai/m"), labels={}, now=SATURDAY)
+    assert (decision.action, decision.rule) == (action, rule)
+    rules_plan = policies.evaluate(plan_of(risk), labels={}, now=SATURDAY)
+    assert rules_plan.rule == f"defaults.{risk}"
