@@ -18,8 +18,12 @@ case passes, 1 otherwise. Nothing is executed and etcd is not touched.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
+
+import structlog
 
 from llm_router import Tier
 from llm_router.complexity import tier_for
@@ -139,24 +143,36 @@ def _print_route(
 
 def cmd_llm_eval(args: argparse.Namespace) -> int:
     settings = settings_of(args)
-    configure_logging("warning")  # the planner's info events would mix into the table
     llm = settings.llm
     tier = Tier(args.tier) if args.tier else None
     if args.live:
         if not llm.tiers.configured:
             raise CliError(NO_MODELS)
-        for needed in {tier or Tier.LARGE, Tier.LARGE}:
+        for needed in dict.fromkeys((tier or Tier.LARGE, Tier.LARGE)):
             if not llm.tiers.models(needed):
                 raise CliError(f"--live runs tier {needed.value}, but llm.tiers.{needed.value} names no model")
     cases = load_cases(Path(args.cases), recordings=not args.live)
     routers = live_router(llm) if args.live else replay_router(llm)
-    results = run(run_evals(cases, routers=routers, max_steps=llm.max_steps, tier=tier))
+    with _quiet_logs():
+        results = run(run_evals(cases, routers=routers, max_steps=llm.max_steps, tier=tier))
     report = Report(live=args.live, tier=tier, results=results)
     if args.output == "json":
         print(json.dumps(report.as_json(), indent=2))
     else:
         _print_eval(report)
     return 0 if report.passed == len(report.results) else 1
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Only warnings and errors, on stderr, while the cases run: the planner's info events would mix into the
+    table. The set-up before is restored after, for a program (or a test) that runs this command in-process."""
+    saved = structlog.get_config()
+    configure_logging("warning")
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 def _row(result: CaseResult, run_: Run, *, first: bool) -> list[str]:
