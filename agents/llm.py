@@ -397,6 +397,16 @@ class ModelAgent:
             raise PlanningUnavailable("this command has no language-model planner")
         return self._given
 
+    @property
+    def offered(self) -> tuple[Tool, ...]:
+        """The tools offered to the model for this kind (`llm.kinds.<kind>.tools`)."""
+        return self._tools
+
+    @property
+    def hint(self) -> float | None:
+        """This kind's own estimate of how hard it is to plan (`llm.kinds.<kind>.hint`)."""
+        return self._hint
+
     def tools(self) -> Sequence[Tool]:
         return ()  # the tools belong to the agents that registered them; this one only offers them to a model
 

@@ -14,17 +14,20 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from llm_router import Tier
 from plans.yamldoc import YamlError
 from policies import PolicyError
 from reconciler.cli.common import CliError
 from reconciler.cli.config import cmd_check_config
 from reconciler.cli.decide import cmd_decide, cmd_replan
 from reconciler.cli.issues import cmd_issues_list, cmd_issues_report, cmd_issues_resolve
+from reconciler.cli.llm import cmd_llm_eval, cmd_llm_route
 from reconciler.cli.plans import cmd_plan, cmd_plans_list, cmd_plans_show
 from reconciler.cli.resources import cmd_apply, cmd_delete, cmd_status
 from reconciler.cli.run import cmd_run
 from reconciler.documents import DocumentError
 from reconciler.errors import StartupError
+from reconciler.evals import DEFAULT_CASES
 from reconciler.settings import SettingsError
 from reconciler.store import StoreError, StoreUnavailableError
 
@@ -159,6 +162,29 @@ def build_parser() -> argparse.ArgumentParser:
     resolve.add_argument("resource", metavar="KIND/NAME")
     resolve.add_argument("id", metavar="ID")
     resolve.set_defaults(func=cmd_issues_resolve)
+
+    p = command("llm", "language-model planning: the tier a resource routes to, and the evaluation cases",
+                "setpoint llm route file/motd")  # fmt: skip
+    llm = p.add_subparsers(dest="llm_command", required=True, metavar="route|eval")
+    route = llm.add_parser(
+        "route", parents=[common], help="the complexity score and tier of a resource's planning now; calls no model",
+        epilog="example:\n  setpoint llm route file/motd -o json", formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    route.add_argument("resource", metavar="KIND/NAME")
+    route.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    route.set_defaults(func=cmd_llm_route)
+    evals = llm.add_parser(
+        "eval", parents=[common], help="run the evaluation cases: recorded answers, or --live the configured models",
+        epilog="example:\n  setpoint llm eval --live --tier small",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    evals.add_argument("--live", action="store_true", help="ask the configured models instead of replaying")
+    evals.add_argument("--tier", choices=[tier.value for tier in Tier], help="run this tier alone instead of routing")
+    evals.add_argument(
+        "--cases", metavar="DIR", default=str(DEFAULT_CASES), help="the cases directory (default: %(default)s)"
+    )
+    evals.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    evals.set_defaults(func=cmd_llm_eval)
 
     p = command("check-config", "validate the settings, the policy file and the secrets they name",
                 "setpoint check-config -c /etc/setpoint/config.yaml")  # fmt: skip
