@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -274,17 +275,24 @@ def test_setpoint_llm_eval_prints_its_table_from_the_checkout_and_exits_0() -> N
 
 
 async def test_live_asks_the_configured_models_over_their_real_sdk_and_records_every_answer(
-    llm_server: LlmServer, monkeypatch: pytest.MonkeyPatch
+    llm_server: LlmServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """`--live` against the fake OpenAI API: a rejected answer, its repair, then the large model alone."""
     [case] = [c for c in load_cases(CASES, recordings=False) if c.name == "13_banner_reconcile"]
+    root = tmp_path / "root"  # the run's {root}, known here so the scripted answers can name the banner's path
+
+    def fixed_root(*args: object, **kwargs: object) -> str:
+        root.mkdir(exist_ok=True)  # each run removes it when done
+        return str(root)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", fixed_root)
     monkeypatch.setenv("EVAL_TEST_KEY", "sk-eval-test-0123456789")
     model = {"provider": "openai", "base_url": llm_server.base_url("openai"), "api_key_env": "EVAL_TEST_KEY",
              "input_usd_per_mtok": 1, "output_usd_per_mtok": 2}  # fmt: skip
     llm = LlmConfig.model_validate(
         {"tiers": {"small": [{**model, "model": "small-m"}], "large": [{**model, "model": "large-m"}]}}
     )
-    write = {"tool": "file.write", "parameters": {"path": "/srv/banner.txt", "content": "Welcome to build-01\n"},
+    write = {"tool": "file.write", "parameters": {"path": f"{root}/banner.txt", "content": "Welcome to build-01\n"},
              "description": "write the banner", "risk": "low"}  # fmt: skip
     llm_server.reply("openai", tool_call({"reasoning": "r", "steps": [{**write, "tool": "file.delete"}]}))
     llm_server.default("openai", tool_call({"reasoning": "write it", "steps": [write]}, input_tokens=100))
