@@ -14,6 +14,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+import structlog
+
 from llm_router import Tier
 from plans.yamldoc import YamlError
 from policies import PolicyError
@@ -28,6 +30,7 @@ from reconciler.cli.run import cmd_run
 from reconciler.documents import DocumentError
 from reconciler.errors import StartupError
 from reconciler.evals import DEFAULT_CASES
+from reconciler.logs import configure_logging
 from reconciler.settings import SettingsError
 from reconciler.store import StoreError, StoreUnavailableError
 
@@ -194,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is cmd_run:
+        return _main(args)  # the daemon sets up its own logging, from its settings
+    saved = structlog.get_config()
+    configure_logging("warning")  # stdout is the command's output (`plan -o json`): log lines go to stderr
+    try:
+        return _main(args)
+    finally:
+        structlog.configure(**saved)
+
+
+def _main(args: argparse.Namespace) -> int:
     debug = getattr(args, "debug", False)
     try:
         code: int = args.func(args)
