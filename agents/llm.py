@@ -325,12 +325,18 @@ class ModelPlanner:
                 answer = _SubmitPlan.model_validate(arguments)
             except ValidationError as e:
                 detail = describe_validation_error(e, every=True)
+                log.warning("llm.answer_rejected", reason="schema", why=self._redactor.text(detail)[:500])
                 raise InvalidAnswer("schema", f"submit_plan's arguments do not match its schema: {detail}") from None
             if len(answer.steps) > self._max_steps:
+                log.warning("llm.answer_rejected", reason="too_many_steps", steps=len(answer.steps))
                 raise InvalidAnswer(
                     "too_many_steps", f"the plan has {len(answer.steps)} steps; at most {self._max_steps} are allowed"
                 )
-            steps = tuple(self._step(i, proposed, catalogue, scope) for i, proposed in enumerate(answer.steps, 1))
+            try:
+                steps = tuple(self._step(i, proposed, catalogue, scope) for i, proposed in enumerate(answer.steps, 1))
+            except InvalidAnswer as e:  # what a model tried and was refused is worth an operator's eye
+                log.warning("llm.answer_rejected", reason=e.reason, why=self._redactor.text(e.message)[:500])
+                raise
             return steps, _cut(answer.reasoning, MAX_REASONING_CHARS), arguments
 
         return validate

@@ -95,8 +95,8 @@ def _planner(settings: Settings, metrics: Metrics | None) -> ModelPlanner:
         router = build_router(llm, events=events, redactor=Redactor(key_patterns=llm.redact_keys))
     except ValueError as e:
         raise StartupError(str(e)) from None
-    if metrics is not None and llm.budget.usd_per_hour is not None:
-        metrics.llm_budget_remaining.set_function(lambda: router.budget_remaining() or 0.0)
+    if metrics is not None:
+        metrics.llm_budget_remaining(router.budget_remaining)
     return ModelPlanner(
         router=router, redactor=router.redactor, max_steps=llm.max_steps,
         cache=PlanCache(ttl_seconds=llm.plan_cache.ttl_seconds, max_entries=llm.plan_cache.max_entries),

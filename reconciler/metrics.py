@@ -191,16 +191,22 @@ class Metrics:
             "setpoint_llm_plan_cache_hits", "Plans (or failures to plan) reused from the plan cache, without a call.",
             registry=r,
         )  # fmt: skip
-        self.llm_budget_remaining = Gauge(
+        self._llm_budget = _Counts(
             "setpoint_llm_budget_remaining_usd",
-            "What is left of the hourly language-model budget (no sample when there is no budget).", registry=r,
+            "What is left of the hourly language-model budget (no sample when there is no budget).", [],
+            counter=False,
         )  # fmt: skip
+        r.register(self._llm_budget)
         self.llm_rejected = Counter(
             "setpoint_llm_rejected_answers", "Model answers rejected by validation, by reason.", ["reason"],
             registry=r,
         )  # fmt: skip
         for reason in LLM_REJECTIONS:
             self.llm_rejected.labels(reason=reason)
+
+    def llm_budget_remaining(self, read: Callable[[], float | None]) -> None:
+        """Expose `setpoint_llm_budget_remaining_usd` from `read()` at scrape; no sample while it is None."""
+        self._llm_budget.read = lambda: [((), value)] if (value := read()) is not None else []
 
     def llm_events(self) -> LlmCounts:
         """What the router reports its calls and rejections to."""
@@ -273,7 +279,7 @@ class _Counts:
         self._documentation = documentation
         self._labels = list(labels)
         self._counter = counter
-        self.read: Callable[[], Iterable[tuple[Sequence[str], int]]] = list  # label values and count
+        self.read: Callable[[], Iterable[tuple[Sequence[str], float]]] = list  # label values and count
 
     def describe(self) -> list[Metric]:
         return [self._family()]

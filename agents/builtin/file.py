@@ -160,8 +160,9 @@ class FileAgent:
         if self._fallback is None:  # the file is as desired: whatever is wrong, the rules cannot fix it
             return snapshot.plan(agent=self.name, reasoning=f"{NO_RULE}: {plan.reasoning}")
         spec, path = await asyncio.to_thread(self.parse, snapshot.desired)
+        offered = [tool for tool in self._tools if tool.name != FileDelete.name]  # never a heal of its own file
         return await self._fallback.heal(
-            issue, snapshot, agent=self.name, tools=self._tools, rules_said=f"{NO_RULE}: {plan.reasoning}",
+            issue, snapshot, agent=self.name, tools=offered, rules_said=f"{NO_RULE}: {plan.reasoning}",
             scope=lambda step: self.in_scope(step, spec=spec, path=path), drift=[],
         )  # fmt: skip
 

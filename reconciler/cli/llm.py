@@ -165,10 +165,11 @@ def cmd_llm_eval(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _quiet_logs() -> Iterator[None]:
-    """Only warnings and errors, on stderr, while the cases run: the planner's info events would mix into the
-    table. The set-up before is restored after, for a program (or a test) that runs this command in-process."""
+    """Only errors, on stderr, while the cases run: the planner's events, the rejections the table reports
+    included, would mix into it. The set-up before is restored after, for a program (or a test) that runs this
+    command in-process."""
     saved = structlog.get_config()
-    configure_logging("warning")
+    configure_logging("error")
     try:
         yield
     finally:

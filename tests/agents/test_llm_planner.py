@@ -148,7 +148,7 @@ HOSTILE = [
     pytest.param(lambda p: answer(write(p.parent / "other.conf")), "out_of_scope", id="another-file-in-the-root"),
     pytest.param(lambda p: answer(write(p, content="pwned\n")), "out_of_scope", id="content-not-desired"),
     pytest.param(lambda p: answer({"tool": "file.delete", "parameters": {"path": str(p)}, "description": "x",
-                                   "risk": "high"}), "out_of_scope", id="delete-the-file"),
+                                   "risk": "high"}), "unknown_tool", id="delete-the-file-is-not-even-offered"),
     pytest.param(lambda p: answer(write(p, risk="read_only")), "risk_understated", id="risk-understated"),
     pytest.param(lambda p: answer(*[read(p)] * 11), "too_many_steps", id="too-many-steps"),
     pytest.param(lambda p: {"reasoning": "x", "steps": "rm -rf /"}, "schema", id="steps-not-a-list"),

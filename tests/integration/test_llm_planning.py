@@ -83,6 +83,7 @@ async def test_an_issue_no_rule_covers_is_healed_by_the_routed_models_plan(
     await eventually(lambda: _metric(harness, f"setpoint_llm_requests_total{{{labels}}}", 1.0), what="the call")
     tokens = f'direction="input",model="{MODEL}",provider="openai"'
     assert await harness.metric(f"setpoint_llm_tokens_total{{{tokens}}}") == 900
+    assert await harness.metric("setpoint_llm_budget_remaining_usd") is None, "no budget: no sample, not 0"
 
 
 async def test_a_models_plan_above_low_waits_for_a_person(
@@ -105,7 +106,7 @@ async def test_a_models_plan_above_low_waits_for_a_person(
 
 HOSTILE_PLANS = [
     pytest.param(lambda p: plan({"tool": "file.delete", "parameters": {"path": str(p)}, "description": "d",
-                                 "risk": "high"}), "out_of_scope", id="delete-the-file"),
+                                 "risk": "high"}), "unknown_tool", id="delete-the-file-is-not-offered"),
     pytest.param(lambda p: plan(write(Path("/etc/passwd"), "root::0:0::/:/bin/sh\n")), "out_of_scope",
                  id="a-path-outside-the-roots"),
     pytest.param(lambda p: plan({"tool": "shell.exec", "parameters": {"command": "cat ~/.openai"},
