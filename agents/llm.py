@@ -60,6 +60,7 @@ from tools import Tool
 log = structlog.get_logger("setpoint.llm")
 
 PROMPTS = Path(__file__).parent / "prompts"
+_PROMPTS = ("system", "heal", "reconcile")  # the files in PROMPTS, without .md
 MAX_DATA_CHARS = 8000  # per data block: a large value costs tokens and tells a model little more
 MAX_REASONING_CHARS = 2000
 
@@ -369,8 +370,6 @@ class ModelPlanner:
             raise InvalidAnswer("out_of_scope", f"step {index} ({tool.name}): {why}")
         return step
 
-
-_PROMPTS = ("system", "heal", "reconcile")
 
 
 class ModelAgent:

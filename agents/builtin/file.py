@@ -115,6 +115,10 @@ class FileAgent:
 
     async def reconcile(self, snapshot: Snapshot) -> ExecutionPlan:
         spec, path = await asyncio.to_thread(self.parse, snapshot.desired)
+        return self._repair(snapshot, spec, path)
+
+    def _repair(self, snapshot: Snapshot, spec: FileSpec, path: Path) -> ExecutionPlan:
+        """The plan that restores `spec` at `path` as observed in `snapshot` (empty when nothing differs)."""
         state = snapshot.actual.state if snapshot.actual is not None else {}
         drift = self._drift(spec, state)
         steps: tuple[Step, ...] = ()
@@ -154,12 +158,12 @@ class FileAgent:
         """Drift is all the rules repair: the plan that restores the desired content and mode, if the file
         (observed afresh by the reconcile the issue started) differs. Else the model, when there is one, is
         asked; else no plan, saying so."""
-        plan = await self.reconcile(snapshot)
+        spec, path = await asyncio.to_thread(self.parse, snapshot.desired)
+        plan = self._repair(snapshot, spec, path)
         if not plan.is_empty:
             return plan.model_copy(update={"reasoning": f"{issue.summary}: {plan.reasoning}"})
         if self._fallback is None:  # the file is as desired: whatever is wrong, the rules cannot fix it
             return snapshot.plan(agent=self.name, reasoning=f"{NO_RULE}: {plan.reasoning}")
-        spec, path = await asyncio.to_thread(self.parse, snapshot.desired)
         offered = [tool for tool in self._tools if tool.name != FileDelete.name]  # never a heal of its own file
         return await self._fallback.heal(
             issue, snapshot, agent=self.name, tools=offered, rules_said=f"{NO_RULE}: {plan.reasoning}",

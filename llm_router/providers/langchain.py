@@ -94,8 +94,8 @@ class LangChainProvider:
         }
         try:
             bound = self._chat_model.bind_tools([function], tool_choice=tool.name)
-        except (TypeError, ValueError, NotImplementedError):
-            bound = self._chat_model.bind_tools([function])
+        except (TypeError, ValueError, NotImplementedError):  # LangChain's own "this model cannot force a tool"
+            bound = self._chat_model.bind_tools([function])  # the prompt asks for the call; no call is rejected
         messages = [_message(m.role, m.content) for m in request.messages]
         try:
             async with asyncio.timeout(timeout):
