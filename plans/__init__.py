@@ -15,7 +15,16 @@ from plans.errors import (
     SetpointError,
     TemporaryError,
 )
-from plans.journal import ApprovalNote, IssueRef, PlanRecord, PlanState, StepRecord, StepState
+from plans.journal import (
+    ApprovalNote,
+    IssueRef,
+    PlanRecord,
+    PlanState,
+    RollbackMode,
+    RollbackStep,
+    StepRecord,
+    StepState,
+)
 from plans.model import ExecutionPlan, Step, new_plan_id
 from plans.resources import (
     NAME_PATTERN,
@@ -47,6 +56,8 @@ __all__ = [
     "Resource",
     "ResourceKey",
     "RiskLevel",
+    "RollbackMode",
+    "RollbackStep",
     "SetpointError",
     "Snapshot",
     "Step",

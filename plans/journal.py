@@ -18,14 +18,17 @@ from enum import StrEnum
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
 
-from plans.model import ExecutionPlan
+from plans.model import ExecutionPlan, Step
 
 MAX_OUTPUT_BYTES = 4096  # of one step's output, as JSON
 MAX_MESSAGE_CHARS = 500  # of one step's message
+MAX_UNDO_BYTES = 8192  # of one step's inverse, as JSON: a larger one is not kept, and that step cannot be undone
 _PREVIEW_CHARS = 1024
 # What one step's journal entry can add to a record: its output and message at
 # their caps (a character may take 6 bytes as a JSON escape), times and state.
 STEP_GROWTH_BYTES = MAX_OUTPUT_BYTES + 6 * MAX_MESSAGE_CHARS + 256
+# What a step that can be undone adds on top: its inverse, kept in its entry, and the rollback step's own entry.
+UNDO_GROWTH_BYTES = 2 * MAX_UNDO_BYTES + STEP_GROWTH_BYTES
 
 
 def utcnow() -> datetime:
@@ -63,6 +66,7 @@ class PlanState(StrEnum):
     BLOCKED = "blocked"
     INTERRUPTED = "interrupted"
     SUPERSEDED = "superseded"
+    SHADOW = "shadow"  # made and gated in shadow mode: recorded, never executed
 
 
 class ApprovalNote(BaseModel):
@@ -98,6 +102,21 @@ class StepRecord(BaseModel):
     finished_at: AwareDatetime | None = None
     message: str = ""
     output: dict[str, JsonValue] = Field(default_factory=dict)
+    undo: Step | None = Field(default=None, description="The step that undoes this one, recorded before it ran.")
+    undo_note: str = Field(default="", description="Why no inverse was kept, when one could not be.")
+
+
+class RollbackStep(StepRecord):
+    """A step run to undo step `undoes` (0-based) of the plan after a later step failed."""
+
+    step: Step
+    undoes: int
+
+
+class RollbackMode(StrEnum):
+    AUTO = "auto"  # undo at once what the plan did before the step that failed
+    APPROVE = "approve"  # the undo waits for a person: a plan of its own, awaiting approval
+    NEVER = "never"  # leave it as it is
 
 
 class PlanRecord(BaseModel):
@@ -122,18 +141,25 @@ class PlanRecord(BaseModel):
         "while they were open)."
     )  # fmt: skip
     state: PlanState = PlanState.PENDING
+    rollback: RollbackMode = Field(
+        default=RollbackMode.NEVER, description="What the policy said to do if a step fails after others succeeded."
+    )
     steps: list[StepRecord]
+    rolled_back: list[RollbackStep] = Field(default_factory=list, description="The rollback's steps, journalled.")
     created_at: AwareDatetime = Field(default_factory=utcnow)
     updated_at: AwareDatetime = Field(default_factory=utcnow)
     message: str = ""
+    verification: str = Field(
+        default="", description="What was seen after the last step: whether the resource matched desired."
+    )
     outcome_unknown_step: int | None = Field(
         default=None,
         description="1-based step whose effect is unknown after a crash; the resource is held until desired changes.",
     )
 
-    def worst_case_bytes(self) -> int:
-        """The size this record can grow to as its steps are journalled."""
-        return len(self.model_dump_json()) + STEP_GROWTH_BYTES * len(self.steps)
+    def worst_case_bytes(self, *, undoable: int = 0) -> int:
+        """The size this record can grow to as its steps are journalled; `undoable` of them keep an inverse."""
+        return len(self.model_dump_json()) + STEP_GROWTH_BYTES * len(self.steps) + UNDO_GROWTH_BYTES * undoable
 
     @property
     def began(self) -> bool:

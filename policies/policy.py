@@ -15,7 +15,15 @@
           window: {days: mon-fri, hours: "09:00-17:00", timezone: Europe/Berlin}
         action: approve           # auto | notify | approve | deny
         approvers: [alice, bob]
+    rollback: {read_only: auto, low: auto, medium: auto, high: never, critical: never}
     limits: {flap_max_plans: 6, ...}
+
+`rollback` says what a plan of each risk does when one of its steps fails
+after earlier ones succeeded: `auto` undoes those steps at once, newest
+first, with the inverse each tool recorded before it ran; `approve` stores
+that undo as a plan of its own, waiting for a person; `never` leaves things
+as the failure left them. A rule may say `rollback:` for the plans it
+matches.
 
 For a plan a language model made (`planner: llm:...`), when no rule
 matches, the stricter of `defaults` and `llm_defaults` decides: out of the
@@ -36,7 +44,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from plans import ExecutionPlan, RiskLevel
+from plans import ExecutionPlan, RiskLevel, RollbackMode
 from plans.yamldoc import YamlError, load_document
 from policies.limits import Limits
 from policies.windows import Window
@@ -101,6 +109,10 @@ class Rule(_Strict):
     approvers: list[str] | None = Field(
         default=None, description="Who may approve plans this rule sends for approval; default: the file's approvers."
     )
+    rollback: RollbackMode | None = Field(
+        default=None, description="auto | approve | never, when a step fails after others succeeded; default: "
+        "the file's rollback for the plan's risk.",
+    )  # fmt: skip
 
 
 class Defaults(_Strict):
@@ -115,6 +127,20 @@ class Defaults(_Strict):
         return action
 
 
+class RollbackDefaults(_Strict):
+    """What a plan of each risk does when a step fails after earlier steps succeeded."""
+
+    read_only: RollbackMode = RollbackMode.AUTO
+    low: RollbackMode = RollbackMode.AUTO
+    medium: RollbackMode = RollbackMode.AUTO
+    high: RollbackMode = RollbackMode.NEVER
+    critical: RollbackMode = RollbackMode.NEVER
+
+    def for_risk(self, risk: RiskLevel) -> RollbackMode:
+        mode: RollbackMode = getattr(self, risk.value)
+        return mode
+
+
 class ModelDefaults(Defaults):
     """What each risk level does, when no rule matches, for a plan a language model made."""
 
@@ -126,11 +152,13 @@ class Decision(_Strict):
     rule: str = Field(description="The rule that decided, or defaults.<risk>.")
     reason: str
     approvers: tuple[str, ...] = Field(default=(), description="Who may approve; empty: anyone.")
+    rollback: RollbackMode = Field(default=RollbackMode.NEVER, description="What to do if a later step fails.")
 
 
 class Policies(_Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     llm_defaults: ModelDefaults = Field(default_factory=ModelDefaults)
+    rollback: RollbackDefaults = Field(default_factory=RollbackDefaults)
     approvers: list[str] = Field(default_factory=list, description="Who may approve; empty: anyone.")
     rules: list[Rule] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
@@ -152,6 +180,7 @@ class Policies(_Strict):
                     action=rule.action, rule=rule.name,
                     reason=f"rule {rule.name!r} matched (risk {plan.risk})",
                     approvers=tuple(rule.approvers if rule.approvers is not None else self.approvers),
+                    rollback=rule.rollback or self.rollback.for_risk(plan.risk),
                 )  # fmt: skip
         action = self.defaults.for_risk(plan.risk)
         if plan.planner.startswith("llm:"):  # the stricter of the two: llm_defaults may not loosen defaults
@@ -160,11 +189,11 @@ class Policies(_Strict):
                 return Decision(
                     action=model_action, rule=f"llm_defaults.{plan.risk}",
                     reason=f"risk {plan.risk} from a language model: {model_action} by default",
-                    approvers=tuple(self.approvers),
+                    approvers=tuple(self.approvers), rollback=self.rollback.for_risk(plan.risk),
                 )  # fmt: skip
         return Decision(
             action=action, rule=f"defaults.{plan.risk}", reason=f"risk {plan.risk}: {action} by default",
-            approvers=tuple(self.approvers),
+            approvers=tuple(self.approvers), rollback=self.rollback.for_risk(plan.risk),
         )  # fmt: skip
 
     def unknown_tools(self, known: Collection[str]) -> list[tuple[int, str]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agents import AgentRegistry
 from agents.builtin.file import FileAgent
@@ -44,8 +44,10 @@ from reconciler.reconcile import Reconciler
 from reconciler.resume import Resumer, Unfinished
 from reconciler.runner import Runner
 from reconciler.settings import Settings
+from reconciler.shadow import ShadowMode, Shadows
 from reconciler.status import Phase, StatusWriter
 from reconciler.store import EtcdStore
+from reconciler.verify import Verifier
 from reconciler.watch import Reflector
 from reconciler.workqueue import ExponentialBackoff, WorkQueue
 from tools import ToolRegistry
@@ -58,6 +60,7 @@ class Assembly:
     policies: Policies
     poll_seconds: dict[str, float]
     planner: ModelPlanner | None = None
+    shadow: ShadowMode = field(default_factory=ShadowMode)
 
 
 def assemble(settings: Settings, *, metrics: Metrics | None = None, models: bool = True) -> Assembly:
@@ -85,6 +88,17 @@ def assemble(settings: Settings, *, metrics: Metrics | None = None, models: bool
         policies=load_policies(settings.policies.file, known_tools=[tool.name for tool in tools]),
         poll_seconds={"file": settings.agents.file.poll_seconds},
         planner=planner,
+        shadow=shadow_mode(settings),
+    )
+
+
+def shadow_mode(settings: Settings) -> ShadowMode:
+    """The agents, kinds and planner whose plans are recorded, never run (`mode: shadow`)."""
+    groups = settings.agents.model_dump()
+    return ShadowMode(
+        agents=frozenset(name for name, group in groups.items() if group.get("mode") == "shadow"),
+        kinds=frozenset(kind for kind, config in settings.llm.kinds.items() if config.mode == "shadow"),
+        models=settings.llm.mode == "shadow",
     )
 
 
@@ -211,10 +225,13 @@ def build(
         ttl_seconds=s.approvals.plan_ttl_seconds,
     )  # fmt: skip
     unfinished = Unfinished()
-    executor = Executor(journal=journal, metrics=metrics, budget=budget, stopping=stopping, retries=s.tools)
+    executor = Executor(
+        journal=journal, metrics=metrics, budget=budget, stopping=stopping, retries=s.tools, tools=parts.tools,
+        redactor=Redactor(key_patterns=s.llm.redact_keys),
+    )  # fmt: skip
     runner = Runner(
         executor=executor, journal=journal, status=status, observer=observer, cache=cache, keys=keys,
-        flap=flap, unfinished=unfinished,
+        flap=flap, unfinished=unfinished, verifier=Verifier(agents=parts.agents, cache=cache),
     )  # fmt: skip
     resumer = Resumer(
         store=store, keys=keys, tools=parts.tools, status=status, journal=journal, runner=runner,
@@ -222,11 +239,12 @@ def build(
     )  # fmt: skip
     gate = Gate(
         tools=parts.tools, policies=parts.policies, flap=flap, budget=budget, observer=observer, cache=cache,
-        metrics=metrics,
+        metrics=metrics, shadow=parts.shadow,
     )  # fmt: skip
     reconciler = Reconciler(
         cache=cache, agents=parts.agents, claims=claims, observer=observer, gate=gate, runner=runner,
         resumer=resumer, unfinished=unfinished, status=status, approvals=approvals, journal=journal,
+        shadows=Shadows(journal=journal, status=status, metrics=metrics),
     )  # fmt: skip
     controller = Controller(
         queue=queue, reconcile=reconciler.reconcile, metrics=metrics, workers=s.reconciler.workers,

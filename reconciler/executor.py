@@ -19,6 +19,16 @@ again). Exceptions from a tool become failed steps here, at the boundary,
 and a step's output is capped so the record always fits in one etcd request.
 A plan succeeds only when every one of its steps is journalled `succeeded`.
 
+Rollback. Before a mutating step runs, when the plan's policy allows a
+rollback, its tool is asked for the step that would undo it (the previous
+content and mode of a file), and that inverse is journalled with the step,
+unless it is larger than MAX_UNDO_BYTES or holds a secret (the resource is
+labelled `setpoint/secret: "true"`, or the redactor finds one in it). When a
+step fails after earlier steps succeeded and the policy says `auto`, those
+steps are undone newest first, each journalled under `rolled_back` like any
+step; if one of them kept no inverse, nothing is undone and the message
+says why. Rollback steps take no mutation budget: undoing is not held back.
+
 A mutating step (any risk above read_only) takes a slot from the global
 mutation budget. When none is free, what is done so far is journalled
 first, then the step waits its turn (shutdown interrupts the wait). A tool
@@ -38,13 +48,14 @@ from dataclasses import dataclass
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, wait_random_exponential
 
-from plans import PlanRecord, PlanState, RiskLevel, StepState
-from plans.journal import MAX_MESSAGE_CHARS, cap_output, utcnow
+from llm_router.redact import Redactor
+from plans import PlanRecord, PlanState, PlanValidationError, RiskLevel, RollbackMode, RollbackStep, StepState
+from plans.journal import MAX_MESSAGE_CHARS, MAX_UNDO_BYTES, StepRecord, cap_output, utcnow
 from policies.limits import MutationBudget
 from reconciler.journal import PlanJournal
 from reconciler.metrics import Metrics
 from reconciler.settings import ToolSettings
-from tools import ToolContext, ToolResult, ValidatedStep
+from tools import CannotUndo, ToolContext, ToolRegistry, ToolResult, ValidatedStep
 
 log = structlog.get_logger("setpoint.executor")
 
@@ -76,9 +87,14 @@ class Executor:
         metrics: Metrics,
         budget: MutationBudget,
         stopping: asyncio.Event,
+        tools: ToolRegistry,
+        redactor: Redactor,
         retries: ToolSettings | None = None,
     ) -> None:
-        """`stopping` is set at shutdown; `retries` defaults to `ToolSettings()`."""
+        """`stopping` is set at shutdown; `tools` run rollback steps; `redactor` finds secrets an inverse must not
+        keep; `retries` defaults to `ToolSettings()`."""
+        self._tools = tools
+        self._redactor = redactor
         self._journal = journal
         self._metrics = metrics
         self._budget = budget
@@ -92,8 +108,10 @@ class Executor:
         *,
         begin: Begin,
         current_revision: Callable[[], int | None],
+        secret: bool = False,
     ) -> Execution:
-        """Run `steps` of `record`; `current_revision()` gives the desired key's revision now (None when deleted)."""
+        """Run `steps` of `record`; `current_revision()` gives the desired key's revision now (None when deleted);
+        `secret`: the resource is labelled secret, so no inverse (a previous value) is kept in the journal."""
         begun = False
         for validated in steps:
             stop = self._stop_before(record, current_revision)
@@ -106,11 +124,16 @@ class Executor:
                     stop = self._stop_before(record, current_revision)  # the wait may have been long
             if stop is not None:
                 return self._finish(record, *stop, begun=begun)
+            if record.rollback is not RollbackMode.NEVER and validated.risk > RiskLevel.READ_ONLY:
+                await self._keep_inverse(record, validated, secret=secret)  # on record before the step runs
             if not await self._start(record, validated, None if begun else begin):
                 return Execution(record=record, begun=False, refused=True)
             begun = True
-            if not self._journal_result(record, validated, await self._run(validated, record)):
-                message = f"step {validated.index + 1} ({validated.tool.name}): {record.steps[validated.index].message}"
+            journal = record.steps[validated.index]
+            if not self._journal_result(journal, validated.tool.name, await self._run(validated, record)):
+                message = f"step {validated.index + 1} ({validated.tool.name}): {journal.message}"
+                if record.rollback is RollbackMode.AUTO:
+                    message = f"{message}; {await self._roll_back(record, validated.index)}"
                 return self._finish(record, PlanState.FAILED, message, begun=True)
         if not record.all_succeeded:  # a journal with a failed or unknown step is never a success
             message = record.message or "a step of this plan did not succeed"
@@ -145,9 +168,63 @@ class Executor:
                 record.state = state
         return written
 
-    def _journal_result(self, record: PlanRecord, validated: ValidatedStep, result: ToolResult) -> bool:
-        """Record `result` in the step's journal entry (written by the next write); True if it succeeded."""
+    async def _keep_inverse(self, record: PlanRecord, validated: ValidatedStep, *, secret: bool) -> None:
+        """Ask the step's tool how to undo it, and keep that in its journal entry unless it is too large or holds
+        a secret (then `undo_note` says why it cannot be undone)."""
         journal = record.steps[validated.index]
+        ctx = ToolContext(plan_id=record.plan.id, resource=record.plan.resource, step_index=validated.index)
+        try:
+            async with asyncio.timeout(validated.tool.timeout_s):
+                undo = await validated.tool.inverse(validated.params, ctx)
+        except CannotUndo as e:
+            journal.undo_note = str(e)[:MAX_MESSAGE_CHARS]
+            return
+        except Exception as e:  # a tool's bug costs the undo of its step, never the step
+            journal.undo_note = f"recording the inverse failed: {type(e).__name__}: {str(e)[:300]}"
+            return
+        if undo is None:
+            return  # the call changes nothing that needs undoing
+        size = len(undo.model_dump_json().encode("utf-8"))
+        if secret or self._redactor.value(undo.parameters) != undo.parameters:
+            journal.undo_note = "the previous value is secret, so it is not kept: this step cannot be undone"
+        elif size > MAX_UNDO_BYTES:
+            journal.undo_note = f"its inverse ({size} bytes) is larger than the {MAX_UNDO_BYTES} bytes kept"
+        else:
+            journal.undo = undo
+
+    async def _roll_back(self, record: PlanRecord, failed: int) -> str:
+        """Undo the steps before step `failed` that succeeded, newest first, each journalled like any step; what
+        was done, for the plan's message. Nothing is undone when one of them cannot be."""
+        done = [journal for journal in record.steps[:failed] if journal.state is StepState.SUCCEEDED]
+        if not done:
+            return "nothing to roll back"
+        for journal in done:
+            if journal.undo is None and journal.undo_note:
+                step = f"step {journal.index + 1} ({journal.tool})"
+                return f"not rolled back: {step} cannot be undone: {journal.undo_note}"
+        undone: list[str] = []
+        for journal in reversed(done):
+            if journal.undo is None:
+                continue
+            try:
+                validated = self._tools.validate_step(journal.undo, index=journal.index)
+            except PlanValidationError as e:
+                return f"rollback stopped, nothing more undone: {e}"
+            entry = RollbackStep(
+                index=len(record.rolled_back), tool=journal.undo.tool, step=journal.undo, undoes=journal.index,
+                state=StepState.RUNNING, started_at=utcnow(),
+            )  # fmt: skip
+            record.rolled_back.append(entry)
+            await self._journal.save(record)
+            log.warning("step.rolling_back", plan_id=record.plan.id, step=journal.index + 1, tool=entry.tool)
+            if not self._journal_result(entry, entry.tool, await self._run(validated, record)):
+                did = f" (steps {', '.join(undone)} were undone)" if undone else ""
+                return f"rollback failed undoing step {journal.index + 1}: {entry.message}{did}"
+            undone.append(str(journal.index + 1))
+        return f"rolled back: undid step{'s' if len(undone) > 1 else ''} {', '.join(undone)}"
+
+    def _journal_result(self, journal: StepRecord, tool: str, result: ToolResult) -> bool:
+        """Record `result` in the journal entry (written by the next write); True if it succeeded."""
         journal.finished_at = utcnow()
         journal.output, note = cap_output(result.output)
         if not result.ok:
@@ -157,7 +234,7 @@ class Executor:
         journal.state = StepState.SUCCEEDED
         if note:
             journal.message = note
-        log.info("step.succeeded", plan_id=record.plan.id, step=validated.index + 1, tool=validated.tool.name)
+        log.info("step.succeeded", step=journal.index + 1, tool=tool)
         return True
 
     async def _take_budget(self) -> bool:

@@ -9,16 +9,18 @@ here, in this order:
 2. nothing to do (`EMPTY`);
 3. size: a plan whose record could outgrow one etcd request never starts,
    since nothing may run that cannot be journalled (`TOO_LARGE`);
-4. policy (`policies/policy.py`): `DENIED`, or `NEEDS_APPROVAL` with the
+4. shadow mode (`shadow.py`): a plan of an agent, kind or planner in shadow
+   is `SHADOW`, with the record to store and what the policy would decide;
+5. policy (`policies/policy.py`): `DENIED`, or `NEEDS_APPROVAL` with the
    record to store while a person decides; a plan already approved passes
    an `approve` decision, never a `deny`;
-5. limits: the flap guard (`FLAP_GUARD`), the max-unhealthy pause for a plan
+6. limits: the flap guard (`FLAP_GUARD`), the max-unhealthy pause for a plan
    that heals drift from a value the resource had converged to, or heals a
    reported issue (`HEALING_PAUSED`; the resources that drifted are those
    that need healing: an issue may stay open long after its heal), and the
    mutation budget (`BUDGET`: the plan has not
    started, so its worker is freed until a slot is);
-6. otherwise `RUN`, with the validated steps and a new plan record.
+7. otherwise `RUN`, with the validated steps and a new plan record.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from policies.limits import FlapGuard, MutationBudget, healing_paused
 from reconciler.cache import Cache
 from reconciler.metrics import Metrics
 from reconciler.observer import Observer
+from reconciler.shadow import SHADOW, ShadowMode
 from reconciler.store import MAX_REQUEST_BYTES
 from tools import ToolRegistry, ValidatedStep
 
@@ -52,6 +55,7 @@ class Check(StrEnum):
     FLAP_GUARD = "flap_guard"
     HEALING_PAUSED = "healing_paused"
     BUDGET = "budget"
+    SHADOW = "shadow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +80,10 @@ class Gate:
         observer: Observer,
         cache: Cache,
         metrics: Metrics,
+        shadow: ShadowMode | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        """`shadow`: which plans are recorded and never run (none by default)."""
         self._tools = tools
         self.policies = policies  # replaced as a whole when the policy file is reloaded
         self._flap = flap
@@ -85,6 +91,7 @@ class Gate:
         self._observer = observer
         self._cache = cache
         self._metrics = metrics
+        self.shadow = shadow or ShadowMode()
         self._now = now
 
     def check(
@@ -113,13 +120,17 @@ class Gate:
         if plan.is_empty:
             return Verdict(Check.EMPTY, plan, plan.reasoning)
         decision = self.decide(plan, labels)
-        if not approved:
+        shadowed = self.shadow.reason(plan)
+        if not approved and shadowed is None:  # a plan in shadow is counted once, when it is recorded
             self._metrics.plans.labels(risk=plan.risk.value, decision=decision.action.value).inc()
         record = PlanRecord.start(
-            plan, decision=decision.action.value, decision_reason=decision.reason, decision_rule=decision.rule,
+            plan, decision=decision.action.value if shadowed is None else SHADOW, decision_rule=decision.rule,
+            decision_reason=decision.reason if shadowed is None else
+            f"shadow mode ({shadowed}); the policy would have decided {decision.action.value}: {decision.reason}",
             approvers=list(decision.approvers),
         )  # fmt: skip
-        size = record.worst_case_bytes()
+        record.rollback = decision.rollback
+        size = record.worst_case_bytes(undoable=sum(1 for step in steps if step.tool.can_undo))
         if size > MAX_RECORD_BYTES:
             return Verdict(
                 Check.TOO_LARGE, plan,
@@ -127,6 +138,9 @@ class Gate:
                 f"etcd accepts in one request ({MAX_RECORD_BYTES}); make the value smaller",
             )  # fmt: skip
         planned = "; ".join(s.description for s in plan.steps)
+        if shadowed is not None:  # recorded with what the policy would have decided; no limit is charged
+            message = f"shadow mode ({shadowed}): {planned}"
+            return Verdict(Check.SHADOW, plan, message, steps=tuple(steps), record=record, decision=decision)
         if decision.action is Action.DENY:
             message = f"plan not run: denied by policy ({decision.reason}); planned: {planned}"
             return Verdict(Check.DENIED, plan, message, decision=decision)

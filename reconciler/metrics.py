@@ -77,6 +77,10 @@ class Metrics:
             "setpoint_plans", "Plans by risk and policy decision (auto, notify, approve, deny).",
             ["risk", "decision"], registry=r,
         )  # fmt: skip
+        self.shadow_plans = Counter(
+            "setpoint_shadow_plans", "Plans recorded in shadow mode (never run), by kind and what the policy would "
+            "have decided.", ["kind", "decision"], registry=r,
+        )  # fmt: skip
         self.approvals_pending = Gauge(
             "setpoint_approvals_pending", "Plans awaiting a person's approval.", registry=r
         )

@@ -67,6 +67,7 @@ from reconciler.observer import Observer
 from reconciler.outcome import Outcome, Result
 from reconciler.resume import Resumer, Unfinished
 from reconciler.runner import Runner
+from reconciler.shadow import Shadows
 from reconciler.status import Phase, StatusWriter, WriteResult
 from reconciler.store import Guard, Op
 from tools import ValidatedStep
@@ -103,8 +104,10 @@ class Reconciler:
         status: StatusWriter,
         approvals: Approvals,
         journal: PlanJournal,
+        shadows: Shadows,
     ) -> None:
         self._cache = cache
+        self._shadows = shadows
         self._agents = agents
         self._claims = claims
         self._observer = observer
@@ -285,7 +288,7 @@ class Reconciler:
         if verdict.check is not Check.RUN:
             if observed is not None:
                 await self._observer.record(observed)
-            if verdict.check in (Check.INVALID_PLAN, Check.TOO_LARGE):  # it can never run: plan afresh
+            if verdict.check in (Check.INVALID_PLAN, Check.TOO_LARGE, Check.SHADOW):  # it will never run
                 await self._approvals.void(entry.key, record, f"cannot run: {verdict.message}", review.consume)
                 return await self._act(entry, snapshot, verdict)
             return await self._held_back(entry, verdict)
@@ -357,6 +360,9 @@ class Reconciler:
         if check is Check.NEEDS_APPROVAL:
             assert verdict.record is not None
             return await self._approvals.request(entry, snapshot, verdict.record, verdict.message)
+        if check is Check.SHADOW:
+            assert verdict.record is not None and verdict.decision is not None
+            return await self._shadows.record(entry, verdict.record, verdict.decision.action.value)
         if check is Check.EMPTY:
             if entry.deleted:
                 return await self._runner.remove(entry, None)

@@ -6,7 +6,10 @@ the final record, the final status and the resource's new observation go to
 etcd together (`journal.py`), and the observer's baseline moves to what the
 resource looks like once converged. Each way a plan can end has one outcome:
 
-- succeeded: `Converged`; for a deleted resource, its status and observation
+- succeeded: the resource is observed again and its agent asked whether it
+  is now as desired (`verify.py`); only then `Converged`, else `Failed`
+  with "plan ran but the resource did not converge" and the difference;
+  for a deleted resource, its status and observation
   are removed and its tombstone dropped (`remove`);
 - failed: `Failed` with the step's error, then a `TemporaryError`, so the key
   is retried with backoff; the flap guard remembers the error;
@@ -38,10 +41,12 @@ from reconciler.outcome import Outcome, Result
 from reconciler.resume import Unfinished
 from reconciler.status import Phase, StatusWriter, guard_for
 from reconciler.store import Guard, Op
+from reconciler.verify import Verifier
 from tools import ValidatedStep
 
 log = structlog.get_logger("setpoint.runner")
 
+SECRET_LABEL = "setpoint/secret"  # "true": the resource's previous values are never kept for a rollback
 STALE_RECHECK_SECONDS = 0.1  # the watch delivers the change that made a write stale within milliseconds
 
 
@@ -57,8 +62,10 @@ class Runner:
         keys: KeySpace,
         flap: FlapGuard,
         unfinished: Unfinished,
+        verifier: Verifier,
     ) -> None:
         self._executor = executor
+        self._verifier = verifier
         self._journal = journal
         self._status = status
         self._observer = observer
@@ -101,8 +108,9 @@ class Runner:
         with structlog.contextvars.bound_contextvars(plan_id=plan.id):
             try:
                 execution = await self._executor.execute(
-                    record, steps, begin=begin, current_revision=lambda: self._revision(entry)
-                )
+                    record, steps, begin=begin, current_revision=lambda: self._revision(entry),
+                    secret=entry.resource is not None and entry.resource.labels.get(SECRET_LABEL) == "true",
+                )  # fmt: skip
             except Exception:
                 self._unfinished.keep(key, record)
                 raise
@@ -158,8 +166,18 @@ class Runner:
             log.info("plan.succeeded")
             return await self.remove(entry, record)
         # Whatever the outcome, actual/ shows the world as the plan left it.
-        observed = await self._observe_after(entry.resource) if entry.resource and not entry.deleted else None
+        observed, error = None, ""
+        if entry.resource is not None and not entry.deleted:
+            observed, error = await self._observe_after(entry.resource)
         put = self._observer.record_put(observed) if observed is not None else None
+        if state is PlanState.SUCCEEDED and not record.verification:  # a record settled again was verified before
+            observing = self._observer.observing_agent(key.kind) is not None
+            verification = await self._verifier.check(entry, observed, observing=observing, error=error)
+            record.verification = verification.text
+            if not verification.converged:
+                record.state, record.message = PlanState.FAILED, verification.text
+                state = record.state
+                log.warning("plan.not_converged", reason=verification.text[:500])
         if state is PlanState.SUCCEEDED:
             update = await self._status.prepare(
                 key, phase=Phase.CONVERGED, revision=entry.mod_revision, message=f"plan succeeded: {plan.reasoning}",
@@ -187,12 +205,13 @@ class Runner:
         self._flap.settled(key, error=record.message)
         return Outcome(Result.RETRY)
 
-    async def _observe_after(self, resource: Resource) -> Observed | None:
+    async def _observe_after(self, resource: Resource) -> tuple[Observed | None, str]:
+        """The resource as the plan left it, or None and why it could not be observed."""
         try:
-            return await self._observer.observe(resource)
+            return await self._observer.observe(resource), ""
         except Exception as e:  # the plan ran: a failed look at its result must not undo the record of it
             log.warning("observe.after_plan_failed", error_type=type(e).__name__, error=str(e)[:300])
-            return None
+            return None, str(e)[:300] or type(e).__name__
 
     def _recent_plans(self, key: ResourceKey) -> list[datetime]:
         """When the plans in `key`'s flap window began, this one included: what its status remembers."""

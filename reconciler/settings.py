@@ -226,7 +226,15 @@ class ToolSettings(_Group):
     )
 
 
-class FileAgentSettings(_Group):
+class _AgentGroup(_Group):
+    mode: Literal["enforce", "shadow"] = Field(
+        default="enforce",
+        description="shadow: this agent's plans are made, gated and recorded with decision shadow, never run. "
+        "Defaults to enforce.",
+    )
+
+
+class FileAgentSettings(_AgentGroup):
     allowed_roots: list[str] = Field(
         default_factory=list,
         description="Directories the file agent may write in. Defaults to empty: every path is refused.",
@@ -257,6 +265,9 @@ class LlmKindSettings(_Group):
         description="How hard this kind's planning is, 0 to 1: adds up to 0.2 to the complexity score. Defaults to "
         "none.",
     )  # fmt: skip
+    mode: Literal["enforce", "shadow"] = Field(
+        default="enforce", description="shadow: this kind's plans are recorded, never run. Defaults to enforce."
+    )
 
 
 class PlanCacheSettings(_Group):
@@ -276,6 +287,11 @@ class LlmSettings(LlmConfig):
     )
     plan_cache: PlanCacheSettings = Field(default_factory=PlanCacheSettings)
     max_steps: int = Field(default=10, ge=1, le=100, description="Steps a model's plan may have. Defaults to 10.")
+    mode: Literal["enforce", "shadow"] = Field(
+        default="enforce",
+        description="shadow: every plan a model makes is recorded, never run (rules' plans still run): how a new "
+        "model or prompt is trialled. Defaults to enforce.",
+    )
 
     @field_validator("kinds")
     @classmethod

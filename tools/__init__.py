@@ -6,7 +6,7 @@ registry validates every step of a plan against its tool's model before any
 step runs.
 """
 
-from tools.base import Tool, ToolContext, ToolResult, ToolStatus
+from tools.base import CannotUndo, Tool, ToolContext, ToolResult, ToolStatus
 from tools.registry import ToolRegistry, ValidatedStep
 
-__all__ = ["Tool", "ToolContext", "ToolRegistry", "ToolResult", "ToolStatus", "ValidatedStep"]
+__all__ = ["CannotUndo", "Tool", "ToolContext", "ToolRegistry", "ToolResult", "ToolStatus", "ValidatedStep"]

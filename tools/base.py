@@ -15,7 +15,11 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from plans import ResourceKey, RiskLevel
+from plans import ResourceKey, RiskLevel, Step
+
+
+class CannotUndo(Exception):
+    """A call cannot be undone; the message says why (the previous content is too large, not text)."""
 
 
 class ToolStatus(StrEnum):
@@ -87,3 +91,14 @@ class Tool(ABC):
         default answers honestly that it cannot tell.
         """
         return None
+
+    async def inverse(self, params: BaseModel, ctx: ToolContext) -> Step | None:
+        """Read-only, just before a call with `params`: the step that would undo it, built from `params` and
+        the state it is about to change (the previous content and mode of a file); None when the call will
+        change nothing that needs undoing. Raises CannotUndo saying why when it cannot be undone. Used to roll
+        back a plan whose later step failed; the default cannot undo anything."""
+        raise CannotUndo(f"{self.name} records no inverse")
+
+    @property
+    def can_undo(self) -> bool:
+        return type(self).inverse is not Tool.inverse

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     listing.add_argument("resource", nargs="?", metavar="KIND/NAME")
     listing.add_argument("--phase", help="only plans in this state, e.g. awaiting_approval, succeeded, rejected")
+    listing.add_argument("--shadow", action="store_true",
+                         help="only plans recorded in shadow mode, each with what then ran for its resource")
     listing.add_argument("-o", "--output", choices=("table", "json"), default="table")
     listing.set_defaults(func=cmd_plans_list)
     show = plans.add_parser("show", parents=[common], help="show one plan",

@@ -53,6 +53,7 @@ _CHANGE = {
     Check.DENIED: "denied",
     Check.INVALID_PLAN: "error",
     Check.TOO_LARGE: "error",
+    Check.SHADOW: "shadow",
 }
 
 
@@ -214,9 +215,12 @@ def cmd_plans_list(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     wanted = resource_key(args.resource) if args.resource else None
     state = _state(args.phase) if args.phase else None
+    records = run(_records(settings))
+    if args.shadow:
+        return _shadow_list([r for r, _ in records if r is not None], wanted, json_output=args.output == "json")
     rows = []
     listed: list[dict[str, object]] = []
-    for record, plan_id in run(_records(settings)):
+    for record, plan_id in records:
         if record is None:
             rows.append([plan_id, "?", "?", "-", "-", "-", "plan record cannot be read"])
             listed.append({"id": plan_id, "error": "plan record cannot be read"})
@@ -239,6 +243,53 @@ def cmd_plans_list(args: argparse.Namespace) -> int:
         print(json.dumps(listed, indent=2))
         return 0
     print_table(("ID", "RESOURCE", "STATE", "RISK", "DECISION", "AGE", "SUMMARY"), rows)
+    return 0
+
+
+def _then(shadow: PlanRecord, records: list[PlanRecord]) -> PlanRecord | None:
+    """The first plan that ran (or was put to a person) for `shadow`'s resource after it was recorded."""
+    later = [
+        r for r in records
+        if r.plan.resource == shadow.plan.resource and r.state is not PlanState.SHADOW
+        and r.created_at >= shadow.created_at
+    ]  # fmt: skip
+    return min(later, key=lambda r: r.created_at, default=None)
+
+
+def _shadow_list(records: list[PlanRecord], wanted: ResourceKey | None, *, json_output: bool) -> int:
+    """Each shadow plan, what it would have done, and what then ran for the same resource (if anything)."""
+    shadows = sorted(
+        (r for r in records if r.state is PlanState.SHADOW and (wanted is None or r.plan.resource == wanted)),
+        key=lambda r: r.created_at,
+    )
+    rows, listed = [], []
+    for record in shadows:
+        then = _then(record, records)
+        would = [step.model_dump(mode="json", include={"tool", "parameters"}) for step in record.plan.steps]
+        same = then is not None and would == [
+            step.model_dump(mode="json", include={"tool", "parameters"}) for step in then.plan.steps
+        ]
+        listed.append({
+            "id": record.plan.id, "resource": str(record.plan.resource), "planner": record.plan.planner,
+            "risk": record.plan.risk.value, "decision_reason": record.decision_reason,
+            "created_at": record.created_at.isoformat(), "steps": [s.description or s.tool for s in record.plan.steps],
+            "then": None if then is None else {
+                "id": then.plan.id, "state": then.state.value, "planner": then.plan.planner, "same_steps": same,
+                "steps": [s.description or s.tool for s in then.plan.steps],
+            },
+        })  # fmt: skip
+        ran = "nothing ran since" if then is None else (
+            f"{then.plan.id} {then.state.value} ({then.plan.planner}): "
+            + ("the same steps" if same else "; ".join(s.description or s.tool for s in then.plan.steps))
+        )  # fmt: skip
+        rows.append([
+            record.plan.id, str(record.plan.resource), record.plan.risk.value, age(record.created_at),
+            shorten("; ".join(s.description or s.tool for s in record.plan.steps), 60), shorten(ran, 70),
+        ])  # fmt: skip
+    if json_output:
+        print(json.dumps(listed, indent=2))
+    else:
+        print_table(("ID", "RESOURCE", "RISK", "AGE", "WOULD HAVE RUN", "THEN"), rows)
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import ClassVar
 import pytest
 from pydantic import BaseModel, ConfigDict
 
+from llm_router.redact import Redactor
 from plans import ExecutionPlan, PlanRecord, PlanState, ResourceKey, RiskLevel, Step
 from policies.limits import MutationBudget
 from reconciler.embedded import EmbeddedEtcd
@@ -96,7 +97,10 @@ def make(store: EtcdStore, *, per_minute: int = 100, time: FakeTime | None = Non
     retries = ToolSettings(retry_attempts=3, retry_backoff_base_seconds=0.001, retry_backoff_max_seconds=0.01)
     journal = PlanJournal(store=store, keys=keys, status=StatusWriter(store=store, keys=keys))
     metrics = Metrics()
-    executor = Executor(journal=journal, metrics=metrics, budget=budget, stopping=asyncio.Event(), retries=retries)
+    executor = Executor(
+        journal=journal, metrics=metrics, budget=budget, stopping=asyncio.Event(), retries=retries,
+        tools=ToolRegistry(), redactor=Redactor(),
+    )
     return Rig(executor, journal, keys, metrics)
 
 

@@ -31,8 +31,9 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from plans import RiskLevel
-from tools.base import Tool, ToolContext, ToolResult
+from plans import RiskLevel, Step
+from plans.journal import MAX_UNDO_BYTES
+from tools.base import CannotUndo, Tool, ToolContext, ToolResult
 from tools.blocking import Commit, run_blocking
 from tools.paths import PathNotAllowedError, confine
 
@@ -101,6 +102,36 @@ class _FileTool(Tool):
             raise
 
 
+def _restore(target: Path, *, what: str) -> Step | None:
+    """The step that puts `target` back as it is now (read-only): a delete when it does not exist, else a write
+    of its content and mode; CannotUndo when that content cannot be kept (too large, not UTF-8 text, not a
+    regular file). Never follows a final symlink."""
+    try:
+        st = os.lstat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        if what == "delete":
+            return None  # deleting what is not there changes nothing
+        return Step(tool=FileDelete.name, parameters={"path": str(target)}, risk=FileDelete.risk,
+                    description=f"delete {target}, which did not exist before")  # fmt: skip
+    if not stat.S_ISREG(st.st_mode):
+        raise CannotUndo(f"{target} is not a regular file")
+    limit = MAX_UNDO_BYTES // 2  # the content, escaped in JSON, must fit in the journal's room for an inverse
+    if st.st_size > limit:
+        raise CannotUndo(f"the previous content of {target} ({st.st_size} bytes) is larger than the {limit} "
+                         "bytes the journal keeps for an undo")  # fmt: skip
+    with open(target, "rb") as f:
+        data = f.read(limit + 1)
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CannotUndo(f"the previous content of {target} is not UTF-8 text") from None
+    mode = format_mode(st.st_mode)
+    return Step(
+        tool=FileWrite.name, parameters={"path": str(target), "content": content, "mode": mode},
+        risk=FileWrite.risk, description=f"restore the previous content and mode ({mode}) of {target}",
+    )  # fmt: skip
+
+
 class FileWrite(_FileTool):
     name: ClassVar[str] = "file.write"
     description: ClassVar[str] = "Atomically write a file's whole content and set its mode."
@@ -121,6 +152,10 @@ class FileWrite(_FileTool):
             return None
         want = hashlib.sha256(params.content.encode("utf-8")).hexdigest()
         return state["sha256"] == want and state["mode"] == f"{parse_mode(params.mode):04o}"
+
+    async def inverse(self, params: BaseModel, ctx: ToolContext) -> Step | None:
+        assert isinstance(params, WriteParams)
+        return await asyncio.to_thread(lambda: _restore(self._confine(params.path), what="write"))
 
     def _write(self, params: WriteParams, commit: Commit) -> ToolResult:
         try:
@@ -170,6 +205,10 @@ class FileDelete(_FileTool):
             return not await asyncio.to_thread(lambda: os.path.lexists(self._confine(params.path)))
         except (PathNotAllowedError, OSError):
             return None
+
+    async def inverse(self, params: BaseModel, ctx: ToolContext) -> Step | None:
+        assert isinstance(params, _PathParams)
+        return await asyncio.to_thread(lambda: _restore(self._confine(params.path), what="delete"))
 
     def _delete(self, path: str, commit: Commit) -> ToolResult:
         try:

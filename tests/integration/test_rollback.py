@@ -1,0 +1,139 @@
+"""Rollback: when a step fails after earlier steps succeeded, the policy decides whether they are undone.
+
+A two-step plan writes a config file, then a second file whose path is
+blocked by a directory, so the second step fails. With `rollback: auto` the
+first file gets back its previous content and mode, and the undo is
+journalled like any step; with `never` it keeps what the plan wrote; a
+resource labelled secret keeps no previous value, so nothing is undone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pipeline import Pipeline, pipeline
+
+from agents import AgentRegistry
+from plans import ExecutionPlan, Issue, Resource, Snapshot, Step, TemporaryError
+from policies import load_policies
+from reconciler.assembly import Assembly
+from reconciler.embedded import EmbeddedEtcd
+from reconciler.store import EtcdStore
+from tools import Tool, ToolRegistry
+from tools.builtin.files import file_tools
+
+
+class PairAgent:
+    """Writes `first` and then `second` (paths in its spec), in one plan, whatever is observed."""
+
+    name = "pair"
+    kinds = frozenset({"pair"})
+
+    def __init__(self, root: Path) -> None:
+        self._tools = file_tools(allowed_roots=[str(root)])
+
+    def tools(self) -> Sequence[Tool]:
+        return self._tools
+
+    async def reconcile(self, snapshot: Snapshot) -> ExecutionPlan:
+        spec = snapshot.desired.spec
+        steps = [
+            Step(tool="file.write", parameters={"path": spec[which], "content": "new\n", "mode": "0640"},
+                 description=f"write {which}")
+            for which in ("first", "second")
+        ]  # fmt: skip
+        return snapshot.plan(agent=self.name, steps=steps, reasoning="write both")
+
+    async def retire(self, snapshot: Snapshot) -> ExecutionPlan:
+        return snapshot.plan(agent=self.name)
+
+    async def heal(self, issue: Issue, snapshot: Snapshot) -> ExecutionPlan:
+        return snapshot.plan(agent=self.name)
+
+    async def plan(self, snapshot: Snapshot) -> ExecutionPlan:
+        return await self.reconcile(snapshot)
+
+
+@pytest.fixture
+async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
+    async with EtcdStore([etcd.endpoint]) as s:
+        yield s
+
+
+def _rig(store: EtcdStore, root: Path, rollback: str) -> Pipeline:
+    agent = PairAgent(root)
+    policy = root.parent / f"policies-{rollback}.yaml"
+    policy.write_text(f"rollback: {{low: {rollback}}}\n")
+    parts = Assembly(
+        agents=AgentRegistry([agent]), tools=ToolRegistry(agent.tools()), policies=load_policies(policy),
+        poll_seconds={},
+    )  # fmt: skip
+    return pipeline(store, root, parts=parts)
+
+
+async def _run(p: Pipeline, root: Path, **labels: str) -> dict[str, Any]:
+    first = root / "first.conf"
+    first.write_text("old\n")
+    first.chmod(0o600)
+    (root / "second").mkdir()  # a directory where the second file should be: its write fails
+    resource = Resource(kind="pair", name="p", labels=labels,
+                        spec={"first": str(first), "second": str(root / "second")})  # fmt: skip
+    await p.put(resource)
+    with pytest.raises(TemporaryError):
+        await p.runtime.reconciler.reconcile(resource.key)
+    status = await p.status("p", kind="pair")
+    assert status["phase"] == "Failed"
+    return await p.record(status["plan_id"])
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "root"
+    path.mkdir()
+    return path
+
+
+async def test_auto_rollback_restores_the_file_a_later_failed_step_left_changed(store: EtcdStore, root: Path) -> None:
+    record = await _run(_rig(store, root, "auto"), root)
+
+    first = root / "first.conf"
+    assert first.read_text() == "old\n" and (first.stat().st_mode & 0o777) == 0o600
+    assert [s["state"] for s in record["steps"]] == ["succeeded", "failed"]
+    assert record["steps"][0]["undo"]["parameters"] == {"path": str(first), "content": "old\n", "mode": "0600"}
+    [undo] = record["rolled_back"]
+    assert (undo["undoes"], undo["tool"], undo["state"]) == (0, "file.write", "succeeded")
+    assert undo["started_at"] and undo["finished_at"]
+    assert record["message"].endswith("rolled back: undid step 1")
+
+
+async def test_never_leaves_what_the_plan_did(store: EtcdStore, root: Path) -> None:
+    record = await _run(_rig(store, root, "never"), root)
+
+    assert (root / "first.conf").read_text() == "new\n"
+    assert record["rolled_back"] == [] and record["steps"][0]["undo"] is None
+    assert "rolled back" not in record["message"]
+
+
+async def test_a_secret_resource_keeps_no_previous_value_so_nothing_is_undone(store: EtcdStore, root: Path) -> None:
+    record = await _run(_rig(store, root, "auto"), root, **{"setpoint/secret": "true"})
+
+    assert (root / "first.conf").read_text() == "new\n"
+    assert record["steps"][0]["undo"] is None
+    assert "old" not in str(record), "the previous content is nowhere in the journal"
+    assert "not rolled back: step 1 (file.write) cannot be undone: the previous value is secret" in record["message"]
+
+
+async def test_a_file_that_did_not_exist_is_deleted_again(store: EtcdStore, root: Path) -> None:
+    p = _rig(store, root, "auto")
+    (root / "second").mkdir()
+    resource = Resource(kind="pair", name="p", spec={"first": str(root / "fresh"), "second": str(root / "second")})
+    await p.put(resource)
+    with pytest.raises(TemporaryError):
+        await p.runtime.reconciler.reconcile(resource.key)
+
+    assert not (root / "fresh").exists()
+    record = await p.record((await p.status("p", kind="pair"))["plan_id"])
+    assert [u["tool"] for u in record["rolled_back"]] == ["file.delete"]
