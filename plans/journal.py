@@ -166,6 +166,16 @@ class PlanRecord(BaseModel):
         """Whether a step was journalled started: the plan's first write was made."""
         return any(step.started_at is not None for step in self.steps)
 
+    def undo_steps(self) -> tuple[list[tuple[int, Step]], str]:
+        """What undoes the steps that succeeded before the one that failed, newest first, as (index, inverse);
+        or, when one of them kept no inverse, nothing and why it cannot be undone."""
+        failed = next((s.index for s in self.steps if s.state is StepState.FAILED), len(self.steps))
+        done = [s for s in self.steps[:failed] if s.state is StepState.SUCCEEDED]
+        for s in done:
+            if s.undo is None and s.undo_note:
+                return [], f"step {s.index + 1} ({s.tool}) cannot be undone: {s.undo_note}"
+        return [(s.index, s.undo) for s in reversed(done) if s.undo is not None], ""
+
     @property
     def all_succeeded(self) -> bool:
         return all(step.state is StepState.SUCCEEDED for step in self.steps)

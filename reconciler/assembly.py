@@ -42,6 +42,7 @@ from reconciler.metrics import Metrics
 from reconciler.observer import Observer
 from reconciler.reconcile import Reconciler
 from reconciler.resume import Resumer, Unfinished
+from reconciler.rollback import Rollbacks
 from reconciler.runner import Runner
 from reconciler.settings import Settings
 from reconciler.shadow import ShadowMode, Shadows
@@ -232,6 +233,7 @@ def build(
     runner = Runner(
         executor=executor, journal=journal, status=status, observer=observer, cache=cache, keys=keys,
         flap=flap, unfinished=unfinished, verifier=Verifier(agents=parts.agents, cache=cache),
+        rollbacks=Rollbacks(tools=parts.tools, approvals=approvals),
     )  # fmt: skip
     resumer = Resumer(
         store=store, keys=keys, tools=parts.tools, status=status, journal=journal, runner=runner,

@@ -133,7 +133,7 @@ class Executor:
             if not self._journal_result(journal, validated.tool.name, await self._run(validated, record)):
                 message = f"step {validated.index + 1} ({validated.tool.name}): {journal.message}"
                 if record.rollback is RollbackMode.AUTO:
-                    message = f"{message}; {await self._roll_back(record, validated.index)}"
+                    message = f"{message}; {await self._roll_back(record)}"
                 return self._finish(record, PlanState.FAILED, message, begun=True)
         if not record.all_succeeded:  # a journal with a failed or unknown step is never a success
             message = record.message or "a step of this plan did not succeed"
@@ -192,35 +192,31 @@ class Executor:
         else:
             journal.undo = undo
 
-    async def _roll_back(self, record: PlanRecord, failed: int) -> str:
-        """Undo the steps before step `failed` that succeeded, newest first, each journalled like any step; what
-        was done, for the plan's message. Nothing is undone when one of them cannot be."""
-        done = [journal for journal in record.steps[:failed] if journal.state is StepState.SUCCEEDED]
-        if not done:
+    async def _roll_back(self, record: PlanRecord) -> str:
+        """Undo the steps that succeeded before the one that failed, newest first, each journalled like any step;
+        what was done, for the plan's message. Nothing is undone when one of them cannot be."""
+        undo, why = record.undo_steps()
+        if why:
+            return f"not rolled back: {why}"
+        if not undo:
             return "nothing to roll back"
-        for journal in done:
-            if journal.undo is None and journal.undo_note:
-                step = f"step {journal.index + 1} ({journal.tool})"
-                return f"not rolled back: {step} cannot be undone: {journal.undo_note}"
         undone: list[str] = []
-        for journal in reversed(done):
-            if journal.undo is None:
-                continue
+        for index, inverse in undo:
             try:
-                validated = self._tools.validate_step(journal.undo, index=journal.index)
+                validated = self._tools.validate_step(inverse, index=index)
             except PlanValidationError as e:
                 return f"rollback stopped, nothing more undone: {e}"
             entry = RollbackStep(
-                index=len(record.rolled_back), tool=journal.undo.tool, step=journal.undo, undoes=journal.index,
+                index=len(record.rolled_back), tool=inverse.tool, step=inverse, undoes=index,
                 state=StepState.RUNNING, started_at=utcnow(),
             )  # fmt: skip
             record.rolled_back.append(entry)
             await self._journal.save(record)
-            log.warning("step.rolling_back", plan_id=record.plan.id, step=journal.index + 1, tool=entry.tool)
+            log.warning("step.rolling_back", step=index + 1, tool=entry.tool)
             if not self._journal_result(entry, entry.tool, await self._run(validated, record)):
                 did = f" (steps {', '.join(undone)} were undone)" if undone else ""
-                return f"rollback failed undoing step {journal.index + 1}: {entry.message}{did}"
-            undone.append(str(journal.index + 1))
+                return f"rollback failed undoing step {index + 1}: {entry.message}{did}"
+            undone.append(str(index + 1))
         return f"rolled back: undid step{'s' if len(undone) > 1 else ''} {', '.join(undone)}"
 
     def _journal_result(self, journal: StepRecord, tool: str, result: ToolResult) -> bool:

@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from plans import Observed, PlanRecord, PlanState, Resource, ResourceKey, TemporaryError
+from plans import Observed, PlanRecord, PlanState, Resource, ResourceKey, RollbackMode, TemporaryError
 from policies.limits import FlapGuard
 from reconciler.cache import Cache, DesiredEntry
 from reconciler.executor import Executor
@@ -39,6 +39,7 @@ from reconciler.keys import KeySpace
 from reconciler.observer import Observer
 from reconciler.outcome import Outcome, Result
 from reconciler.resume import Unfinished
+from reconciler.rollback import Rollbacks, is_rollback
 from reconciler.status import Phase, StatusWriter, guard_for
 from reconciler.store import Guard, Op
 from reconciler.verify import Verifier
@@ -63,7 +64,9 @@ class Runner:
         flap: FlapGuard,
         unfinished: Unfinished,
         verifier: Verifier,
+        rollbacks: Rollbacks,
     ) -> None:
+        self._rollbacks = rollbacks
         self._executor = executor
         self._verifier = verifier
         self._journal = journal
@@ -170,6 +173,15 @@ class Runner:
         if entry.resource is not None and not entry.deleted:
             observed, error = await self._observe_after(entry.resource)
         put = self._observer.record_put(observed) if observed is not None else None
+        if state is PlanState.SUCCEEDED and is_rollback(plan):  # back as it was: not as desired, and said so
+            update = await self._status.prepare(
+                key, phase=Phase.FAILED, revision=entry.mod_revision, plan_id=plan.id, last_error=plan.reasoning,
+                message=f"rolled back by plan {plan.id}: the resource is as it was before, not at its desired state; "
+                f"it is planned again at the next change or resync ({plan.reasoning})",
+            )  # fmt: skip
+            await self._journal.settle(record, guard=self._guard(entry), status=update, observed=put)
+            log.warning("plan.rolled_back")
+            return Outcome(Result.ROLLED_BACK)
         if state is PlanState.SUCCEEDED and not record.verification:  # a record settled again was verified before
             observing = self._observer.observing_agent(key.kind) is not None
             verification = await self._verifier.check(entry, observed, observing=observing, error=error)
@@ -203,6 +215,8 @@ class Runner:
         if interrupted:
             return Outcome(Result.INTERRUPTED)
         self._flap.settled(key, error=record.message)
+        if record.rollback is RollbackMode.APPROVE and not entry.deleted and not is_rollback(plan):
+            log.warning("plan.rollback", result=await self._rollbacks.request(entry, record, observed))
         return Outcome(Result.RETRY)
 
     async def _observe_after(self, resource: Resource) -> tuple[Observed | None, str]:

@@ -3,13 +3,15 @@
 A two-step plan writes a config file, then a second file whose path is
 blocked by a directory, so the second step fails. With `rollback: auto` the
 first file gets back its previous content and mode, and the undo is
-journalled like any step; with `never` it keeps what the plan wrote; a
+journalled like any step; with `approve` the undo is a plan of its own that
+runs once approved; with `never` it keeps what the plan wrote; a
 resource labelled secret keeps no previous value, so nothing is undone.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,22 @@ import pytest
 from pipeline import Pipeline, pipeline
 
 from agents import AgentRegistry
-from plans import ExecutionPlan, Issue, Resource, Snapshot, Step, TemporaryError
+from plans import (
+    Approval,
+    ApprovalDecision,
+    ExecutionPlan,
+    Issue,
+    Resource,
+    ResourceKey,
+    Snapshot,
+    Step,
+    TemporaryError,
+)
 from policies import load_policies
 from reconciler.assembly import Assembly
+from reconciler.cache import ApprovalEntry
 from reconciler.embedded import EmbeddedEtcd
+from reconciler.outcome import Result
 from reconciler.store import EtcdStore
 from tools import Tool, ToolRegistry
 from tools.builtin.files import file_tools
@@ -85,6 +99,8 @@ async def _run(p: Pipeline, root: Path, **labels: str) -> dict[str, Any]:
     with pytest.raises(TemporaryError):
         await p.runtime.reconciler.reconcile(resource.key)
     status = await p.status("p", kind="pair")
+    if status["phase"] == "AwaitingApproval":  # the rollback waits: the failed plan is the one it undoes
+        return await p.record((await p.record(status["plan_id"]))["plan"]["planner"].removeprefix("rollback:"))
     assert status["phase"] == "Failed"
     return await p.record(status["plan_id"])
 
@@ -137,3 +153,31 @@ async def test_a_file_that_did_not_exist_is_deleted_again(store: EtcdStore, root
     assert not (root / "fresh").exists()
     record = await p.record((await p.status("p", kind="pair"))["plan_id"])
     assert [u["tool"] for u in record["rolled_back"]] == ["file.delete"]
+
+
+async def test_approve_stores_the_undo_as_a_plan_that_runs_once_approved(store: EtcdStore, root: Path) -> None:
+    p = _rig(store, root, "approve")
+    failed = await _run(p, root)
+    first, key = root / "first.conf", ResourceKey(kind="pair", name="p")
+    assert first.read_text() == "new\n", "nothing is undone before a person says so"
+    assert failed["rolled_back"] == []
+
+    status = await p.status("p", kind="pair")
+    assert status["phase"] == "AwaitingApproval"
+    assert status["message"].startswith(f"plan {failed['plan']['id']} failed; its rollback awaits approval")
+    rollback = await p.record(status["plan_id"])
+    assert rollback["plan"]["planner"] == f"rollback:{failed['plan']['id']}"
+    assert [s["tool"] for s in rollback["plan"]["steps"]] == ["file.write"]
+    assert (rollback["decision"], rollback["decision_rule"]) == ("approve", "rollback")
+
+    approval = Approval(decision=ApprovalDecision.APPROVE, plan_hash=rollback["plan_hash"], by="alice",
+                        at=datetime.now(UTC))  # fmt: skip
+    revision = await store.put(p.keys.approval(rollback["plan"]["id"]), approval.model_dump_json().encode())
+    p.cache.approvals[rollback["plan"]["id"]] = ApprovalEntry(rollback["plan"]["id"], revision, approval)
+    outcome = await p.runtime.reconciler.reconcile(key)
+
+    assert outcome.result is Result.ROLLED_BACK
+    assert first.read_text() == "old\n" and (first.stat().st_mode & 0o777) == 0o600
+    status = await p.status("p", kind="pair")
+    assert status["phase"] == "Failed" and status["message"].startswith(f"rolled back by plan {rollback['plan']['id']}")
+    assert (await p.record(rollback["plan"]["id"]))["state"] == "succeeded"
