@@ -37,7 +37,7 @@ class HttpTool(DeclaredTool):
 
     def __init__(
         self, *, method: str, url: Template, body: object, has_body: bool, headers: Mapping[str, str | Secret],
-        expect: Sequence[tuple[int, int]], secrets: Sequence[str], timeout_seconds: float, secrets_read: bool,
+        expect: Sequence[tuple[int, int]], timeout_seconds: float, secrets_read: bool,
     ) -> None:  # fmt: skip
         self._method = method
         self._url = url
@@ -45,7 +45,6 @@ class HttpTool(DeclaredTool):
         self._has_body = has_body
         self._headers = dict(headers)
         self._expect = tuple(expect)
-        self._secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
         self._timeout = timeout_seconds
         self._secrets_read = secrets_read
 
@@ -106,6 +105,7 @@ class HttpTool(DeclaredTool):
         return ToolResult.failure(self._scrub(error), retryable=retryable)
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "[REDACTED]")
+        for value in self._headers.values():
+            if isinstance(value, Secret):
+                text = value.scrub(text)
         return text

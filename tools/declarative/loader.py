@@ -197,17 +197,15 @@ def _http(definition: HttpDefinition, *, environ: Mapping[str, str] | None) -> H
         raise Problem(("url",), "holds white space or a control character; write it percent-encoded")
     body = parse_body(definition.body, loc=("body",), known=names) if definition.body is not None else None
     headers: dict[str, str | Secret] = {}
-    secrets: list[str] = []
     for name, text in definition.headers.items():
         if _HEADER_NAME.fullmatch(name) is None:
             raise Problem(("headers", name), f"{name!r} is not a valid header name")
-        headers[name], found = header_value(text, loc=("headers", name), environ=environ)
-        secrets += found
+        headers[name] = header_value(text, loc=("headers", name), environ=environ)
     cls = type(f"Http_{definition.name}", (HttpTool,), _attributes(definition, parameters, definition.timeout_seconds
                                                                      + KILL_GRACE_SECONDS))  # fmt: skip
     tool: HttpTool = cls(
         method=definition.method, url=url, body=body, has_body=definition.body is not None, headers=headers,
-        expect=_statuses(definition.expect_status), secrets=secrets, timeout_seconds=definition.timeout_seconds,
+        expect=_statuses(definition.expect_status), timeout_seconds=definition.timeout_seconds,
         secrets_read=environ is not None,
     )  # fmt: skip
     return tool

@@ -161,17 +161,21 @@ def body_params(body: object) -> list[str]:
 class Secret:
     """A header value that names an environment variable: `reveal()` is the only way to its text."""
 
-    __slots__ = ("_value", "names")
+    __slots__ = ("_parts", "_value", "names")
 
-    def __init__(self, value: str, names: tuple[str, ...]) -> None:
+    def __init__(self, value: str, names: tuple[str, ...], parts: tuple[str, ...] = ()) -> None:
         self._value = value
+        self._parts = parts
         self.names = names
 
     def reveal(self) -> str:
         return self._value
 
-    def secret_parts(self, environ: Mapping[str, str]) -> list[str]:
-        return [environ[name] for name in self.names if environ.get(name)]
+    def scrub(self, text: str) -> str:
+        """`text` with every variable's value in it replaced by [REDACTED] (a server may echo a header back)."""
+        for part in sorted(self._parts, key=len, reverse=True):
+            text = text.replace(part, "[REDACTED]")
+        return text
 
     def __repr__(self) -> str:
         return f"Secret(from {', '.join('$' + name for name in self.names)})"
@@ -179,25 +183,25 @@ class Secret:
     __str__ = __repr__
 
 
-def header_value(text: str, *, loc: Loc, environ: Mapping[str, str] | None) -> tuple[str | Secret, list[str]]:
-    """`text` with every `${NAME}` replaced by the variable's value (a Secret then), and the values put in;
-    `environ` None: the variables are not read (a command that runs no tool), and the value stands empty."""
+def header_value(text: str, *, loc: Loc, environ: Mapping[str, str] | None) -> str | Secret:
+    """`text` with every `${NAME}` replaced by the variable's value (a Secret then); `environ` None: the
+    variables are not read (a command that runs no tool), and the value stands empty."""
     names = _SECRET.findall(text)
     for name in names:
         if _ENV_NAME.fullmatch(name) is None:
             raise Problem(loc, f"${{{name}}} is not an environment variable's name")
     if not names:
         _check_header_text(text, loc=loc, what="the value")
-        return text, []
+        return text
     if environ is None:
-        return Secret("", tuple(names)), []
+        return Secret("", tuple(names))
     missing = [name for name in names if name not in environ]
     if missing:
         raise Problem(loc, f"environment variable {missing[0]} is not set (the header's value names it)")
     for name in names:
         _check_header_text(environ[name], loc=loc, what=f"environment variable {name}")
     value = _SECRET.sub(lambda match: environ[match.group(1)], text)
-    return Secret(value, tuple(names)), [environ[name] for name in names if environ[name]]
+    return Secret(value, tuple(names), tuple(environ[name] for name in names if environ[name]))
 
 
 def _check_header_text(text: str, *, loc: Loc, what: str) -> None:
