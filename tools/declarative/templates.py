@@ -145,16 +145,6 @@ def render_body(body: object, values: Mapping[str, Value]) -> JsonValue:
     return body
 
 
-def body_params(body: object) -> list[str]:
-    if isinstance(body, Template):
-        return body.params
-    if isinstance(body, list):
-        return [name for item in body for name in body_params(item)]
-    if isinstance(body, dict):
-        return [name for item in body.values() for name in body_params(item)]
-    return []
-
-
 # -- secrets ----------------------------------------------------------------------------------------------------
 
 
