@@ -8,6 +8,12 @@ never learns about models:
 - a `ModelAgent` plans a kind that no rule-based agent handles, with the
   tools `llm.kinds.<kind>.tools` names.
 
+Either way, the planner adds the tools it was given for the resource's kind
+(`extra_tools`: declarative tools that name the kind) to the agent's own, so
+no agent needs to know about them. A step using one of those is held to the
+scope of a model-planned kind (`spec_scope`), whatever the agent's own scope
+says about its own tools.
+
 What the model sees: the system prompt and one task prompt
 (`agents/prompts/*.md`), carrying the desired value, the actual state, a
 JSON diff, the open issues and the tool catalogue (names, risks and the
@@ -41,7 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from string import Template
 
@@ -178,21 +184,30 @@ class ModelPlanner:
         max_steps: int = 10,
         prompts: Path = PROMPTS,
         on_cache_hit: Callable[[], None] = lambda: None,
+        extra_tools: Mapping[str, Sequence[Tool]] | None = None,
     ) -> None:
+        """`extra_tools`: per kind, tools offered besides the agent's own (declarative tools naming the kind)."""
         self._router = router
         self._redactor = redactor
         self._cache = cache
         self._max_steps = max_steps
         self._templates = {name: Template((prompts / f"{name}.md").read_text("utf-8")) for name in _PROMPTS}
         self._on_cache_hit = on_cache_hit
+        self._extra = {kind: tuple(tools) for kind, tools in (extra_tools or {}).items()}
         self._failures: dict[ResourceKey, int] = {}
         self.on_planning: OnPlanning | None = None  # set by the daemon: writes phase Planning
+
+    def offered(self, kind: str, tools: Sequence[Tool]) -> list[Tool]:
+        """What a model planning `kind` is offered: the agent's `tools`, then the extra tools for `kind`."""
+        own = {tool.name for tool in tools}
+        return [*tools, *(tool for tool in self._extra.get(kind, ()) if tool.name not in own)]
 
     def route(
         self, snapshot: Snapshot, *, tools: Sequence[Tool], issue: Issue | None = None, hint: float | None = None,
         drift: Sequence[JsonValue] | None = None,
     ) -> tuple[Score, Tier]:  # fmt: skip
         """The complexity score of planning `snapshot` (with `issue`, if any) and the tier it routes to."""
+        tools = self.offered(snapshot.key.kind, tools)
         diff = list(drift) if drift is not None else json_diff(snapshot.desired.spec, _state(snapshot))
         features = Features(
             changed_fields=len(diff),
@@ -229,6 +244,8 @@ class ModelPlanner:
         self, snapshot: Snapshot, *, agent: str, tools: Sequence[Tool], issue: Issue | None, scope: Scope | None,
         drift: Sequence[JsonValue] | None, hint: float | None, template: str, fields: dict[str, str],
     ) -> ExecutionPlan:  # fmt: skip
+        scope = self._scope(snapshot, tools, scope)
+        tools = self.offered(snapshot.key.kind, tools)
         catalogue = Catalogue(tools)
         diff = list(drift) if drift is not None else json_diff(snapshot.desired.spec, _state(snapshot))
         task = "\x00".join([template, fields.get("task", ""), "deleted" if snapshot.deleted else ""])
@@ -265,6 +282,21 @@ class ModelPlanner:
         )  # fmt: skip
         self._cache.put(key, CachedPlan(arguments=arguments, planner=solved.planner))
         return snapshot.plan(agent=agent, steps=steps, reasoning=reasoning, planner=solved.planner)
+
+    def _scope(self, snapshot: Snapshot, own: Sequence[Tool], scope: Scope | None) -> Scope | None:
+        """The agent's scope for its own tools; for an extra tool, which the agent knows nothing of, the scope
+        of a model-planned kind (`spec_scope`): a mutating step may target only what the desired spec names."""
+        if not self._extra.get(snapshot.key.kind):
+            return scope
+        names = {tool.name for tool in own}
+        extra = spec_scope(snapshot)
+
+        def check(step: Step) -> str | None:
+            if step.tool in names:
+                return scope(step) if scope is not None else None
+            return extra(step)
+
+        return check
 
     def _from_cache(self, key: str, validate: _Validator) -> tuple[tuple[Step, ...], str, str] | None:
         """The cached answer for `key`, validated again (steps, reasoning, planner); PlanningFailed for a cached

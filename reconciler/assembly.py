@@ -4,7 +4,9 @@
 user passes their own `Assembly` instead), and, when `llm.tiers` names any
 model, the language-model planner: the file agent asks it about issues its
 rules cannot heal, and each kind in `llm.kinds` gets a `ModelAgent` with the
-tools named there. Nothing else knows a model is involved. `build` wires the runtime around
+tools named there. Nothing else knows a model is involved. The declarative
+tools in `tools.definitions` are registered beside the built-in ones, and
+the planner offers each to the model for the kinds it names. `build` wires the runtime around
 them: cache and watch, work queue, observer, status writer, journal,
 executor, gate, runner, crash recovery, reconciler and controller. Nothing
 registers itself on import, and no component reaches into another to find
@@ -51,7 +53,9 @@ from reconciler.store import EtcdStore
 from reconciler.verify import Verifier
 from reconciler.watch import Reflector
 from reconciler.workqueue import ExponentialBackoff, WorkQueue
-from tools import ToolRegistry
+from tools import Tool, ToolRegistry
+from tools.declarative import DeclaredTool, ToolDefinitionError, check_kinds, load_tools
+from tools.declarative import register as register_declared
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +69,23 @@ class Assembly:
 
 
 def assemble(settings: Settings, *, metrics: Metrics | None = None, models: bool = True) -> Assembly:
-    """The built-in agents and tools, the model planner when models are configured, and the policies in
-    `policies.file` (PolicyError when it is invalid). `models=False` leaves the planner out (commands that
-    plan nothing, so need no API key); StartupError when a model's key or SDK is missing."""
-    planner = _planner(settings, metrics) if models and settings.llm.tiers.configured else None
+    """The built-in agents and tools, the declarative tools, the model planner when models are configured, and
+    the policies in `policies.file` (PolicyError when it is invalid). `models=False` leaves the planner out and
+    does not look up declarative tools' programs and secrets (commands that plan nothing, so need no API key and
+    no tool secret); StartupError when a model's key or SDK is missing, or a tool definition is invalid."""
+    declared = _declared(settings, resolve_host=models)
+    by_kind: dict[str, list[Tool]] = {}
+    for tool in declared:
+        for kind in sorted(tool.kinds):
+            by_kind.setdefault(kind, []).append(tool)
+    planner = _planner(settings, metrics, by_kind) if models and settings.llm.tiers.configured else None
     file_agent = FileAgent(allowed_roots=settings.agents.file.allowed_roots, fallback=planner)
     agents = AgentRegistry([file_agent])
     tools = ToolRegistry(agents.tools())
+    try:
+        register_declared(tools, declared)
+    except ToolDefinitionError as e:
+        raise StartupError(str(e)) from None
     for kind, config in settings.llm.kinds.items():
         offered = []
         for name in config.tools:
@@ -83,6 +97,10 @@ def assemble(settings: Settings, *, metrics: Metrics | None = None, models: bool
             agents.register(ModelAgent(kind=kind, tools=offered, planner=planner, hint=config.hint))
         except ValueError as e:
             raise StartupError(f"llm.kinds.{kind}: {e}") from None
+    try:
+        check_kinds(declared, agents.kinds)
+    except ToolDefinitionError as e:
+        raise StartupError(str(e)) from None
     return Assembly(
         agents=agents,
         tools=tools,
@@ -103,7 +121,19 @@ def shadow_mode(settings: Settings) -> ShadowMode:
     )
 
 
-def _planner(settings: Settings, metrics: Metrics | None) -> ModelPlanner:
+def _declared(settings: Settings, *, resolve_host: bool) -> list[DeclaredTool]:
+    """The tools in `tools.definitions`; StartupError naming file, line, tool and field. Without
+    `resolve_host`, programs and secrets are not looked up (for commands that run no tool)."""
+    try:
+        return load_tools(
+            settings.tools.definitions, allowed_executables=settings.tools.allowed_executables,
+            resolve_host=resolve_host,
+        )  # fmt: skip
+    except ToolDefinitionError as e:
+        raise StartupError(str(e)) from None
+
+
+def _planner(settings: Settings, metrics: Metrics | None, extra_tools: dict[str, list[Tool]]) -> ModelPlanner:
     llm = settings.llm
     events: RouterEvents = metrics.llm_events() if metrics is not None else NoEvents()
     try:
@@ -116,6 +146,7 @@ def _planner(settings: Settings, metrics: Metrics | None) -> ModelPlanner:
         router=router, redactor=router.redactor, max_steps=llm.max_steps,
         cache=PlanCache(ttl_seconds=llm.plan_cache.ttl_seconds, max_entries=llm.plan_cache.max_entries),
         on_cache_hit=metrics.llm_plan_cache_hits.inc if metrics is not None else lambda: None,
+        extra_tools=extra_tools,
     )  # fmt: skip
 
 

@@ -224,6 +224,24 @@ class ToolSettings(_Group):
     retry_backoff_max_seconds: float = Field(
         default=5.0, gt=0, description="Cap on the delay between retryable tool attempts. Defaults to 5 s."
     )
+    definitions: list[str] = Field(
+        default_factory=list,
+        description="Files of declarative tools (YAML, `tools:` a list of definitions), relative to this file. "
+        "Defaults to none.",
+    )
+    allowed_executables: list[str] = Field(
+        default_factory=list,
+        description="Programs command tools may run: absolute paths or globs, matched against the program's real "
+        "path. Defaults to empty: every command tool is refused.",
+    )
+
+    @field_validator("allowed_executables")
+    @classmethod
+    def _executables(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not os.path.isabs(entry):
+                raise ValueError(f"allowed executable {entry!r} is not an absolute path or glob")
+        return value
 
 
 class _AgentGroup(_Group):
@@ -365,6 +383,9 @@ def _absolutise(data: dict[str, Any], base: Path) -> None:
     file_agent = group("agents", "file")
     if isinstance(file_agent.get("allowed_roots"), list):
         file_agent["allowed_roots"] = [absolute(r) for r in file_agent["allowed_roots"]]
+    tools = group("tools")
+    if isinstance(tools.get("definitions"), list):
+        tools["definitions"] = [absolute(path) for path in tools["definitions"]]
     for section, name in (("policies", "file"), ("approvals", "token_file"), ("alerts", "token_file")):
         if name in group(section):
             group(section)[name] = absolute(group(section)[name])

@@ -1,4 +1,5 @@
-"""`check-config`: validate the settings, the policy file and the secrets they name, without starting anything."""
+"""`check-config`: validate the settings, the policy file, the tool definitions and the secrets they name, without
+starting anything."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from policies.hooks import read_secret
 from reconciler.assembly import assemble, webhooks
 from reconciler.cli.common import find_config
 from reconciler.settings import Settings, load_settings
+from tools.declarative import DeclaredTool
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -18,6 +20,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     parts = assemble(settings)  # loads and checks the policy file against the tools there are
     policy_file = settings.policies.file or "(none: built-in defaults)"
     print(f"policies {policy_file}: ok ({len(parts.policies.rules)} rules)")
+    declared = [tool for tool in parts.tools if isinstance(tool, DeclaredTool)]
+    print(_tools_line(declared, models=settings.llm.tiers.configured))
     hooks = webhooks(settings)
     approvals = settings.approvals
     token = read_secret(env=approvals.token_env, file=approvals.token_file, what="the HTTP approval token")
@@ -30,6 +34,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     alert_token = read_secret(env=alerts.token_env, file=alerts.token_file, what="the HTTP alerts token")
     print(f"alerts: POST /v1/alerts on, {'with a bearer token' if alert_token else 'open (no token)'}")
     return 0
+
+
+def _tools_line(declared: list[DeclaredTool], *, models: bool) -> str:
+    """The declarative tools `assemble` loaded: each program found and allowed, each secret read."""
+    if not declared:
+        return "tools: 0 declarative (tools.definitions names no file)"
+    names = ", ".join(tool.name for tool in declared)
+    kinds = sorted({kind for tool in declared for kind in tool.kinds})
+    offered = f"; offered to a model planning {', '.join(kinds)}" if kinds else ""
+    if kinds and not models:
+        offered += " (no model in llm.tiers: offered to none)"
+    return f"tools: {len(declared)} declarative ({names}){offered}"
 
 
 def _llm_line(settings: Settings) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,7 @@ def cmd_llm_route(args: argparse.Namespace) -> int:
         else:
             print(f"{key}: {asked}")
         return 0
+    asked = dataclasses.replace(asked, tools=tuple(parts.planner.offered(key.kind, asked.tools)))
     score, tier = parts.planner.route(snapshot, tools=asked.tools, issue=asked.issue, hint=asked.hint,
                                       drift=asked.drift)  # fmt: skip
     routing = settings.llm.routing
