@@ -39,7 +39,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agents.base import ProbeResult, ProbeSchedule
-from plans import ExecutionPlan, InvalidResourceError, Issue, Resource, ResourceKey, Snapshot
+from plans import ExecutionPlan, InvalidResourceError, Issue, Resource, ResourceKey, Snapshot, validate_name
 from plans.errors import describe_validation_error
 from tools import Tool
 
@@ -85,8 +85,12 @@ class HttpCheckSpec(BaseModel):
     @field_validator("target")
     @classmethod
     def _target(cls, value: str) -> str:
-        key = ResourceKey.parse(value)  # ValueError with the offending text
-        if key.kind == "http_check":
+        kind, sep, name = value.partition("/")
+        if not sep:
+            raise ValueError(f"{value!r} is not of the form KIND/NAME")
+        validate_name(kind, what="kind")  # ValueError naming the part that is wrong
+        validate_name(name, what="name")
+        if kind == "http_check":
             raise ValueError("must name the resource the check is about, not another http_check")
         return value
 
@@ -130,7 +134,8 @@ def _spec_error(error: ValidationError) -> str:
 
 
 def _cut(text: str) -> str:
-    text = " ".join(text.split())
+    """`text` on one line, printable, at most MAX_ERROR_CHARS."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 
@@ -189,20 +194,27 @@ class HttpCheckAgent:
             return self._result(loop, started, status, f"timed out after {spec.timeout_seconds:g} s")
         except aiohttp.ClientConnectorError as e:
             return self._result(loop, started, None, f"could not connect: {e.os_error.strerror or e.os_error}")
-        except (aiohttp.ClientError, OSError, ValueError) as e:  # a broken or hostile answer, a bad address
-            return self._result(loop, started, status, f"failed: {type(e).__name__}: {e}")
+        except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as e:
+            # What a broken or hostile server sent stays out of the outcome (an issue's summary) and is kept,
+            # escaped and cut, only as the error.
+            return self._result(loop, started, status, "sent an answer that is not valid HTTP", detail=e)
+        except (aiohttp.ClientError, OSError, ValueError) as e:  # a dropped connection, an address aiohttp refuses
+            return self._result(loop, started, status, f"failed ({type(e).__name__})", detail=e)
         return ProbeResult(
             ok=ok, outcome=outcome, state={"status": status, "error": None if ok else outcome},
             latency_seconds=loop.time() - started,
         )  # fmt: skip
 
     @staticmethod
-    def _result(loop: asyncio.AbstractEventLoop, started: float, status: int | None, error: str) -> ProbeResult:
-        error = _cut(error)
+    def _result(
+        loop: asyncio.AbstractEventLoop, started: float, status: int | None, outcome: str, *,
+        detail: BaseException | None = None,
+    ) -> ProbeResult:  # fmt: skip
+        outcome = _cut(outcome)
+        error = outcome if detail is None else _cut(f"{outcome}: {type(detail).__name__}: {detail!s}")
         return ProbeResult(
-            ok=False, outcome=error, state={"status": status, "error": error},
-            latency_seconds=loop.time() - started,
-        )  # fmt: skip
+            ok=False, outcome=outcome, state={"status": status, "error": error}, latency_seconds=loop.time() - started
+        )
 
     @staticmethod
     def _judge(spec: HttpCheckSpec, status: int) -> tuple[bool, str]:
