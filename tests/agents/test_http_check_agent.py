@@ -85,7 +85,7 @@ def test_an_invalid_spec_is_refused_in_one_sentence_naming_the_field(
 
 
 def test_a_missing_target_is_named() -> None:
-    with pytest.raises(InvalidResourceError, match="^spec.target is required$"):
+    with pytest.raises(InvalidResourceError, match=r"^spec\.target is required$"):
         HttpCheckAgent().validate(Resource(kind="http_check", name="web", spec={"url": "http://h/"}))
 
 
@@ -252,7 +252,7 @@ async def test_it_plans_nothing_and_says_why(agent: HttpCheckAgent) -> None:
 
 
 async def test_an_invalid_spec_is_invalid_when_reconciled(agent: HttpCheckAgent) -> None:
-    with pytest.raises(InvalidResourceError, match="spec.url"):
+    with pytest.raises(InvalidResourceError, match=r"^spec\.url: "):
         await agent.reconcile(snapshot(check("nope")))
 
 
