@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -230,9 +231,7 @@ async def test_a_hostile_answer_is_a_failure_and_never_raises(
 
 
 def snapshot(resource: Resource, *, deleted: bool = False) -> Snapshot:
-    actual = Observed(
-        kind="http_check", name="web", state={"passing": False}, observed_at="2024-01-01T00:00:00Z"  # type: ignore[arg-type]
-    )
+    actual = Observed(kind="http_check", name="web", state={"passing": False}, observed_at=datetime.now(UTC))
     return Snapshot(desired=resource, revision=7, deleted=deleted, actual=actual)
 
 
