@@ -199,7 +199,9 @@ async def test_actual_is_written_when_the_outcome_changes_not_on_every_probe(
     assert await actual_version(h) == 5
 
 
-async def test_deleting_the_check_stops_probing_and_withdraws_what_it_wrote(daemon: Harness, endpoint: Endpoint) -> None:
+async def test_deleting_the_check_stops_probing_and_withdraws_what_it_wrote(
+    daemon: Harness, endpoint: Endpoint
+) -> None:
     h = daemon
     await a_site(h)
     endpoint.answer(500)
@@ -208,9 +210,7 @@ async def test_deleting_the_check_stops_probing_and_withdraws_what_it_wrote(daem
     await h.store.delete(h.keys.desired(ResourceKey(kind="http_check", name="web")))
 
     async def cleared() -> bool:
-        return (
-            await issue(h) is None and await actual(h) is None and await h.status("web", kind="http_check") is None
-        )
+        return await issue(h) is None and await actual(h) is None and await h.status("web", kind="http_check") is None
 
     await eventually(cleared, what="the issue, the observation and the status of the deleted check to go")
     stopped_at = endpoint.requests
