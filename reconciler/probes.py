@@ -152,7 +152,9 @@ class Prober:
 
     async def run(self) -> None:
         """Probe until cancelled; the session and every check's task end with it."""
-        connector = aiohttp.TCPConnector(force_close=True, limit=100)  # a new connection per probe
+        # A new connection per probe; no cap on how many at once, since a cap would make probes queue for a
+        # connection and time out for that, not for their endpoint.
+        connector = aiohttp.TCPConnector(force_close=True, limit=0)
         async with aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), headers={"User-Agent": "setpoint-probe"}
         ) as session:
