@@ -275,8 +275,8 @@ class Prober:
                 result = await self._probe(check)
                 try:
                     await self._record(check, result)
-                except Exception as e:  # etcd unavailable, or a bug: this probe's writes only
-                    log.warning("probe.record_failed", error_type=type(e).__name__, error=str(e)[:300])
+                except Exception as e:  # etcd unavailable, or a bug: this probe's observation only
+                    log.warning("probe.observation_write_failed", error_type=type(e).__name__, error=str(e)[:300])
 
     async def _probe(self, check: _Check) -> ProbeResult:
         assert self._session is not None
@@ -297,29 +297,37 @@ class Prober:
         return result
 
     async def _record(self, check: _Check, result: ProbeResult) -> None:
+        """Count `result`, report or withdraw the issue as it calls for, and write the observation if it changed. A
+        write etcd fails costs that write only: the next probe does what is then called for."""
         now = datetime.now(UTC)
         target = self._cache.desired.get(check.schedule.target)
         target_desired = target is not None and not target.deleted
+        try:
+            await self._count(check, result, now, target_desired=target_desired)
+        except Exception as e:  # etcd unavailable, or a bug: the issue write of this probe only
+            log.warning("probe.issue_write_failed", error_type=type(e).__name__, error=str(e)[:300])
+        await self._observe(check, result, now, target_desired=target_desired)
+
+    async def _count(self, check: _Check, result: ProbeResult, now: datetime, *, target_desired: bool) -> None:
         if result.ok:
             if check.run.failures:
                 log.info("probe.passing", after_failures=check.run.failures)
             check.run = _Run(maybe_reported=check.run.maybe_reported or self._standing(check) is not None)
             if check.run.maybe_reported:
                 await self._withdraw(check)
-        else:
-            run = check.run
-            if run.failures == 0:
-                log.info("probe.failing", outcome=result.outcome)
-            run.failures += 1
-            run.failing_since = run.failing_since or now
-            run.counted += 1
-            run.counted_since = run.counted_since or now
-            if target_desired:
-                await self._report(check, result, now)
-            elif run.maybe_reported or self._standing(check) is not None:
-                run.maybe_reported = True
-                await self._withdraw(check)  # a target no longer desired is reported nothing
-        await self._observe(check, result, now, target_desired=target_desired)
+            return
+        run = check.run
+        if run.failures == 0:
+            log.info("probe.failing", outcome=result.outcome)
+        run.failures += 1
+        run.failing_since = run.failing_since or now
+        run.counted += 1
+        run.counted_since = run.counted_since or now
+        if target_desired:
+            await self._report(check, result, now)
+        elif run.maybe_reported or self._standing(check) is not None:
+            run.maybe_reported = True
+            await self._withdraw(check)  # a target no longer desired is reported nothing
 
     def _standing(self, check: _Check) -> IssueEntry | None:
         """The issue of `check` on its target, as the cache holds it."""

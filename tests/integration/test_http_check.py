@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from endpoint import Endpoint
 from harness import Harness, eventually
+from injection import fail_writes
 
 from plans import ResourceKey
 from reconciler.settings import HttpCheckAgentSettings
@@ -291,3 +292,24 @@ async def test_the_issue_of_a_check_deleted_while_the_daemon_was_down_is_withdra
         return await issue(h) is None and await actual(h) is None
 
     await eventually(cleared, what="the issue and observation of the check deleted meanwhile to go")
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["refused", "applied-answer-lost"])
+async def test_etcd_failing_a_report_costs_that_write_only(
+    daemon: Harness, endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch, applied: bool
+) -> None:
+    h = daemon
+    await a_site(h)
+    issue_key = h.keys.issue(ResourceKey(kind="file", name="site"), ISSUE_ID)
+    faults = fail_writes(monkeypatch, lambda key, value: key == issue_key, times=1 if applied else 2, applied=applied)
+    endpoint.answer(500)
+    await h.put_desired(check(endpoint))
+    reported = await eventually(lambda: issue(h), what="the issue, once etcd takes it")
+    if applied:  # the first write went in: it is the report, and it is not written again on top of itself
+        assert reported["details"]["failures"] == 3
+        assert faults.failed == [issue_key]
+    else:
+        assert reported["details"]["failures"] == 5, "written by the first probe past the threshold etcd took"
+        assert faults.failed == [issue_key, issue_key]
+    endpoint.answer(200)
+    await eventually(lambda: _gone(h), what="the check, still probing, to withdraw it")
