@@ -145,11 +145,6 @@ class Prober:
         if self.probing_agent(key.kind) is not None:
             self._wake.set()
 
-    @property
-    def probing(self) -> frozenset[ResourceKey]:
-        """The checks being probed now."""
-        return frozenset(self._checks)
-
     async def run(self) -> None:
         """Probe until cancelled; the session and every check's task end with it."""
         # A new connection per probe; no cap on how many at once, since a cap would make probes queue for a
