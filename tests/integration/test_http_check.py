@@ -17,7 +17,8 @@ from endpoint import Endpoint
 from harness import Harness, eventually
 from injection import fail_writes
 
-from plans import ResourceKey
+from plans import NAME_PATTERN, ResourceKey
+from reconciler.probes import issue_id
 from reconciler.settings import HttpCheckAgentSettings
 
 INTERVAL = 0.1
@@ -313,3 +314,11 @@ async def test_etcd_failing_a_report_costs_that_write_only(
         assert faults.failed == [issue_key, issue_key]
     endpoint.answer(200)
     await eventually(lambda: _gone(h), what="the check, still probing, to withdraw it")
+
+
+def test_the_issue_id_fits_the_name_pattern_however_long_the_check_name() -> None:
+    assert issue_id(ResourceKey(kind="http_check", name="web")) == "http_check.web"
+    long_names = ["a" * 63, "a" * 52 + "b", "a" * 52 + "c"]
+    ids = [issue_id(ResourceKey(kind="http_check", name=name)) for name in long_names]
+    assert all(NAME_PATTERN.fullmatch(i) for i in ids), ids
+    assert len(set(ids)) == 3, "names that share a prefix keep apart"
