@@ -24,7 +24,10 @@ a restarted server is not failed on a stale pooled connection and "a client
 can connect" is what is checked; at most `max_body_bytes` of a body are read,
 and only for `body_contains`. The probe's outcome holds no latency and no body,
 only what changes when the outcome does (status, error), so the runtime writes
-`actual/` only when the outcome changes.
+`actual/` only when the outcome changes. The outcome becomes an issue's
+summary, so it is built from our own words, the status code and the OS's
+reason for a refused connection; what a broken or hostile server sent is only
+in the error (escaped, one line, at most 200 characters), in `details`.
 """
 
 from __future__ import annotations
