@@ -133,12 +133,15 @@ class Prober:
         self._metrics = metrics
         self._sweep = sweep_seconds
         self._checks: dict[ResourceKey, _Check] = {}
+        self._probing: dict[str, ProbingAgent | None] = {}
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
 
     def probing_agent(self, kind: str) -> ProbingAgent | None:
-        agent = self._agents.for_kind(kind)
-        return agent if isinstance(agent, ProbingAgent) else None
+        if kind not in self._probing:  # the registry is fixed once assembled; a protocol check is not cheap
+            agent = self._agents.for_kind(kind)
+            self._probing[kind] = agent if isinstance(agent, ProbingAgent) else None
+        return self._probing[kind]
 
     def notify(self, key: ResourceKey) -> None:
         """Something about `key` changed in the cache (what the watch calls for every key)."""
@@ -199,6 +202,10 @@ class Prober:
         for entry in list(self._cache.desired.values()):
             agent = self.probing_agent(entry.key.kind)
             if agent is None or entry.resource is None or not entry.valid or entry.deleted:
+                continue
+            check = self._checks.get(entry.key)
+            if check is not None and check.resource == entry.resource:  # unchanged: its schedule stands
+                wanted[entry.key] = (check.agent, check.resource, check.schedule)
                 continue
             try:
                 schedule = agent.schedule(entry.resource)
