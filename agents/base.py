@@ -8,20 +8,24 @@ called when a desired resource is deleted, with a snapshot of the last value
 it had: that is the only place the agent can learn what to tear down, since
 the desired key itself is gone.
 
-Two optional protocols: an `ObservingAgent` observes its resources itself;
+Optional protocols: an `ObservingAgent` observes its resources itself;
 a `ClaimingAgent` names the targets a resource manages (a file's path), so
 that two resources fighting over one target are both reported, each naming
-the other, instead of undoing each other forever.
+the other, instead of undoing each other forever; a `ProbingAgent`'s
+resources are checks, probed by the runtime on their own schedule, whose
+failures become issues on another resource (their target).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import aiohttp
 from pydantic import JsonValue
 
-from plans import ExecutionPlan, Issue, Resource, Snapshot
+from plans import ExecutionPlan, Issue, Resource, ResourceKey, Snapshot
 from tools import Tool
 
 
@@ -115,3 +119,41 @@ class AgentRegistry:
 
     def tools(self) -> list[Tool]:
         return [tool for agent in self._agents for tool in agent.tools()]
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSchedule:
+    """How the runtime probes one check resource, read from its valid desired value."""
+
+    target: ResourceKey  # the resource a failing check reports its issue on
+    interval_seconds: float
+    timeout_seconds: float  # what one probe may take; the runtime allows it a little more before giving up
+    failure_threshold: int  # failures in a row before the issue is reported
+    what: str  # what is probed, for summaries and logs ("GET http://127.0.0.1:8080/")
+    details: Mapping[str, JsonValue] = field(default_factory=dict)  # the same, as data for the issue's details
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """One probe's outcome. `state` holds only what changes when the outcome does (no latency), so the runtime can
+    write the check's observation only when it changed."""
+
+    ok: bool
+    outcome: str  # what happened, short and stable ("returned 500", "did not answer within 5 s")
+    state: Mapping[str, JsonValue]  # in the issue's details as is, in the check's `actual/` state as `last_<name>`
+    latency_seconds: float
+
+
+@runtime_checkable
+class ProbingAgent(Protocol):
+    """An agent whose resources are probed by the runtime (reconciler/probes.py), not observed on reconcile: a
+    failure counts only as one of a run of consecutive probes, which only a steady schedule can tell."""
+
+    def schedule(self, desired: Resource) -> ProbeSchedule:
+        """How to probe `desired`; InvalidResourceError when it cannot be probed. Pure, no I/O."""
+        ...
+
+    async def probe(self, desired: Resource, *, session: aiohttp.ClientSession) -> ProbeResult:
+        """Probe `desired` once through `session` (shared, owned by the runtime). Never raises for anything the
+        probed endpoint does (refused, hung, hostile): that is a failed result."""
+        ...

@@ -7,8 +7,8 @@ rules cannot heal, and each kind in `llm.kinds` gets a `ModelAgent` with the
 tools named there. Nothing else knows a model is involved. The declarative
 tools in `tools.definitions` are registered beside the built-in ones, and
 the planner offers each to the model for the kinds it names. `build` wires the runtime around
-them: cache and watch, work queue, observer, status writer, journal,
-executor, gate, runner, crash recovery, reconciler and controller. Nothing
+them: cache and watch, work queue, observer, prober (told of every changed key, as the queue is), status writer,
+journal, executor, gate, runner, crash recovery, reconciler and controller. Nothing
 registers itself on import, and no component reaches into another to find
 its collaborators: adding an agent or a stage means adding it here.
 """
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from agents import AgentRegistry
 from agents.builtin.file import FileAgent
+from agents.builtin.http_check import HttpCheckAgent
 from agents.llm import ModelAgent, ModelPlanner
 from agents.plancache import PlanCache
 from llm_router import NoEvents, RouterEvents
@@ -42,6 +43,7 @@ from reconciler.journal import PlanJournal
 from reconciler.keys import KeySpace
 from reconciler.metrics import Metrics
 from reconciler.observer import Observer
+from reconciler.probes import Prober
 from reconciler.reconcile import Reconciler
 from reconciler.resume import Resumer, Unfinished
 from reconciler.rollback import Rollbacks
@@ -80,7 +82,9 @@ def assemble(settings: Settings, *, metrics: Metrics | None = None, models: bool
             by_kind.setdefault(kind, []).append(tool)
     planner = _planner(settings, metrics, by_kind) if models and settings.llm.tiers.configured else None
     file_agent = FileAgent(allowed_roots=settings.agents.file.allowed_roots, fallback=planner)
-    agents = AgentRegistry([file_agent])
+    checks = settings.agents.http_check
+    http_check = HttpCheckAgent(max_body_bytes=checks.max_body_bytes, min_interval_seconds=checks.min_interval_seconds)
+    agents = AgentRegistry([file_agent, http_check])
     tools = ToolRegistry(agents.tools())
     try:
         register_declared(tools, declared)
@@ -199,6 +203,7 @@ class Runtime:
     notifier: Notifier
     flap: FlapGuard
     budget: MutationBudget
+    prober: Prober
 
     def use_policies(self, policies: Policies) -> None:
         """Put `policies` in force (a reload): decisions from the next plan on, limits at once."""
@@ -230,6 +235,7 @@ def build(
         for other in claims.update(key):
             queue.add(other)
         queue.add(key)
+        prober.notify(key)
 
     stopping = asyncio.Event()
     status = StatusWriter(
@@ -238,6 +244,10 @@ def build(
     )  # fmt: skip
     if parts.planner is not None:
         parts.planner.on_planning = lambda snapshot, message: _planning(status, snapshot, message)
+    prober = Prober(
+        store=store, keys=keys, cache=cache, agents=parts.agents, status=status, metrics=metrics,
+        sweep_seconds=s.agents.http_check.sweep_seconds,
+    )  # fmt: skip
     metrics.count_resources(status.phase_counts)
     metrics.count_open_issues(cache.issue_counts)
     journal = PlanJournal(store=store, keys=keys, status=status)
@@ -296,5 +306,5 @@ def build(
     return Runtime(
         queue=queue, reflector=reflector, observer=observer, resumer=resumer, status=status, reconciler=reconciler,
         controller=controller, stopping=stopping, enqueue=on_change, gate=gate, approvals=approvals,
-        notifier=notifier, flap=flap, budget=budget,
+        notifier=notifier, flap=flap, budget=budget, prober=prober,
     )  # fmt: skip

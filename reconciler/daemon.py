@@ -8,7 +8,7 @@ configured (its version is logged, and one older than 3.5 is warned about);
 connect (the server's version is logged); list and watch (ready once the
 initial list is cached); read what a previous run left unfinished (retried
 while etcd blips); observe every resource once; then start the workers, the
-observer's polling and the resync timer. `assembly.build` wires the parts.
+observer's polling, the prober (checks) and the resync timer. `assembly.build` wires the parts.
 
 Every long-running part is supervised, the embedded etcd included. If one
 ends, which only a bug or a dead etcd can make happen, the daemon logs which
@@ -294,6 +294,7 @@ class Daemon:
         parts += [
             asyncio.create_task(rt.controller.run(), name="workers"),
             asyncio.create_task(rt.observer.run(wait_first=True), name="observer"),
+            asyncio.create_task(rt.prober.run(), name="prober"),
             asyncio.create_task(self._resync(rt), name="resync"),
         ]
         self._systemd.ready(self._ready_status())

@@ -172,6 +172,14 @@ class Metrics:
         )  # fmt: skip
         for result in ALERT_RESULTS:
             self.alerts_received.labels(result=result)
+        self.probes = Counter(
+            "setpoint_probes", "Probes of checks (http_check) by kind and result: passed, failed.", ["kind", "result"],
+            registry=r,
+        )  # fmt: skip
+        self.probe_duration = Histogram(
+            "setpoint_probe_duration_seconds", "Time one probe of a check took, failed ones included.", ["kind"],
+            buckets=_DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
 
     def _llm(self, r: CollectorRegistry) -> None:
         """Language-model planning: calls, tokens, cost, time, cache hits, budget left, rejected answers."""

@@ -270,8 +270,25 @@ class FileAgentSettings(_AgentGroup):
         return value
 
 
+class HttpCheckAgentSettings(_Group):
+    max_body_bytes: int = Field(
+        default=65536, ge=1, le=16 * 1024 * 1024,
+        description="How much of a response body is read to look for `body_contains`. Defaults to 65536 (64 KiB).",
+    )  # fmt: skip
+    min_interval_seconds: float = Field(
+        default=1.0, gt=0,
+        description="The shortest `interval_seconds` a check may ask for; a shorter one is Invalid. Defaults to 1 s.",
+    )  # fmt: skip
+    sweep_seconds: float = Field(
+        default=30.0, gt=0,
+        description="How often the prober re-syncs its checks with the desired values without being told of a "
+        "change (a safety net). Defaults to 30 s.",
+    )  # fmt: skip
+
+
 class AgentsSettings(_Group):
     file: FileAgentSettings = Field(default_factory=FileAgentSettings)
+    http_check: HttpCheckAgentSettings = Field(default_factory=HttpCheckAgentSettings)
 
 
 class LlmKindSettings(_Group):
