@@ -8,6 +8,7 @@ validation, the redaction and the cache are the real ones.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -229,8 +230,13 @@ async def test_secrets_in_desired_values_and_issues_never_reach_the_model(tmp_pa
     s.path.write_text(content)
     hurt = issue(f"token {canaries['github']} leaked", api_token=canaries["by key"], note=canaries["slack"])
     snapshot = s.snapshot(content)
-    with structlog.testing.capture_logs() as logs:  # debug included: prompts and answers are logged there
-        plan = await s.agent.heal(hurt, snapshot)
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))  # whatever ran before
+    try:
+        with structlog.testing.capture_logs() as logs:  # debug included: prompts and answers are logged there
+            plan = await s.agent.heal(hurt, snapshot)
+    finally:
+        structlog.configure(**saved)
     assert plan.is_empty
     sent = json.dumps([r.model_dump(mode="json") for r in small.requests])
     logged = repr(logs)
