@@ -5,6 +5,22 @@ what they return. Agents and their tools are assembled explicitly at start-up
 (`reconciler/assembly.py`); nothing registers itself on import.
 """
 
-from agents.base import Agent, AgentRegistry, ClaimingAgent, DiffingAgent, ObservingAgent, ValidatingAgent
+from agents.base import (
+    Agent,
+    AgentRegistry,
+    ClaimingAgent,
+    DiffingAgent,
+    NotifyingAgent,
+    ObservingAgent,
+    ValidatingAgent,
+)
 
-__all__ = ["Agent", "AgentRegistry", "ClaimingAgent", "DiffingAgent", "ObservingAgent", "ValidatingAgent"]
+__all__ = [
+    "Agent",
+    "AgentRegistry",
+    "ClaimingAgent",
+    "DiffingAgent",
+    "NotifyingAgent",
+    "ObservingAgent",
+    "ValidatingAgent",
+]

@@ -11,17 +11,19 @@ the desired key itself is gone.
 Two optional protocols: an `ObservingAgent` observes its resources itself;
 a `ClaimingAgent` names the targets a resource manages (a file's path), so
 that two resources fighting over one target are both reported, each naming
-the other, instead of undoing each other forever.
+the other, instead of undoing each other forever. A `NotifyingAgent` says
+when one of its resources changed (a supervised process exited), so it is
+reconciled at once instead of at the next poll.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 from pydantic import JsonValue
 
-from plans import ExecutionPlan, Issue, Resource, Snapshot
+from plans import ExecutionPlan, Issue, Resource, ResourceKey, Snapshot
 from tools import Tool
 
 
@@ -115,3 +117,12 @@ class AgentRegistry:
 
     def tools(self) -> list[Tool]:
         return [tool for agent in self._agents for tool in agent.tools()]
+
+
+@runtime_checkable
+class NotifyingAgent(Protocol):
+    """An agent that learns of changes itself, faster than a poll would (a supervised process exited)."""
+
+    def subscribe(self, notify: Callable[[ResourceKey], None]) -> None:
+        """Call `notify(key)`, on the event loop, whenever resource `key` may have changed."""
+        ...

@@ -17,8 +17,9 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agents import AgentRegistry
+from agents import AgentRegistry, NotifyingAgent
 from agents.builtin.file import FileAgent
+from agents.builtin.process import ProcessAgent
 from agents.llm import ModelAgent, ModelPlanner
 from agents.plancache import PlanCache
 from llm_router import NoEvents, RouterEvents
@@ -66,7 +67,7 @@ def assemble(settings: Settings, *, metrics: Metrics | None = None, models: bool
     plan nothing, so need no API key); StartupError when a model's key or SDK is missing."""
     planner = _planner(settings, metrics) if models and settings.llm.tiers.configured else None
     file_agent = FileAgent(allowed_roots=settings.agents.file.allowed_roots, fallback=planner)
-    agents = AgentRegistry([file_agent])
+    agents = AgentRegistry([file_agent, _process_agent(settings, planner)])
     tools = ToolRegistry(agents.tools())
     for kind, config in settings.llm.kinds.items():
         offered = []
@@ -83,9 +84,18 @@ def assemble(settings: Settings, *, metrics: Metrics | None = None, models: bool
         agents=agents,
         tools=tools,
         policies=load_policies(settings.policies.file, known_tools=[tool.name for tool in tools]),
-        poll_seconds={"file": settings.agents.file.poll_seconds},
+        poll_seconds={"file": settings.agents.file.poll_seconds, "process": settings.agents.process.poll_seconds},
         planner=planner,
     )
+
+
+def _process_agent(settings: Settings, planner: ModelPlanner | None) -> ProcessAgent:
+    process = settings.agents.process
+    state = settings.resolved_state_dir()
+    return ProcessAgent(
+        allowed_executables=process.allowed_executables, state_dir=process.state_dir or state / "processes",
+        log_dir=process.log_dir or state / "logs", fallback=planner,
+    )  # fmt: skip
 
 
 def _planner(settings: Settings, metrics: Metrics | None) -> ModelPlanner:
@@ -185,6 +195,9 @@ def build(
             queue.add(other)
         queue.add(key)
 
+    for agent in parts.agents:  # an agent that hears of changes itself (a process exited) queues them at once
+        if isinstance(agent, NotifyingAgent):
+            agent.subscribe(on_change)
     stopping = asyncio.Event()
     status = StatusWriter(
         store=store, keys=keys, open_issues=cache.open_issues,
@@ -226,7 +239,8 @@ def build(
     )  # fmt: skip
     reconciler = Reconciler(
         cache=cache, agents=parts.agents, claims=claims, observer=observer, gate=gate, runner=runner,
-        resumer=resumer, unfinished=unfinished, status=status, approvals=approvals, journal=journal,
+        resumer=resumer, unfinished=unfinished, status=status, approvals=approvals, journal=journal, store=store,
+        keys=keys,
     )  # fmt: skip
     controller = Controller(
         queue=queue, reconcile=reconciler.reconcile, metrics=metrics, workers=s.reconciler.workers,
