@@ -215,10 +215,12 @@ class Reconciler:
             entry.key, phase=Phase.FAILED, revision=entry.mod_revision, deleted=entry.deleted, message=str(error)
         )
         ops: list[Op] = [update.put] if update is not None else []
+        reported = False
         if error.issue is not None and error.issue_id is not None:
             if not any(issue.id == error.issue_id for issue in self._cache.open_issues(entry.key)):
                 value = json.dumps(error.issue.model_dump(mode="json")).encode()
                 ops.append(Put(self._keys.issue(entry.key, error.issue_id), value))
+                reported = True
         if not ops:
             return
         guard = guard_for(self._keys, entry.key, revision=entry.mod_revision, deleted=entry.deleted)
@@ -229,7 +231,7 @@ class Reconciler:
             raise
         if written and update is not None:
             self._status.remember(update)
-        if written:
+        if written and reported:
             log.warning("resource.gave_up", reason=str(error)[:500], issue=error.issue_id)
 
     async def _unhandled(self, entry: DesiredEntry) -> list[IssueEntry]:
