@@ -29,7 +29,8 @@ Exits are seen at once: `watch` opens a pidfd for a running process (ours or
 adopted) and asks the event loop to call back when it becomes readable,
 which happens when the process exits. The callback reaps it when it is our
 child (keeping its exit status), and tells the subscriber which resource
-changed. Everything else here blocks and runs in a thread; files are
+changed. Setting up a watch reads `/proc` on the event loop (memory, never
+a disk). Everything else here blocks and runs in a thread; files are
 guarded by one lock, which the event loop never takes.
 """
 
@@ -236,7 +237,8 @@ class ProcessTable:
         self._lock = threading.Lock()
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._watches: dict[str, _Watch] = {}
-        self._exits: dict[tuple[int, int], ExitRecord] = {}
+        self._exits: dict[tuple[int, int], ExitRecord] = {}  # seen by a watch or a stop, until settled
+        self._exits_lock = threading.Lock()  # held for a dict operation only: the event loop may take it
         self._notify: Callable[[str], None] = lambda name: None
 
     # -- the registry --------------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ class ProcessTable:
         if pf is not None and not running:
             last = history.last_exit
             if last is None or (last.pid, last.start_time) != (pf.pid, pf.start_time):
-                record = self._exits.pop((pf.pid, pf.start_time), None) or self._reap(pf.pid, pf.start_time)
+                record = self._take_exit(pf.pid, pf.start_time) or self._reap(pf.pid, pf.start_time)
                 history = history.model_copy(update={"last_exit": record})
                 self._write(self._history_path(name), history)
         return running, history
@@ -400,21 +402,29 @@ class ProcessTable:
 
     def _reap(self, pid: int, start_time: int) -> ExitRecord:
         """Reap `pid` if it is our child (never blocks), and say how it ended, as far as that can be known."""
+        holder = identity(pid)
+        if holder is not None and holder.start_time != start_time:
+            return _exit_record(pid, start_time, None)  # the pid is another process's now: reap nothing of it
         child = self._children.pop(pid, None)
         code: int | None = None
         if child is not None:
             code = child.poll()
         else:
             with contextlib.suppress(ChildProcessError):
-                found, status = os.waitpid(pid, os.WNOHANG)
-                if found == pid:
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+                if reaped == pid:
                     code = os.waitstatus_to_exitcode(status)
         return _exit_record(pid, start_time, code)
 
     def _remember_exit(self, record: ExitRecord) -> None:
-        self._exits[(record.pid, record.start_time)] = record
-        while len(self._exits) > MAX_REMEMBERED_EXITS:  # exits nobody settled (stopped on purpose): the oldest go
-            del self._exits[next(iter(self._exits))]
+        with self._exits_lock:
+            self._exits[(record.pid, record.start_time)] = record
+            while len(self._exits) > MAX_REMEMBERED_EXITS:  # exits nobody settled (stopped on purpose): oldest go
+                del self._exits[next(iter(self._exits))]
+
+    def _take_exit(self, pid: int, start_time: int) -> ExitRecord | None:
+        with self._exits_lock:
+            return self._exits.pop((pid, start_time), None)
 
     # -- exit watches (on the event loop) --------------------------------------------------------------------
 
@@ -446,8 +456,7 @@ class ProcessTable:
 
     def _on_exit(self, name: str, watch: _Watch) -> None:
         self._unwatch(name, watch)
-        key = (watch.pid, watch.start_time)
-        if key not in self._exits:
+        if self.exit_of(watch.pid, watch.start_time) is None:  # a stop may have reaped it already
             self._remember_exit(self._reap(watch.pid, watch.start_time))
         watch.exited.set()
         self._notify(name)
@@ -462,7 +471,8 @@ class ProcessTable:
 
     def exit_of(self, pid: int, start_time: int) -> ExitRecord | None:
         """How the process `pid` (started at `start_time`) ended, when a watch or a stop saw it end."""
-        return self._exits.get((pid, start_time))
+        with self._exits_lock:
+            return self._exits.get((pid, start_time))
 
     def watching(self, name: str) -> bool:
         return name in self._watches
