@@ -25,6 +25,12 @@ next daemon finds them by their pidfiles and adopts them. Only the daemon's
 PATH is passed on to them, with the resource's own `env` (the daemon's
 environment may hold model API keys).
 
+A poll of a process that is watched and has not exited reads no file: its
+state is the last one read (`observe_cached`), and only its log's size is
+checked, every ROTATE_CHECK_SECONDS; so a log may outgrow its size by what
+the process writes in that time. This keeps supervising many processes
+almost free at idle.
+
 Exits are seen at once: `watch` opens a pidfd for a running process (ours or
 adopted) and asks the event loop to call back when it becomes readable,
 which happens when the process exits. The callback reaps it when it is our
@@ -59,6 +65,7 @@ from tools.blocking import Commit
 from tools.proc import boot_id, identity, is_running, rotate, tail
 
 MAX_REMEMBERED_EXITS = 1000
+ROTATE_CHECK_SECONDS = 30.0  # how often the log of a watched process (observed without reading files) is checked
 REAP_GRACE_SECONDS = 5.0  # after SIGKILL, how long a stop waits for the process to be gone
 _GLOB = frozenset("*?[")
 
@@ -233,12 +240,15 @@ class ProcessTable:
         self.state_dir = state_dir
         self.log_dir = log_dir
         self.allowed_executables = tuple(allowed_executables)
+        self.log_check_seconds = ROTATE_CHECK_SECONDS
         self._launches: dict[str, Launch] = {}
         self._lock = threading.Lock()
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._watches: dict[str, _Watch] = {}
         self._exits: dict[tuple[int, int], ExitRecord] = {}  # seen by a watch or a stop, until settled
         self._exits_lock = threading.Lock()  # held for a dict operation only: the event loop may take it
+        self._seen: dict[str, Observation] = {}  # a running process's last full look
+        self._log_checked: dict[str, float] = {}  # when each log's size was last checked (monotonic)
         self._notify: Callable[[str], None] = lambda name: None
 
     # -- the registry --------------------------------------------------------------------------------------
@@ -304,8 +314,34 @@ class ProcessTable:
         with self._lock:
             pf = self._read_pidfile(launch.name)
             running, history = self._settle(launch.name, pf, self._read_history(launch.name, launch.command_hash))
-        rotate(self.log_path(launch.name), max_bytes=launch.log_max_bytes, backups=launch.log_backups)
-        return Observation(running=running, pidfile=pf, history=history)
+        self.rotate_log(launch)
+        seen = Observation(running=running, pidfile=pf, history=history)
+        if running:
+            self._seen[launch.name] = seen
+        else:
+            self._seen.pop(launch.name, None)
+        return seen
+
+    def rotate_log(self, launch: Launch) -> bool:
+        """Rotate `launch`'s log if it has grown past its size; True if it did."""
+        self._log_checked[launch.name] = time.monotonic()
+        return rotate(self.log_path(launch.name), max_bytes=launch.log_max_bytes, backups=launch.log_backups)
+
+    def log_check_due(self, name: str) -> bool:
+        return time.monotonic() - self._log_checked.get(name, 0.0) >= self.log_check_seconds
+
+    def observe_cached(self, launch: Launch) -> Observation | None:
+        """What `observe` would find, without reading a file, while nothing can have changed: the process is
+        watched (it has not exited) and it is the one last observed, running `launch`. None otherwise. Never
+        blocks: for the event loop. (The log is not checked: see `log_check_due`.)"""
+        seen = self._seen.get(launch.name)
+        watch = self._watches.get(launch.name)
+        if seen is None or watch is None:
+            return None
+        pf = seen.pidfile
+        if pf is None or (pf.pid, pf.start_time) != (watch.pid, watch.start_time):
+            return None
+        return seen if seen.history.command_hash == launch.command_hash else None
 
     def current(self, name: str) -> tuple[Pidfile | None, bool]:
         """`name`'s pidfile, and whether its process runs, without settling anything."""
@@ -318,6 +354,7 @@ class ProcessTable:
             return self._read_history(launch.name, launch.command_hash)
 
     def update_history(self, launch: Launch, change: Callable[[History], History]) -> History:
+        self._seen.pop(launch.name, None)
         with self._lock:
             history = change(self._read_history(launch.name, launch.command_hash))
             self._write(self._history_path(launch.name), history)
@@ -325,6 +362,7 @@ class ProcessTable:
 
     def start(self, launch: Launch, *, started_by: str, commit: Commit) -> Started:
         """Start `launch` unless it runs already (ExecutableNotAllowed, OSError when it cannot be)."""
+        self._seen.pop(launch.name, None)
         with self._lock:
             pf = self._read_pidfile(launch.name)
             running, history = self._settle(launch.name, pf, self._read_history(launch.name, launch.command_hash))
@@ -372,6 +410,7 @@ class ProcessTable:
     def stop(self, name: str, *, commit: Commit) -> Pidfile | None:
         """Stop `name`'s process (its stop signal to its process group, SIGKILL after its stop timeout) and
         forget it: pidfile removed, restart history reset. The pidfile it had, or None when there was none."""
+        self._seen.pop(name, None)
         with self._lock:
             pf = self._read_pidfile(name)
         if pf is not None:
@@ -456,6 +495,7 @@ class ProcessTable:
 
     def _on_exit(self, name: str, watch: _Watch) -> None:
         self._unwatch(name, watch)
+        self._seen.pop(name, None)
         if self.exit_of(watch.pid, watch.start_time) is None:  # a stop may have reaped it already
             self._remember_exit(self._reap(watch.pid, watch.start_time))
         watch.exited.set()

@@ -217,6 +217,7 @@ class ProcessAgent:
         self._fallback = fallback
         self._root = os.geteuid() == 0 if running_as_root is None else running_as_root
         self._now = clock
+        self._observed: dict[str, tuple[Resource, Launch]] = {}
 
     def tools(self) -> Sequence[Tool]:
         return self._tools
@@ -265,12 +266,27 @@ class ProcessAgent:
     async def observe(self, desired: Resource) -> dict[str, JsonValue]:
         """What runs for `desired` now; a running process not yet watched (one a previous daemon started) is
         adopted: watched from now on."""
-        launch = _launch(desired.name, self.spec(desired))  # no allowlist here: what runs is seen whatever it is
+        launch = self._observed_launch(desired)
+        cached = self.table.observe_cached(launch)  # a watched process that has not exited: no file to read
+        if cached is not None:
+            if self.table.log_check_due(launch.name):
+                await asyncio.to_thread(self.table.rotate_log, launch)
+            return cached.state(launch, self._now())
         seen = await asyncio.to_thread(self.table.observe, launch)
         pf = seen.pidfile
         if seen.running and pf is not None and not self.table.watching(desired.name):
             self.table.watch(desired.name, pf.pid, pf.start_time, pf.boot_id)
         return seen.state(launch, self._now())
+
+    def _observed_launch(self, desired: Resource) -> Launch:
+        """The launch `desired` describes, validated once per value (polls repeat it); no allowlist here: what
+        runs is seen, whatever it is."""
+        known = self._observed.get(desired.name)
+        if known is not None and known[0] == desired:
+            return known[1]
+        launch = _launch(desired.name, self.spec(desired))
+        self._observed[desired.name] = (desired, launch)
+        return launch
 
     # -- planning -------------------------------------------------------------------------------------------
 
@@ -362,6 +378,7 @@ class ProcessAgent:
 
     async def retire(self, snapshot: Snapshot) -> ExecutionPlan:
         """Stop the process of a deleted resource; the stop needs only its name (its pidfile says how)."""
+        self._observed.pop(snapshot.desired.name, None)
         state = snapshot.actual.state if snapshot.actual is not None else {}
         if state and state.get("running") is not True:
             return snapshot.plan(agent=self.name, reasoning="process is not running")

@@ -217,3 +217,26 @@ async def test_observing_adopts_a_running_process(agent: ProcessAgent, tmp_path:
     finally:
         os.killpg(started.pid, 9)
         other.close()
+
+
+async def test_a_watched_process_is_polled_without_reading_its_files_but_its_log_is_still_rotated(
+    agent: ProcessAgent, tmp_path: Path
+) -> None:
+    desired = resource(log={"max_bytes": 4096, "backups": 1})
+    _, launch = agent.parse(desired)
+    from tools.blocking import Commit
+
+    started = agent.table.start(launch, started_by="p/0", commit=Commit())
+    try:
+        first = await agent.observe(desired)
+        assert agent.table.watching("web")
+        (tmp_path / "state" / "web.pid").unlink()  # not read again while the process is watched
+        assert await agent.observe(desired) == first
+        log = tmp_path / "logs" / "web.log"
+        log.write_text("x" * 5000)
+        agent.table.log_check_seconds = 0  # due at once
+        await agent.observe(desired)
+        assert log.stat().st_size == 0 and (tmp_path / "logs" / "web.log.1").stat().st_size == 5000
+    finally:
+        os.killpg(started.pid, 9)
+        agent.close()
