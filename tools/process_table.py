@@ -26,9 +26,9 @@ PATH is passed on to them, with the resource's own `env` (the daemon's
 environment may hold model API keys).
 
 A poll of a process that is watched and has not exited reads no file: its
-state is the last one read (`observe_cached`), and only its log's size is
-checked, every ROTATE_CHECK_SECONDS; so a log may outgrow its size by what
-the process writes in that time. This keeps supervising many processes
+state is the last one read (`observe_cached`), and the logs of all such
+processes are checked together, in one thread, every ROTATE_CHECK_SECONDS;
+so a log may outgrow its size by what the process writes in that time. This keeps supervising many processes
 almost free at idle.
 
 Exits are seen at once: `watch` opens a pidfd for a running process (ours or
@@ -247,8 +247,8 @@ class ProcessTable:
         self._watches: dict[str, _Watch] = {}
         self._exits: dict[tuple[int, int], ExitRecord] = {}  # seen by a watch or a stop, until settled
         self._exits_lock = threading.Lock()  # held for a dict operation only: the event loop may take it
-        self._seen: dict[str, Observation] = {}  # a running process's last full look
-        self._log_checked: dict[str, float] = {}  # when each log's size was last checked (monotonic)
+        self._seen: dict[str, tuple[Observation, Launch]] = {}  # a running process's last full look
+        self._logs_checked = 0.0  # when the logs of watched processes were last checked (monotonic)
         self._notify: Callable[[str], None] = lambda name: None
 
     # -- the registry --------------------------------------------------------------------------------------
@@ -317,27 +317,35 @@ class ProcessTable:
         self.rotate_log(launch)
         seen = Observation(running=running, pidfile=pf, history=history)
         if running:
-            self._seen[launch.name] = seen
+            self._seen[launch.name] = (seen, launch)
         else:
             self._seen.pop(launch.name, None)
         return seen
 
     def rotate_log(self, launch: Launch) -> bool:
         """Rotate `launch`'s log if it has grown past its size; True if it did."""
-        self._log_checked[launch.name] = time.monotonic()
         return rotate(self.log_path(launch.name), max_bytes=launch.log_max_bytes, backups=launch.log_backups)
 
-    def log_check_due(self, name: str) -> bool:
-        return time.monotonic() - self._log_checked.get(name, 0.0) >= self.log_check_seconds
+    def logs_due(self) -> bool:
+        """Whether the logs of the processes polled without reading files are due for a size check."""
+        return time.monotonic() - self._logs_checked >= self.log_check_seconds
+
+    def rotate_logs(self) -> None:
+        """Check every watched process's log (one thread hop for all of them, not one each)."""
+        self._logs_checked = time.monotonic()
+        for _, launch in list(self._seen.values()):
+            with contextlib.suppress(OSError):
+                self.rotate_log(launch)
 
     def observe_cached(self, launch: Launch) -> Observation | None:
         """What `observe` would find, without reading a file, while nothing can have changed: the process is
         watched (it has not exited) and it is the one last observed, running `launch`. None otherwise. Never
-        blocks: for the event loop. (The log is not checked: see `log_check_due`.)"""
-        seen = self._seen.get(launch.name)
+        blocks: for the event loop. (The log is not checked: see `rotate_logs`.)"""
+        found = self._seen.get(launch.name)
         watch = self._watches.get(launch.name)
-        if seen is None or watch is None:
+        if found is None or watch is None:
             return None
+        seen = found[0]
         pf = seen.pidfile
         if pf is None or (pf.pid, pf.start_time) != (watch.pid, watch.start_time):
             return None

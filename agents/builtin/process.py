@@ -269,8 +269,8 @@ class ProcessAgent:
         launch = self._observed_launch(desired)
         cached = self.table.observe_cached(launch)  # a watched process that has not exited: no file to read
         if cached is not None:
-            if self.table.log_check_due(launch.name):
-                await asyncio.to_thread(self.table.rotate_log, launch)
+            if self.table.logs_due():
+                await asyncio.to_thread(self.table.rotate_logs)
             return cached.state(launch, self._now())
         seen = await asyncio.to_thread(self.table.observe, launch)
         pf = seen.pidfile
