@@ -9,8 +9,8 @@ argv). Then:
 1. restart time: for each supervisor in turn, managed processes are killed
    with SIGKILL one at a time, each kill a different process (round robin
    when there are more kills than processes), and the time from the kill to
-   the moment a new process with the same argv exists (it has exec'd) is
-   measured by watching `/proc` every millisecond. The next kill waits until
+   the moment the supervisor has a new child with the same argv (it has
+   exec'd) is measured by watching `/proc` every millisecond. The next kill waits until
    the last restart has settled (`--spacing`), so restarts never overlap.
 2. idle CPU: user + system time (`/proc/<pid>/stat` fields 14 and 15) of
    supervisord, of the setpoint daemon, and of its etcd, over the same
@@ -108,27 +108,39 @@ def wait_running(argvs: list[list[str]], *, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def restart_time(argv: list[str], *, timeout: float) -> float | None:
-    """Kill the process running `argv`; seconds until a new one with that argv exists, None after `timeout`."""
+def children(pid: int) -> set[int]:
+    """The children of `pid`, started by any of its threads."""
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            found.update(int(child) for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    return found
+
+
+def restart_time(supervisor: int, argv: list[str], *, timeout: float) -> float | None:
+    """Kill the process running `argv`; seconds until `supervisor` has a new child with that argv (exec'd), None
+    after `timeout`. Children, not all of /proc, are watched: pids wrap, and a new process may take a pid that was
+    in use a moment before."""
     pid = find([argv]).get(tuple(argv))
-    if pid is None:
+    killed = identity(pid) if pid is not None else None
+    if pid is None or killed is None:
         return None
-    seen = set(os.listdir("/proc"))
-    new: set[int] = set()
+    known = children(supervisor) - {pid}
+    fresh: set[int] = set()
     started = time.perf_counter()
     os.kill(pid, signal.SIGKILL)
     while time.perf_counter() - started < timeout:
-        for entry in os.listdir("/proc"):
-            if entry not in seen:
-                seen.add(entry)
-                if entry.isdigit():
-                    new.add(int(entry))
-        for candidate in list(new):
-            found = cmdline(candidate)  # a fork shows its parent's argv, or none, until it execs
-            if found == argv:
-                return time.perf_counter() - started
-            if found is None and identity(candidate) is None:
-                new.discard(candidate)
+        now = children(supervisor)
+        fresh |= now - known
+        known |= now
+        fresh.add(pid)  # the killed pid itself may come back, as a new process
+        for candidate in list(fresh):
+            if cmdline(candidate) == argv:  # a fork shows its parent's argv, or none, until it execs
+                who = identity(candidate)
+                if who is not None and not who.zombie and (candidate, who.start_time) != (pid, killed.start_time):
+                    return time.perf_counter() - started
+            elif candidate != pid and identity(candidate) is None:
+                fresh.discard(candidate)
         time.sleep(0.001)
     return None
 
@@ -144,7 +156,7 @@ def kill_series(sup: Supervised, *, kills: int, spacing: float, timeout: float) 
     times: list[float] = []
     missed = 0
     for k in range(kills):
-        took = restart_time(sup.argvs[k % len(sup.argvs)], timeout=timeout)
+        took = restart_time(sup.pid, sup.argvs[k % len(sup.argvs)], timeout=timeout)
         if took is None:
             missed += 1
         else:
