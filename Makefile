@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= setpoint.yaml
 STATE := .setpoint
 
-.PHONY: venv servers run stop test lint clean prometheusrule
+.PHONY: venv servers run stop test lint clean prometheusrule bench-supervise
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: venv servers
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## setpoint's process agent side by side with supervisord: restart time after SIGKILL (p50/p99) and idle CPU
+## while supervising 100 processes (BENCH_ARGS, e.g. "--processes 20 --kills 20 --json").
+bench-supervise: venv
+	$(PY) -m benchmarks.supervise $(BENCH_ARGS)
 
 ## Write deploy/kubernetes/prometheusrule.yaml from deploy/prometheus/alerts.yaml (edit only the latter).
 prometheusrule: venv

@@ -11,14 +11,16 @@ the desired key itself is gone.
 Optional protocols: an `ObservingAgent` observes its resources itself;
 a `ClaimingAgent` names the targets a resource manages (a file's path), so
 that two resources fighting over one target are both reported, each naming
-the other, instead of undoing each other forever; a `ProbingAgent`'s
+the other, instead of undoing each other forever. A `ProbingAgent`'s
 resources are checks, probed by the runtime on their own schedule, whose
-failures become issues on another resource (their target).
+failures become issues on another resource (their target). A
+`NotifyingAgent` says when one of its resources changed (a supervised
+process exited), so it is reconciled at once instead of at the next poll.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -156,4 +158,12 @@ class ProbingAgent(Protocol):
     async def probe(self, desired: Resource, *, session: aiohttp.ClientSession) -> ProbeResult:
         """Probe `desired` once through `session` (shared, owned by the runtime). Never raises for anything the
         probed endpoint does (refused, hung, hostile): that is a failed result."""
+
+
+@runtime_checkable
+class NotifyingAgent(Protocol):
+    """An agent that learns of changes itself, faster than a poll would (a supervised process exited)."""
+
+    def subscribe(self, notify: Callable[[ResourceKey], None]) -> None:
+        """Call `notify(key)`, on the event loop, whenever resource `key` may have changed."""
         ...

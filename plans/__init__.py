@@ -7,6 +7,7 @@ and read back is equal to the one that was written.
 
 from plans.approval import Approval, ApprovalDecision
 from plans.errors import (
+    GaveUp,
     InvalidResourceError,
     PermanentError,
     PlanningFailed,
@@ -43,6 +44,7 @@ __all__ = [
     "ApprovalDecision",
     "ApprovalNote",
     "ExecutionPlan",
+    "GaveUp",
     "InvalidResourceError",
     "Issue",
     "IssueRef",

@@ -10,8 +10,12 @@ be acted on; the resource goes to phase `Invalid` with the error's message.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from plans.resources import Issue
 
 _MAX_PATH_CHARS = 60  # a path built from a hostile value's keys can be arbitrarily long
 
@@ -48,6 +52,18 @@ class PlanningUnavailable(TemporaryError):
 class PlanningFailed(PermanentError):
     """The planner was asked and gave no usable plan (every answer was rejected); asking again with the same
     inputs will not help."""
+
+
+class GaveUp(PermanentError):
+    """The agent stopped trying on purpose (a process that keeps crashing): the resource is `Failed` with this
+    message, and `issue`, when given, is reported on it as `issues/<kind>/<name>/<issue_id>` in the same
+    transaction, unless it is open already. The agent says when it tries again (the issue resolved, the value
+    changed)."""
+
+    def __init__(self, message: str, *, issue: Issue | None = None, issue_id: str | None = None) -> None:
+        super().__init__(message)
+        self.issue = issue
+        self.issue_id = issue_id
 
 
 def describe_validation_error(

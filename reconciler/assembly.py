@@ -19,9 +19,10 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agents import AgentRegistry
+from agents import AgentRegistry, NotifyingAgent
 from agents.builtin.file import FileAgent
 from agents.builtin.http_check import HttpCheckAgent
+from agents.builtin.process import ProcessAgent
 from agents.llm import ModelAgent, ModelPlanner
 from agents.plancache import PlanCache
 from llm_router import NoEvents, RouterEvents
@@ -84,7 +85,7 @@ def assemble(settings: Settings, *, metrics: Metrics | None = None, models: bool
     file_agent = FileAgent(allowed_roots=settings.agents.file.allowed_roots, fallback=planner)
     checks = settings.agents.http_check
     http_check = HttpCheckAgent(max_body_bytes=checks.max_body_bytes, min_interval_seconds=checks.min_interval_seconds)
-    agents = AgentRegistry([file_agent, http_check])
+    agents = AgentRegistry([file_agent, _process_agent(settings, planner), http_check])
     tools = ToolRegistry(agents.tools())
     try:
         register_declared(tools, declared)
@@ -109,7 +110,7 @@ def assemble(settings: Settings, *, metrics: Metrics | None = None, models: bool
         agents=agents,
         tools=tools,
         policies=load_policies(settings.policies.file, known_tools=[tool.name for tool in tools]),
-        poll_seconds={"file": settings.agents.file.poll_seconds},
+        poll_seconds={"file": settings.agents.file.poll_seconds, "process": settings.agents.process.poll_seconds},
         planner=planner,
         shadow=shadow_mode(settings),
     )
@@ -135,6 +136,15 @@ def _declared(settings: Settings, *, resolve_host: bool) -> list[DeclaredTool]:
         )  # fmt: skip
     except ToolDefinitionError as e:
         raise StartupError(str(e)) from None
+
+
+def _process_agent(settings: Settings, planner: ModelPlanner | None) -> ProcessAgent:
+    process = settings.agents.process
+    state = settings.resolved_state_dir()
+    return ProcessAgent(
+        allowed_executables=process.allowed_executables, state_dir=process.state_dir or state / "processes",
+        log_dir=process.log_dir or state / "logs", fallback=planner,
+    )  # fmt: skip
 
 
 def _planner(settings: Settings, metrics: Metrics | None, extra_tools: dict[str, list[Tool]]) -> ModelPlanner:
@@ -237,6 +247,9 @@ def build(
         queue.add(key)
         prober.notify(key)
 
+    for agent in parts.agents:  # an agent that hears of changes itself (a process exited) queues them at once
+        if isinstance(agent, NotifyingAgent):
+            agent.subscribe(on_change)
     stopping = asyncio.Event()
     status = StatusWriter(
         store=store, keys=keys, open_issues=cache.open_issues,
@@ -288,6 +301,7 @@ def build(
         cache=cache, agents=parts.agents, claims=claims, observer=observer, gate=gate, runner=runner,
         resumer=resumer, unfinished=unfinished, status=status, approvals=approvals, journal=journal,
         shadows=Shadows(journal=journal, status=status, metrics=metrics),
+        store=store, keys=keys,
     )  # fmt: skip
     controller = Controller(
         queue=queue, reconcile=reconciler.reconcile, metrics=metrics, workers=s.reconciler.workers,

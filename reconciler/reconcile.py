@@ -35,17 +35,23 @@ so coalesced events and resyncs are handled the same way. The path, in order:
    about it, and a report is healed once;
 11. a planner that can say nothing now (`PlanningUnavailable`: the model
    budget is spent, no model answers) leaves the resource `Pending` with
-   the reason, and it is tried again when the planner says.
+   the reason, and it is tried again when the planner says;
+12. an agent that gave up on purpose (`GaveUp`: a process in a crash loop)
+   makes the resource `Failed` with its message and reports its issue, in
+   one transaction guarded like any status write (the issue only when it is
+   not open already); the key is dropped until its inputs change.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import structlog
 
 from agents import Agent, AgentRegistry
 from plans import (
+    GaveUp,
     InvalidResourceError,
     Observed,
     PlanningFailed,
@@ -63,13 +69,14 @@ from reconciler.claims import ClaimIndex
 from reconciler.gate import Check, Gate, Verdict, plan_and_check
 from reconciler.issues import IssueMark, IssueState, problem_began, ref, unhandled
 from reconciler.journal import PlanJournal
+from reconciler.keys import KeySpace
 from reconciler.observer import Observer
 from reconciler.outcome import Outcome, Result
 from reconciler.resume import Resumer, Unfinished
 from reconciler.runner import Runner
 from reconciler.shadow import Shadows
-from reconciler.status import Phase, StatusWriter, WriteResult
-from reconciler.store import Guard, Op
+from reconciler.status import Phase, StatusWriter, WriteResult, guard_for
+from reconciler.store import EtcdStore, Guard, Op, Put
 from tools import ValidatedStep
 
 log = structlog.get_logger("setpoint.reconcile")
@@ -105,7 +112,11 @@ class Reconciler:
         approvals: Approvals,
         journal: PlanJournal,
         shadows: Shadows,
+        store: EtcdStore,
+        keys: KeySpace,
     ) -> None:
+        self._store = store
+        self._keys = keys
         self._cache = cache
         self._shadows = shadows
         self._agents = agents
@@ -191,12 +202,40 @@ class Reconciler:
         except PlanningFailed as e:  # asked, and gave nothing that could run
             await self._write(entry, Phase.FAILED, str(e))
             raise
+        except GaveUp as e:
+            await self._give_up(entry, e)
+            raise
         if verdict.check is not Check.RUN and observed is not None:
             await self._observer.record(observed)  # a plan that runs records what it leaves instead
         outcome = await self._act(entry, snapshot, verdict, marks)
         if untouched and outcome.result is Result.CONVERGED:  # the next open issue, in a reconcile of its own
             return Outcome(outcome.result, requeue_after=0)
         return outcome
+
+    async def _give_up(self, entry: DesiredEntry, error: GaveUp) -> None:
+        """`Failed` with why the agent gave up, and its issue reported unless it is open already: both or none."""
+        update = await self._status.prepare(
+            entry.key, phase=Phase.FAILED, revision=entry.mod_revision, deleted=entry.deleted, message=str(error)
+        )
+        ops: list[Op] = [update.put] if update is not None else []
+        reported = False
+        if error.issue is not None and error.issue_id is not None:
+            if not any(issue.id == error.issue_id for issue in self._cache.open_issues(entry.key)):
+                value = json.dumps(error.issue.model_dump(mode="json")).encode()
+                ops.append(Put(self._keys.issue(entry.key, error.issue_id), value))
+                reported = True
+        if not ops:
+            return
+        guard = guard_for(self._keys, entry.key, revision=entry.mod_revision, deleted=entry.deleted)
+        try:
+            written = await self._store.txn(guard=guard, then=ops)
+        except BaseException:
+            self._status.unknown(entry.key)
+            raise
+        if written and update is not None:
+            self._status.remember(update)
+        if written and reported:
+            log.warning("resource.gave_up", reason=str(error)[:500], issue=error.issue_id)
 
     async def _unhandled(self, entry: DesiredEntry) -> list[IssueEntry]:
         """The open issues of a live resource whose report was not yet dealt with for good, oldest first."""

@@ -286,8 +286,44 @@ class HttpCheckAgentSettings(_Group):
     )  # fmt: skip
 
 
+class ProcessAgentSettings(_AgentGroup):
+    allowed_executables: list[str] = Field(
+        default_factory=list,
+        description="Executables a process resource may run: absolute paths or globs (`*` does not cross `/`), "
+        "matched against the command's resolved real path. Defaults to empty: every command is refused.",
+    )
+    state_dir: str | None = Field(
+        default=None,
+        description="Where pidfiles and restart histories are kept. Defaults to <state_dir>/processes.",
+    )
+    log_dir: str | None = Field(
+        default=None, description="Where each process's output goes (<name>.log). Defaults to <state_dir>/logs."
+    )
+    poll_seconds: float = Field(
+        default=10.0, gt=0,
+        description="How often processes are re-observed (and logs rotated); exits are seen at once regardless. "
+        "Defaults to 10 s.",
+    )  # fmt: skip
+
+    @field_validator("allowed_executables")
+    @classmethod
+    def _executables(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not os.path.isabs(pattern):
+                raise ValueError(f"allowed executable {pattern!r} is not an absolute path or glob")
+        return value
+
+    @field_validator("state_dir", "log_dir")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isabs(value):
+            raise ValueError(f"{value!r} is not an absolute path")
+        return value
+
+
 class AgentsSettings(_Group):
     file: FileAgentSettings = Field(default_factory=FileAgentSettings)
+    process: ProcessAgentSettings = Field(default_factory=ProcessAgentSettings)
     http_check: HttpCheckAgentSettings = Field(default_factory=HttpCheckAgentSettings)
 
 
@@ -403,6 +439,12 @@ def _absolutise(data: dict[str, Any], base: Path) -> None:
     tools = group("tools")
     if isinstance(tools.get("definitions"), list):
         tools["definitions"] = [absolute(path) for path in tools["definitions"]]
+    process_agent = group("agents", "process")
+    if isinstance(process_agent.get("allowed_executables"), list):
+        process_agent["allowed_executables"] = [absolute(p) for p in process_agent["allowed_executables"]]
+    for name in ("state_dir", "log_dir"):
+        if name in process_agent:
+            process_agent[name] = absolute(process_agent[name])
     for section, name in (("policies", "file"), ("approvals", "token_file"), ("alerts", "token_file")):
         if name in group(section):
             group(section)[name] = absolute(group(section)[name])
