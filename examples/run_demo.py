@@ -4,7 +4,11 @@
     python examples/run_demo.py --config setpoint.yaml --stop
 
 `${DEMO_ROOT}` in the resources file is replaced by the first of the file
-agent's allowed roots, so the examples work from any checkout location.
+agent's allowed roots, so the examples work from any checkout location;
+`${PYTHON}` by the Python this runs on, `${EXAMPLES}` by this directory, and
+`${WEBAPP_PORT}` by $SETPOINT_DEMO_PORT, else 18080 (the web server the demo
+keeps running, examples/webapp.py). `--stop` deletes the demo's process
+resources first, so the web server stops with the daemon.
 The daemon keeps running after this script exits; its log is
 `<state_dir>/setpoint.log` and its pid is in `<state_dir>/setpoint.pid`.
 """
@@ -25,6 +29,12 @@ from pathlib import Path
 from reconciler.settings import Settings, load_settings
 
 SETPOINT = [sys.executable, "-m", "reconciler.cli"]
+EXAMPLES = Path(__file__).resolve().parent
+DEMO_PROCESSES = ("http_check/webapp", "process/webapp")  # deleted by --stop, the check first
+
+
+def webapp_port() -> int:
+    return int(os.environ.get("SETPOINT_DEMO_PORT", "18080"))
 
 
 def _pid(state_dir: Path) -> int | None:
@@ -76,7 +86,10 @@ def apply(config: Path, settings: Settings, resources: Path) -> list[str]:
     if not roots:
         sys.exit("the example config needs agents.file.allowed_roots")
     Path(roots[0]).mkdir(parents=True, exist_ok=True)
-    text = resources.read_text().replace("${DEMO_ROOT}", roots[0])
+    text = (
+        resources.read_text().replace("${DEMO_ROOT}", roots[0]).replace("${PYTHON}", sys.executable)
+        .replace("${EXAMPLES}", str(EXAMPLES)).replace("${WEBAPP_PORT}", str(webapp_port()))
+    )  # fmt: skip
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(text)
     try:
@@ -104,12 +117,20 @@ def wait_converged(config: Path, names: list[str]) -> None:
         sys.exit(f"not converged after 30 s: {', '.join(sorted(pending))}")
 
 
-def stop(settings: Settings) -> None:
+def stop(config: Path, settings: Settings) -> None:
     state_dir = settings.resolved_state_dir()
     pid = _pid(state_dir)
     if pid is None:
         print("setpoint is not running")
         return
+    for resource in DEMO_PROCESSES:  # `process.stop` runs for the web server before the daemon goes
+        subprocess.run([*SETPOINT, "delete", resource, "-c", str(config)], capture_output=True, text=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        result = subprocess.run([*SETPOINT, "status", "-o", "json", "-c", str(config)], capture_output=True, text=True)
+        if result.returncode != 0 or not {row["resource"] for row in json.loads(result.stdout)} & set(DEMO_PROCESSES):
+            break
+        time.sleep(0.2)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 40
     while _pid(state_dir) is not None and time.monotonic() < deadline:
@@ -126,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = load_settings(args.config)
     if args.stop:
-        stop(settings)
+        stop(args.config, settings)
         return
     if args.resources is None:
         parser.error("--resources is required unless --stop is given")
@@ -137,13 +158,19 @@ def main() -> None:
     setpoint = Path(sys.executable).parent / "setpoint"
     here = Path.cwd().resolve() == args.config.resolve().parent and args.config.name == "setpoint.yaml"
     env = "" if here else f"SETPOINT_CONFIG={args.config.resolve()} "
+    cli = f"{env}{os.path.relpath(setpoint)}"
+    url = f"http://127.0.0.1:{webapp_port()}"
     print(
         f"\nsetpoint keeps these files at their desired state. Edit or delete one under {root} and it is\n"
-        f"restored within {settings.agents.file.poll_seconds:g} s. `make stop` stops the daemon.\n\n"
+        f"restored within {settings.agents.file.poll_seconds:g} s. It keeps the web server at {url}/ running and\n"
+        f"healthy: kill it (kill -9 $(pgrep -f examples/webapp.py)) and it is restarted at once; make it\n"
+        f"fail (curl -X POST {url}/-/fail) or hang (curl -X POST {url}/-/hang) and its check reports an\n"
+        f"issue, which is healed by restarting it. `make stop` stops the web server and the daemon.\n\n"
         f"Next, from this directory:\n"
-        f"  {env}{os.path.relpath(setpoint)} status\n"
-        f"  {env}{os.path.relpath(setpoint)} plans list\n"
-        f"  {env}{os.path.relpath(setpoint)} --help"
+        f"  {cli} status\n"
+        f"  {cli} plans list process/webapp\n"
+        f"  {cli} plans show <ID>\n"
+        f"  {cli} --help"
     )
 
 

@@ -27,8 +27,6 @@ _PREVIEW_CHARS = 1024
 # What one step's journal entry can add to a record: its output and message at
 # their caps (a character may take 6 bytes as a JSON escape), times and state.
 STEP_GROWTH_BYTES = MAX_OUTPUT_BYTES + 6 * MAX_MESSAGE_CHARS + 256
-# What a step that can be undone adds on top: its inverse, kept in its entry, and the rollback step's own entry.
-UNDO_GROWTH_BYTES = 2 * MAX_UNDO_BYTES + STEP_GROWTH_BYTES
 
 
 def utcnow() -> datetime:
@@ -157,9 +155,10 @@ class PlanRecord(BaseModel):
         description="1-based step whose effect is unknown after a crash; the resource is held until desired changes.",
     )
 
-    def worst_case_bytes(self, *, undoable: int = 0) -> int:
-        """The size this record can grow to as its steps are journalled; `undoable` of them keep an inverse."""
-        return len(self.model_dump_json()) + STEP_GROWTH_BYTES * len(self.steps) + UNDO_GROWTH_BYTES * undoable
+    def worst_case_bytes(self) -> int:
+        """The size this record can grow to as its steps are journalled, and the inverses it keeps are run."""
+        rollback = sum(len(s.undo.model_dump_json()) + STEP_GROWTH_BYTES for s in self.steps if s.undo is not None)
+        return len(self.model_dump_json()) + STEP_GROWTH_BYTES * len(self.steps) + rollback
 
     @property
     def began(self) -> bool:

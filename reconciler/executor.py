@@ -22,7 +22,8 @@ A plan succeeds only when every one of its steps is journalled `succeeded`.
 Rollback. Before a mutating step runs, when the plan's policy allows a
 rollback, its tool is asked for the step that would undo it (the previous
 content and mode of a file), and that inverse is journalled with the step,
-unless it is larger than MAX_UNDO_BYTES or holds a secret (the resource is
+unless it is larger than MAX_UNDO_BYTES, would let the record outgrow one
+etcd request, or holds a secret (the resource is
 labelled `setpoint/secret: "true"`, or the redactor finds one in it). When a
 step fails after earlier steps succeeded and the policy says `auto`, those
 steps are undone newest first, each journalled under `rolled_back` like any
@@ -52,6 +53,7 @@ from llm_router.redact import Redactor
 from plans import PlanRecord, PlanState, PlanValidationError, RiskLevel, RollbackMode, RollbackStep, StepState
 from plans.journal import MAX_MESSAGE_CHARS, MAX_UNDO_BYTES, StepRecord, cap_output, utcnow
 from policies.limits import MutationBudget
+from reconciler.gate import MAX_RECORD_BYTES
 from reconciler.journal import PlanJournal
 from reconciler.metrics import Metrics
 from reconciler.settings import ToolSettings
@@ -191,6 +193,9 @@ class Executor:
             journal.undo_note = f"its inverse ({size} bytes) is larger than the {MAX_UNDO_BYTES} bytes kept"
         else:
             journal.undo = undo
+            if record.worst_case_bytes() > MAX_RECORD_BYTES:  # kept only while the record still fits one request
+                journal.undo = None
+                journal.undo_note = "the journal has no room left for its inverse in this plan's record"
 
     async def _roll_back(self, record: PlanRecord) -> str:
         """Undo the steps that succeeded before the one that failed, newest first, each journalled like any step;

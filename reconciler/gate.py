@@ -130,7 +130,7 @@ class Gate:
             approvers=list(decision.approvers),
         )  # fmt: skip
         record.rollback = decision.rollback
-        size = record.worst_case_bytes(undoable=sum(1 for step in steps if step.tool.can_undo))
+        size = record.worst_case_bytes()
         if size > MAX_RECORD_BYTES:
             return Verdict(
                 Check.TOO_LARGE, plan,

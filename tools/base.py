@@ -98,7 +98,3 @@ class Tool(ABC):
         change nothing that needs undoing. Raises CannotUndo saying why when it cannot be undone. Used to roll
         back a plan whose later step failed; the default cannot undo anything."""
         raise CannotUndo(f"{self.name} records no inverse")
-
-    @property
-    def can_undo(self) -> bool:
-        return type(self).inverse is not Tool.inverse

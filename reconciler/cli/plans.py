@@ -330,6 +330,9 @@ def cmd_plans_show(args: argparse.Namespace) -> int:
                      + (f": {a.reason}" if a.reason else ""))  # fmt: skip
     for note in record.refusals:
         lines.append(f"refused    {note.decision} by {note.by} at {note.at.isoformat()}: {note.refused}")
+    if record.verification:
+        lines.append(f"verify     {record.verification}")
+    lines.append(f"rollback   {record.rollback.value} (if a step fails after others succeeded)")
     lines.append(f"reasoning  {plan.reasoning}")
     lines.append("steps")
     for step, journal in zip(plan.steps, record.steps, strict=False):
@@ -338,6 +341,14 @@ def cmd_plans_show(args: argparse.Namespace) -> int:
         )
         if journal.message:
             lines.append(f"       {journal.message}")
+        if journal.undo_note:
+            lines.append(f"       cannot be undone: {journal.undo_note}")
+    if record.rolled_back:
+        lines.append("rolled back")
+        for undo in record.rolled_back:
+            lines.append(f"  undo step {undo.undoes + 1}: [{undo.state.value}] {undo.tool}: {undo.step.description}")
+            if undo.message:
+                lines.append(f"       {undo.message}")
     if record.state is PlanState.AWAITING_APPROVAL:
         lines.append(f"\napprove: setpoint approve {plan.id}    reject: setpoint reject {plan.id} --reason TEXT")
     print("\n".join(lines))
