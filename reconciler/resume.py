@@ -17,6 +17,10 @@ of planning afresh:
   resource is *held*: not planned again, across restarts too, until its
   desired value changes (the operator's word that they have looked);
 - a plan whose desired value moved on while setpoint was down is superseded;
+- a rollback step found `running` is not run again: it is marked failed,
+  its outcome unknown, and the plan fails saying its rollback did not
+  finish (the resource is then planned forward afresh, as after any
+  failed plan);
 - otherwise the steps still pending run, in the same plan.
 
 The limits remember across restarts too, through the statuses: the flap
@@ -217,6 +221,14 @@ class Resumer:
             if record.steps[validated.index].state is StepState.RUNNING:
                 if not await self._settle_step(validated, record) and current:
                     return await self._hold(entry, record, validated)
+        for undo in record.rolled_back:  # a rollback cut off: never run again blindly, and said so
+            if undo.state is StepState.RUNNING:
+                undo.state = StepState.FAILED
+                undo.message = "cut off when setpoint stopped: whether it took effect is unknown"
+                record.message = record.message or (
+                    f"a step failed, and undoing step {undo.undoes + 1} was cut off when setpoint stopped; "
+                    "the rollback did not finish"
+                )
         if record.outcome_unknown_step is None and any(s.state is StepState.FAILED for s in record.steps):
             record.state = PlanState.FAILED
             record.message = record.message or "a step of this plan failed before setpoint stopped"

@@ -10,6 +10,7 @@ resource labelled secret keeps no previous value, so nothing is undone.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,10 +25,15 @@ from plans import (
     ApprovalDecision,
     ExecutionPlan,
     Issue,
+    PlanRecord,
+    PlanState,
     Resource,
     ResourceKey,
+    RollbackMode,
+    RollbackStep,
     Snapshot,
     Step,
+    StepState,
     TemporaryError,
 )
 from policies import load_policies
@@ -35,6 +41,7 @@ from reconciler.assembly import Assembly
 from reconciler.cache import ApprovalEntry
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.outcome import Result
+from reconciler.status import Phase, Status
 from reconciler.store import EtcdStore
 from tools import Tool, ToolRegistry
 from tools.builtin.files import file_tools
@@ -181,3 +188,35 @@ async def test_approve_stores_the_undo_as_a_plan_that_runs_once_approved(store: 
     status = await p.status("p", kind="pair")
     assert status["phase"] == "Failed" and status["message"].startswith(f"rolled back by plan {rollback['plan']['id']}")
     assert (await p.record(rollback["plan"]["id"]))["state"] == "succeeded"
+
+
+async def test_a_rollback_cut_off_by_a_crash_is_not_run_again_and_the_plan_says_so(
+    store: EtcdStore, root: Path
+) -> None:
+    p = _rig(store, root, "auto")
+    first = root / "first.conf"
+    first.write_text("new\n")
+    resource = Resource(kind="pair", name="p", spec={"first": str(first), "second": str(root / "second")})
+    revision = await p.put(resource)
+    # What a crash while undoing step 1 leaves in etcd: step 2 failed, the undo of step 1 `running`.
+    plan = await PairAgent(root).reconcile(Snapshot(desired=resource, revision=revision))
+    record = PlanRecord.start(plan, decision="auto")
+    record.state, record.rollback = PlanState.EXECUTING, RollbackMode.AUTO
+    undo = Step(tool="file.write", parameters={"path": str(first), "content": "old\n", "mode": "0600"})
+    record.steps[0].state, record.steps[0].undo = StepState.SUCCEEDED, undo
+    record.steps[1].state, record.steps[1].message = StepState.FAILED, "is a directory"
+    record.rolled_back = [RollbackStep(index=0, tool="file.write", step=undo, undoes=0, state=StepState.RUNNING)]
+    await store.put(p.keys.plan(record.plan.id), record.model_dump_json().encode())
+    status = Status(phase=Phase.EXECUTING, observed_revision=revision, plan_id=record.plan.id,
+                    updated_at=record.created_at)  # fmt: skip
+    await store.put(p.keys.status(resource.key), status.model_dump_json().encode())
+    assert await p.runtime.resumer.load(asyncio.Event()) == {resource.key}
+
+    with pytest.raises(TemporaryError):
+        await p.runtime.reconciler.reconcile(resource.key)
+
+    settled = await p.record(record.plan.id)
+    assert settled["state"] == "failed" and "the rollback did not finish" in settled["message"]
+    assert settled["rolled_back"][0]["state"] == "failed"
+    assert "unknown" in settled["rolled_back"][0]["message"]
+    assert first.read_text() == "new\n", "the undo cut off is not run again"
