@@ -371,4 +371,4 @@ def test_issues_list_shows_an_unreadable_issue(config: Path) -> None:  # noqa: F
 def test_issues_report_refuses_a_kind_no_agent_handles(config: Path) -> None:  # noqa: F811
     refused = one_sentence(run_cli("issues", "report", "service/nginx", "--summary", "down", "-c", str(config),
                                    check=False))  # fmt: skip
-    assert refused == "setpoint: no agent handles kind 'service' (known: file): nothing would heal it"
+    assert refused == "setpoint: no agent handles kind 'service' (known: file, process): nothing would heal it"
