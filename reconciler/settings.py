@@ -300,9 +300,9 @@ class ProcessAgentSettings(_AgentGroup):
         default=None, description="Where each process's output goes (<name>.log). Defaults to <state_dir>/logs."
     )
     poll_seconds: float = Field(
-        default=10.0, gt=0,
-        description="How often processes are re-observed (and logs rotated); exits are seen at once regardless. "
-        "Defaults to 10 s.",
+        default=60.0, gt=0,
+        description="How often processes are re-observed (a safety net: an exit is seen at once, by pidfd). "
+        "Defaults to 60 s.",
     )  # fmt: skip
 
     @field_validator("allowed_executables")
