@@ -5,7 +5,7 @@
 
 `${DEMO_ROOT}` in the resources file is replaced by the first of the file
 agent's allowed roots, so the examples work from any checkout location;
-`${PYTHON}` by the Python this runs on, `${EXAMPLES}` by this directory, and
+`${EXAMPLES}` by this directory, and
 `${WEBAPP_PORT}` by $SETPOINT_DEMO_PORT, else 18080 (the web server the demo
 keeps running, examples/webapp.py). `--stop` deletes the demo's process
 resources first, so the web server stops with the daemon.
@@ -86,10 +86,10 @@ def apply(config: Path, settings: Settings, resources: Path) -> list[str]:
     if not roots:
         sys.exit("the example config needs agents.file.allowed_roots")
     Path(roots[0]).mkdir(parents=True, exist_ok=True)
-    text = (
-        resources.read_text().replace("${DEMO_ROOT}", roots[0]).replace("${PYTHON}", sys.executable)
-        .replace("${EXAMPLES}", str(EXAMPLES)).replace("${WEBAPP_PORT}", str(webapp_port()))
-    )  # fmt: skip
+    text = resources.read_text()
+    tokens = {"${DEMO_ROOT}": roots[0], "${EXAMPLES}": str(EXAMPLES), "${WEBAPP_PORT}": str(webapp_port())}
+    for token, value in tokens.items():
+        text = text.replace(token, value)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(text)
     try:

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """The Quickstart's web server: a tiny service setpoint keeps running (`process/webapp`) and checks
 (`http_check/webapp`). Standard library only.
 

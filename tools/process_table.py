@@ -261,7 +261,7 @@ class ProcessTable:
 
     def check(self, launch: Launch) -> None:
         """ExecutableNotAllowed unless the launch's executable, resolved again now, is still allowed."""
-        resolve_executable(launch.argv[0], path=launch.env.get("PATH"), patterns=self.allowed_executables)
+        resolve_executable(launch.argv[0], path=None, patterns=self.allowed_executables)
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
@@ -403,7 +403,7 @@ class ProcessTable:
         if launch.user is not None:  # its own groups too: Popen(user=) alone would keep the daemon's
             entry = pwd.getpwnam(launch.user)
             uid, gid, groups = entry.pw_uid, entry.pw_gid, os.getgrouplist(launch.user, entry.pw_gid)
-        executable = resolve_executable(launch.argv[0], path=launch.env.get("PATH"), patterns=self.allowed_executables)
+        executable = resolve_executable(launch.argv[0], path=None, patterns=self.allowed_executables)
         log_fd = os.open(self.log_path(launch.name), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         try:
             with commit():

@@ -85,6 +85,16 @@ HEALTH_SOURCE = "http_check/"
 GAVE_UP_LOG_LINES = 5
 
 
+# Environment variables that choose what code a program loads or runs (the program found on PATH, a preloaded
+# library, a startup script, an interpreter's module path): setting them would run what the allowlist refuses.
+_CODE_ENV = frozenset({
+    "PATH", "BASH_ENV", "ENV", "IFS", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND", "GCONV_PATH", "HOSTALIASES",
+    "NODE_OPTIONS", "NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH",
+    "RUBYOPT", "RUBYLIB", "PERLLIB", "GIT_EXEC_PATH", "GIT_SSH", "GIT_SSH_COMMAND", "EDITOR", "VISUAL", "PAGER",
+})  # fmt: skip
+_CODE_ENV_PREFIXES = ("LD_", "PYTHON", "PERL5", "DYLD_", "MALLOC_", "GLIBC_")
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -120,7 +130,11 @@ class LogSpec(_Spec):
 
 class ProcessSpec(_Spec):
     command: list[str] = Field(min_length=1, description="argv; the first is an absolute path or a name on PATH.")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment, besides the daemon's PATH.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment, besides the daemon's PATH; names that change which code runs (PATH, LD_*, "
+        "PYTHON*, BASH_ENV, ...) are refused.",
+    )
     cwd: str = Field(default="/", description="Working directory. Defaults to /.")
     user: str | None = Field(default=None, description="Run as this user (the daemon must run as root).")
     stop_signal: str = Field(default="TERM", description="Signal that asks it to stop. Defaults to TERM.")
@@ -147,6 +161,11 @@ class ProcessSpec(_Spec):
         for name, text in value.items():
             if not name or "=" in name or "\x00" in name or "\x00" in text:
                 raise ValueError(f"{name[:40]!r} is not a valid environment variable (name without '=', no NUL)")
+            if name in _CODE_ENV or name.startswith(_CODE_ENV_PREFIXES):
+                raise ValueError(
+                    f"{name[:40]} may not be set: it changes which code runs, which would get round "
+                    "agents.process.allowed_executables"
+                )
         return value
 
     @field_validator("cwd")
@@ -251,7 +270,7 @@ class ProcessAgent:
             if not user_exists(spec.user):
                 raise InvalidResourceError(f"spec.user: there is no user {spec.user!r} on this host")
         try:
-            resolve_executable(spec.command[0], path=spec.env.get("PATH"), patterns=self.table.allowed_executables)
+            resolve_executable(spec.command[0], path=None, patterns=self.table.allowed_executables)
         except ExecutableNotAllowed as e:
             raise InvalidResourceError(f"spec.command[0]: {e}") from None
         launch = _launch(desired.name, spec)

@@ -56,7 +56,7 @@ def demo(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], str]]:
     settings["state_dir"] = str(tmp_path / "state")
     settings["http"]["listen"] = f"127.0.0.1:{free_port()}"
     settings["agents"]["file"]["allowed_roots"] = [str(tmp_path / "demo")]
-    settings["agents"]["process"]["allowed_executables"] = [sys.executable]
+    settings["agents"]["process"]["allowed_executables"] = [str(ROOT / "examples" / "webapp.py")]
     config = tmp_path / "setpoint.yaml"
     config.write_text(yaml.safe_dump(settings))
     port = free_port()
