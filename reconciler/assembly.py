@@ -291,7 +291,7 @@ def build(
     )  # fmt: skip
     resumer = Resumer(
         store=store, keys=keys, tools=parts.tools, status=status, journal=journal, runner=runner,
-        unfinished=unfinished, cache=cache, flap=flap, observer=observer, approvals=approvals,
+        unfinished=unfinished, cache=cache, flap=flap, observer=observer, approvals=approvals, shadow=parts.shadow,
     )  # fmt: skip
     gate = Gate(
         tools=parts.tools, policies=parts.policies, flap=flap, budget=budget, observer=observer, cache=cache,

@@ -17,6 +17,8 @@ of planning afresh:
   resource is *held*: not planned again, across restarts too, until its
   desired value changes (the operator's word that they have looked);
 - a plan whose desired value moved on while setpoint was down is superseded;
+- a plan that shadow mode now covers is not resumed (superseded, saying
+  so), nor is a step found `running` run again;
 - a rollback step found `running` is not run again: it is marked failed,
   its outcome unknown, and the plan fails saying its rollback did not
   finish (the resource is then planned forward afresh, as after any
@@ -49,6 +51,7 @@ from reconciler.journal import PlanJournal
 from reconciler.keys import KeySpace, Section
 from reconciler.observer import Observer
 from reconciler.outcome import Outcome, Result
+from reconciler.shadow import ShadowMode
 from reconciler.status import Phase, StatusWriter, guard_for, parse_status
 from reconciler.store import EtcdStore, KeyValue, StoreError, StoreUnavailableError
 from tools import ToolContext, ToolRegistry, ValidatedStep
@@ -112,7 +115,10 @@ class Resumer:
         flap: FlapGuard,
         observer: Observer,
         approvals: Approvals,
+        shadow: ShadowMode,
     ) -> None:
+        """`shadow`: the plans that may not run, resumed ones included."""
+        self._shadow = shadow
         self._store = store
         self._keys = keys
         self._tools = tools
@@ -217,6 +223,14 @@ class Resumer:
                 return await self._hold(entry, record, steps[record.outcome_unknown_step - 1])
             await self._save(entry, record)
             return None  # the operator changed the value: plan afresh
+        shadowed = self._shadow.reason(plan)
+        if shadowed is not None and record.state not in _DECIDED:  # nothing of it runs, not even a step re-run
+            record.state = PlanState.SUPERSEDED
+            record.message = f"not resumed: {shadowed} is shadow, so its plans never run"
+            _skip_pending(record)
+            await self._save(entry, record)
+            log.warning("plan.not_resumed", reason=record.message)
+            return None  # planned afresh: in shadow, recorded only
         for validated in steps:
             if record.steps[validated.index].state is StepState.RUNNING:
                 if not await self._settle_step(validated, record) and current:

@@ -7,6 +7,7 @@ run next to what did.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
@@ -15,7 +16,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+from pipeline import pipeline
 from test_cli import SETPOINT, config, run_cli, wait_phase  # noqa: F401  (fixtures)
+
+from agents import AgentRegistry
+from agents.builtin.file import FileAgent
+from plans import PlanRecord, PlanState, Snapshot
+from policies import Policies
+from reconciler.assembly import Assembly
+from reconciler.embedded import EmbeddedEtcd
+from reconciler.outcome import Result
+from reconciler.shadow import ShadowMode
+from reconciler.status import Phase, Status
+from reconciler.store import EtcdStore
+from tools import ToolRegistry
 
 
 @contextmanager
@@ -75,3 +89,30 @@ def test_shadow_mode_records_plans_and_executes_nothing(config: Path, tmp_path: 
         then = _shadows(config)[0]["then"]
     assert target.read_text() == "hi\n"
     assert isinstance(then, dict) and then["state"] == "succeeded" and then["same_steps"] is True, then
+
+
+async def test_a_plan_left_unfinished_is_not_resumed_once_its_agent_is_in_shadow(etcd: EmbeddedEtcd,
+                                                                                  tmp_path: Path) -> None:
+    agent = FileAgent(allowed_roots=[str(tmp_path)])
+    parts = Assembly(agents=AgentRegistry([agent]), tools=ToolRegistry(agent.tools()), policies=Policies(),
+                     poll_seconds={"file": 60}, shadow=ShadowMode(agents=frozenset({"file"})))  # fmt: skip
+    async with EtcdStore([etcd.endpoint]) as store:
+        p = pipeline(store, tmp_path, parts=parts)
+        resource = p.file("motd", "hi\n")
+        revision = await p.put(resource)
+        # What a daemon stopped between plan and step leaves: a plan begun, its step still pending.
+        plan = await agent.reconcile(Snapshot(desired=resource, revision=revision))
+        record = PlanRecord.start(plan, decision="auto")
+        record.state = PlanState.EXECUTING
+        await store.put(p.keys.plan(record.plan.id), record.model_dump_json().encode())
+        status = Status(phase=Phase.EXECUTING, observed_revision=revision, plan_id=record.plan.id,
+                        updated_at=record.created_at)  # fmt: skip
+        await store.put(p.keys.status(resource.key), status.model_dump_json().encode())
+        assert await p.runtime.resumer.load(asyncio.Event()) == {resource.key}
+
+        outcome = await p.runtime.reconciler.reconcile(resource.key)
+
+        assert outcome.result is Result.SHADOW
+        assert not (tmp_path / "motd").exists(), "a plan in shadow ran because it was resumed"
+        stopped = await p.record(record.plan.id)
+        assert stopped["state"] == "superseded" and "agents.file.mode is shadow" in stopped["message"]
