@@ -282,7 +282,7 @@ def build(
     unfinished = Unfinished()
     executor = Executor(
         journal=journal, metrics=metrics, budget=budget, stopping=stopping, retries=s.tools, tools=parts.tools,
-        redactor=Redactor(key_patterns=s.llm.redact_keys),
+        redactor=Redactor(key_patterns=s.llm.redact_keys), decide=lambda plan, labels: gate.decide(plan, labels),
     )  # fmt: skip
     runner = Runner(
         executor=executor, journal=journal, status=status, observer=observer, cache=cache, keys=keys,

@@ -28,7 +28,10 @@ labelled `setpoint/secret: "true"`, or the redactor finds one in it). When a
 step fails after earlier steps succeeded and the policy says `auto`, those
 steps are undone newest first, each journalled under `rolled_back` like any
 step; if one of them kept no inverse, nothing is undone and the message
-says why. Rollback steps take no mutation budget: undoing is not held back.
+says why. The undo is put to the policy as a plan of its own (planner
+`rollback:<id>`): denied, nothing is undone; to be approved, it is stored to
+wait for a person instead (`rollback.py`). Rollback steps take no mutation
+budget and no flap-guard slot: undoing is not held back.
 
 A mutating step (any risk above read_only) takes a slot from the global
 mutation budget. When none is free, what is done so far is journalled
@@ -43,19 +46,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, wait_random_exponential
 
 from llm_router.redact import Redactor
-from plans import PlanRecord, PlanState, PlanValidationError, RiskLevel, RollbackMode, RollbackStep, StepState
+from plans import (
+    ExecutionPlan,
+    PlanRecord,
+    PlanState,
+    PlanValidationError,
+    RiskLevel,
+    RollbackMode,
+    RollbackStep,
+    StepState,
+)
 from plans.journal import MAX_MESSAGE_CHARS, MAX_UNDO_BYTES, StepRecord, cap_output, utcnow
+from policies import Action, Decision
 from policies.limits import MutationBudget
 from reconciler.gate import MAX_RECORD_BYTES
 from reconciler.journal import PlanJournal
 from reconciler.metrics import Metrics
+from reconciler.rollback import undo_plan
 from reconciler.settings import ToolSettings
 from tools import CannotUndo, ToolContext, ToolRegistry, ToolResult, ValidatedStep
 
@@ -91,10 +105,13 @@ class Executor:
         stopping: asyncio.Event,
         tools: ToolRegistry,
         redactor: Redactor,
+        decide: Callable[[ExecutionPlan, Mapping[str, str]], Decision],
         retries: ToolSettings | None = None,
     ) -> None:
         """`stopping` is set at shutdown; `tools` run rollback steps; `redactor` finds secrets an inverse must not
-        keep; `retries` defaults to `ToolSettings()`."""
+        keep; `decide` is the policy's decision on a plan (an undo) for a resource's labels; `retries` defaults
+        to `ToolSettings()`."""
+        self._decide = decide
         self._tools = tools
         self._redactor = redactor
         self._journal = journal
@@ -111,9 +128,11 @@ class Executor:
         begin: Begin,
         current_revision: Callable[[], int | None],
         secret: bool = False,
+        labels: Mapping[str, str] | None = None,
     ) -> Execution:
         """Run `steps` of `record`; `current_revision()` gives the desired key's revision now (None when deleted);
-        `secret`: the resource is labelled secret, so no inverse (a previous value) is kept in the journal."""
+        `secret`: the resource is labelled secret, so no inverse (a previous value) is kept in the journal;
+        `labels`: the resource's, for the policy's word on an automatic rollback."""
         begun = False
         for validated in steps:
             stop = self._stop_before(record, current_revision)
@@ -135,7 +154,7 @@ class Executor:
             if not self._journal_result(journal, validated.tool.name, await self._run(validated, record)):
                 message = f"step {validated.index + 1} ({validated.tool.name}): {journal.message}"
                 if record.rollback is RollbackMode.AUTO:
-                    message = f"{message}; {await self._roll_back(record)}"
+                    message = f"{message}; {await self._roll_back(record, labels or {})}"
                 return self._finish(record, PlanState.FAILED, message, begun=True)
         if not record.all_succeeded:  # a journal with a failed or unknown step is never a success
             message = record.message or "a step of this plan did not succeed"
@@ -174,6 +193,8 @@ class Executor:
         """Ask the step's tool how to undo it, and keep that in its journal entry unless it is too large or holds
         a secret (then `undo_note` says why it cannot be undone)."""
         journal = record.steps[validated.index]
+        if journal.undo is not None or journal.undo_note:
+            return  # asked before the step first ran (this is a re-run after a crash): that answer stands
         ctx = ToolContext(plan_id=record.plan.id, resource=record.plan.resource, step_index=validated.index)
         try:
             async with asyncio.timeout(validated.tool.timeout_s):
@@ -197,16 +218,22 @@ class Executor:
                 journal.undo = None
                 journal.undo_note = "the journal has no room left for its inverse in this plan's record"
 
-    async def _roll_back(self, record: PlanRecord) -> str:
+    async def _roll_back(self, record: PlanRecord, labels: Mapping[str, str]) -> str:
         """Undo the steps that succeeded before the one that failed, newest first, each journalled like any step;
-        what was done, for the plan's message. Nothing is undone when one of them cannot be."""
-        undo, why = record.undo_steps()
-        if why:
-            return f"not rolled back: {why}"
-        if not undo:
-            return "nothing to roll back"
+        what was done, for the plan's message. Nothing is undone when one of them cannot be, or when the policy
+        would not let the undo run on its own: denied, it is not done; to be approved, it waits for a person
+        (`rollback.py`)."""
+        plan, why = undo_plan(record)
+        if plan is None:
+            return why
+        decision = self._decide(plan, labels)
+        if decision.action is Action.DENY:
+            return f"not rolled back: the policy denies its undo ({decision.reason})"
+        if decision.action is Action.APPROVE:
+            record.rollback = RollbackMode.APPROVE  # the runner stores the undo to wait for a person
+            return f"not rolled back on its own: the policy wants its undo approved ({decision.reason})"
         undone: list[str] = []
-        for index, inverse in undo:
+        for index, inverse in record.undo_steps()[0]:
             try:
                 validated = self._tools.validate_step(inverse, index=index)
             except PlanValidationError as e:

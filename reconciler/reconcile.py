@@ -44,12 +44,14 @@ so coalesced events and resyncs are handled the same way. The path, in order:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Sequence
 
 import structlog
 
-from agents import Agent, AgentRegistry
+from agents import Agent, AgentRegistry, ValidatingAgent
 from plans import (
     GaveUp,
     InvalidResourceError,
@@ -156,6 +158,8 @@ class Reconciler:
         began = await self._approvals.recheck(key)  # an approved plan whose start write failed
         if began is not None:
             self._unfinished.keep(key, began)
+        if key in self._unfinished.keys or self._approvals.waiting(key) is not None:
+            await self._prepare(entry)
         resumed = await self._resumer.resume(entry)
         if resumed is not None:
             return resumed
@@ -361,6 +365,15 @@ class Reconciler:
                 self._approvals.started(entry.key, record)
             if record.began and announced and record.state in _ENDED:
                 self._approvals.finished(record, labels)
+
+    async def _prepare(self, entry: DesiredEntry) -> None:
+        """Let the agent read the value a plan made before now (resumed, or approved after a restart) will run for:
+        an agent whose tools act from what it parsed (the process agent's launches) learns it here, not only
+        when it plans. An invalid value is reported where it is planned."""
+        agent = self._agents.for_kind(entry.key.kind)
+        if isinstance(agent, ValidatingAgent) and entry.resource is not None:
+            with contextlib.suppress(InvalidResourceError):
+                await asyncio.to_thread(agent.validate, entry.resource)
 
     def _rivals(self, key: ResourceKey) -> str | None:
         """Why `key` may not act: the other resources that claim one of its targets, if any do."""

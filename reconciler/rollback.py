@@ -27,6 +27,22 @@ def is_rollback(plan: ExecutionPlan) -> bool:
     return plan.planner.startswith(f"{PLANNER}:")
 
 
+def undo_plan(failed: PlanRecord) -> tuple[ExecutionPlan | None, str]:
+    """The plan that undoes what `failed` did before its failed step, or None and why there is none."""
+    undo, why = failed.undo_steps()
+    if why:
+        return None, f"not rolled back: {why}"
+    if not undo:
+        return None, "nothing to roll back"
+    steps = ", ".join(str(index + 1) for index, _ in undo)
+    return ExecutionPlan(
+        agent=failed.plan.agent, resource=failed.plan.resource, steps=tuple(step for _, step in undo),
+        reasoning=f"undo step{'s' if len(undo) > 1 else ''} {steps} of plan {failed.plan.id}, which failed: "
+        f"{failed.message}",
+        desired_revision=failed.plan.desired_revision, planner=f"{PLANNER}:{failed.plan.id}",
+    ), ""  # fmt: skip
+
+
 class Rollbacks:
     def __init__(self, *, tools: ToolRegistry, approvals: Approvals) -> None:
         self._tools = tools
@@ -34,19 +50,10 @@ class Rollbacks:
 
     async def request(self, entry: DesiredEntry, failed: PlanRecord, observed: Observed | None) -> str:
         """Store the plan that undoes `failed` (as `observed` after it), awaiting approval; what became of it."""
-        undo, why = failed.undo_steps()
-        if why:
-            return f"not rolled back: {why}"
-        if not undo:
-            return "nothing to roll back"
+        plan, why = undo_plan(failed)
+        if plan is None:
+            return why
         assert entry.resource is not None
-        steps = ", ".join(str(index + 1) for index, _ in undo)
-        plan = ExecutionPlan(
-            agent=failed.plan.agent, resource=failed.plan.resource, steps=tuple(step for _, step in undo),
-            reasoning=f"undo step{'s' if len(undo) > 1 else ''} {steps} of plan {failed.plan.id}, which failed: "
-            f"{failed.message}",
-            desired_revision=entry.mod_revision, planner=f"{PLANNER}:{failed.plan.id}",
-        )  # fmt: skip
         try:
             plan, _ = self._tools.validate_plan(plan)
         except PlanValidationError as e:

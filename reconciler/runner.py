@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from plans import Observed, PlanRecord, PlanState, Resource, ResourceKey, RollbackMode, TemporaryError
+from plans import Observed, PlanRecord, PlanState, Resource, ResourceKey, RollbackMode, StepState, TemporaryError
 from policies.limits import FlapGuard
 from reconciler.cache import Cache, DesiredEntry
 from reconciler.executor import Executor
@@ -113,6 +113,7 @@ class Runner:
                 execution = await self._executor.execute(
                     record, steps, begin=begin, current_revision=lambda: self._revision(entry),
                     secret=entry.resource is not None and entry.resource.labels.get(SECRET_LABEL) == "true",
+                    labels=entry.resource.labels if entry.resource is not None else {},
                 )  # fmt: skip
             except Exception:
                 self._unfinished.keep(key, record)
@@ -215,7 +216,8 @@ class Runner:
         if interrupted:
             return Outcome(Result.INTERRUPTED)
         self._flap.settled(key, error=record.message)
-        if record.rollback is RollbackMode.APPROVE and not entry.deleted and not is_rollback(plan):
+        step_failed = any(step.state is StepState.FAILED for step in record.steps)  # not a plan that did not verify
+        if record.rollback is RollbackMode.APPROVE and step_failed and not entry.deleted and not is_rollback(plan):
             log.warning("plan.rollback", result=await self._rollbacks.request(entry, record, observed))
         return Outcome(Result.RETRY)
 

@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import ClassVar
 
 import pytest
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from llm_router.redact import Redactor
 from plans import ExecutionPlan, PlanRecord, PlanState, ResourceKey, RiskLevel, Step
+from policies import Policies
 from policies.limits import MutationBudget
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.executor import Executor
@@ -100,6 +102,7 @@ def make(store: EtcdStore, *, per_minute: int = 100, time: FakeTime | None = Non
     executor = Executor(
         journal=journal, metrics=metrics, budget=budget, stopping=asyncio.Event(), retries=retries,
         tools=ToolRegistry(), redactor=Redactor(),
+        decide=lambda plan, labels: Policies().evaluate(plan, labels=labels, now=datetime.now(UTC)),
     )
     return Rig(executor, journal, keys, metrics)
 

@@ -84,10 +84,10 @@ async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
         yield s
 
 
-def _rig(store: EtcdStore, root: Path, rollback: str) -> Pipeline:
+def _rig(store: EtcdStore, root: Path, rollback: str, rules: str = "") -> Pipeline:
     agent = PairAgent(root)
     policy = root.parent / f"policies-{rollback}.yaml"
-    policy.write_text(f"rollback: {{low: {rollback}}}\n")
+    policy.write_text(f"rollback: {{low: {rollback}}}\n{rules}")
     parts = Assembly(
         agents=AgentRegistry([agent]), tools=ToolRegistry(agent.tools()), policies=load_policies(policy),
         poll_seconds={},
@@ -149,17 +149,34 @@ async def test_a_secret_resource_keeps_no_previous_value_so_nothing_is_undone(st
     assert "not rolled back: step 1 (file.write) cannot be undone: the previous value is secret" in record["message"]
 
 
-async def test_a_file_that_did_not_exist_is_deleted_again(store: EtcdStore, root: Path) -> None:
-    p = _rig(store, root, "auto")
+async def _fresh(p: Pipeline, root: Path) -> dict[str, Any]:
     (root / "second").mkdir()
     resource = Resource(kind="pair", name="p", spec={"first": str(root / "fresh"), "second": str(root / "second")})
     await p.put(resource)
     with pytest.raises(TemporaryError):
         await p.runtime.reconciler.reconcile(resource.key)
+    return await p.status("p", kind="pair")
 
-    assert not (root / "fresh").exists()
-    record = await p.record((await p.status("p", kind="pair"))["plan_id"])
-    assert [u["tool"] for u in record["rolled_back"]] == ["file.delete"]
+
+async def test_an_undo_the_policy_would_not_run_on_its_own_waits_for_a_person(store: EtcdStore, root: Path) -> None:
+    p = _rig(store, root, "auto")
+    status = await _fresh(p, root)  # its undo deletes the file the plan created: high risk, approve by default
+
+    assert (root / "fresh").read_text() == "new\n", "nothing is undone on its own"
+    assert status["phase"] == "AwaitingApproval"
+    rollback = await p.record(status["plan_id"])
+    assert [s["tool"] for s in rollback["plan"]["steps"]] == ["file.delete"]
+    failed = await p.record(rollback["plan"]["planner"].removeprefix("rollback:"))
+    assert "the policy wants its undo approved" in failed["message"] and failed["rolled_back"] == []
+
+
+async def test_an_undo_the_policy_denies_is_not_run(store: EtcdStore, root: Path) -> None:
+    rules = "rules:\n  - {name: no-deletes, match: {tools: file.delete}, action: deny}\n"
+    status = await _fresh(_rig(store, root, "auto", rules), root)
+
+    assert (root / "fresh").exists()
+    assert status["phase"] == "Failed"
+    assert "not rolled back: the policy denies its undo (rule 'no-deletes' matched" in status["message"]
 
 
 async def test_approve_stores_the_undo_as_a_plan_that_runs_once_approved(store: EtcdStore, root: Path) -> None:
