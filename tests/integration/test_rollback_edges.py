@@ -1,4 +1,5 @@
-"""Rollback edges: a rollback cut off by a failed journal write, a plan that did not verify, a step re-run after a crash, an undo the policy denies."""
+"""Rollback edges: a rollback cut off by a failed journal write, a plan that did not verify, a step re-run
+after a crash, and an undo the policy denies."""
 
 from __future__ import annotations
 
