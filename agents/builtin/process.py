@@ -26,9 +26,9 @@ Rules:
 - a crash loop (as many restarts within `crash_loop.window_seconds` as
   `crash_loop.max_restarts`, and it died again): `GaveUp`: the resource is
   `Failed` with the last log lines, and the issue `crash-loop` is reported
-  on it. It stays so while that issue is open and the value unchanged;
+  on it. It stays so while that issue is open and the command unchanged;
   once an operator resolves the issue (`setpoint issues resolve`), or the
-  value changes, the restart history starts afresh and it is started.
+  command, env, cwd or user changes, the restart history starts afresh and it is started.
 - an issue from a failing HTTP check (`source: http_check/...`):
   `process.restart` (medium). Any other issue goes to the model planner
   (`fallback`) when there is one, limited to steps on this resource's own
@@ -367,7 +367,7 @@ class ProcessAgent:
         message = (
             f"process/{name} {_exit_text(state)} after {restarts} restarts within {window:g} s "
             f"(crash_loop.max_restarts {spec.crash_loop.max_restarts}); not restarting it until the issue "
-            f"{CRASH_LOOP_ISSUE} is resolved or the spec changes; last log lines: {shown}"
+            f"{CRASH_LOOP_ISSUE} is resolved or the command, env, cwd or user changes; last log lines: {shown}"
         )
         issue = Issue(
             summary=f"process/{name} keeps crashing: {restarts} restarts within {window:g} s; restarting stopped",
