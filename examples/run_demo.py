@@ -163,7 +163,7 @@ def main() -> None:
     print(
         f"\nsetpoint keeps these files at their desired state. Edit or delete one under {root} and it is\n"
         f"restored within {settings.agents.file.poll_seconds:g} s. It keeps the web server at {url}/ running and\n"
-        f"healthy: kill it (kill -9 $(pgrep -f examples/webapp.py)) and it is restarted at once; make it\n"
+        f"healthy: kill it (pkill -9 -f {EXAMPLES}/webapp.py) and it is restarted at once; make it\n"
         f"fail (curl -X POST {url}/-/fail) or hang (curl -X POST {url}/-/hang) and its check reports an\n"
         f"issue, which is healed by restarting it. `make stop` stops the web server and the daemon.\n\n"
         f"Next, from this directory:\n"
