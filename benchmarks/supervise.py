@@ -3,8 +3,9 @@
     python -m benchmarks.supervise [--processes 100] [--kills 100] [--idle-seconds 30] [--json]
 
 Both supervise N `sleep` processes at once (supervisord's with argv
-`sleep 7<i>`, setpoint's with `sleep 8<i>`, so each process is known by its
-argv). Then:
+`sleep 7<run><i>`, setpoint's with `sleep 8<run><i>`, `<run>` from the
+benchmark's pid, so each process is known by its argv, and no other run's).
+SIGTERM stops everything it started, as ^C does. Then:
 
 1. restart time: for each supervisor in turn, managed processes are killed
    with SIGKILL one at a time, each kill a different process (round robin
@@ -58,6 +59,8 @@ from reconciler.store import EtcdStore
 from tools.proc import cmdline, identity
 
 SLEEP = os.path.realpath(shutil.which("sleep") or "/usr/bin/sleep")
+# In every argv, so a process left by another run (or anyone's `sleep`) is never taken for, or killed as, ours.
+RUN = f"{os.getpid() % 100000:05d}"
 PREFIX = "/bench"
 TICKS = os.sysconf("SC_CLK_TCK")
 LIFTED = {
@@ -175,7 +178,7 @@ def kill_series(sup: Supervised, *, kills: int, spacing: float, timeout: float) 
 def start_supervisord(base: Path, n: int) -> tuple[subprocess.Popen[bytes], Supervised]:
     logs = base / "logs"
     logs.mkdir(parents=True)
-    argvs = [[SLEEP, f"7{i:06d}"] for i in range(n)]
+    argvs = [[SLEEP, f"7{RUN}{i:06d}"] for i in range(n)]
     lines = [
         "[supervisord]", "nodaemon=true", f"logfile={base / 'supervisord.log'}", f"pidfile={base / 'supervisord.pid'}",
         f"childlogdir={logs}", "loglevel=warn", "",
@@ -232,7 +235,7 @@ def start_setpoint(base: Path, n: int) -> tuple[subprocess.Popen[bytes], Embedde
     }
     config = base / "setpoint.yaml"
     config.write_text(yaml.safe_dump(settings))
-    argvs = [[SLEEP, f"8{i:06d}"] for i in range(n)]
+    argvs = [[SLEEP, f"8{RUN}{i:06d}"] for i in range(n)]
     out = open(base / "setpoint.out", "ab")  # handed to the child, closed after
     proc = subprocess.Popen(
         [sys.executable, "-m", "reconciler.cli", "run", "-c", str(config)], stdout=out, stderr=subprocess.STDOUT,
@@ -342,6 +345,10 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.supervise", description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=100, help="processes each supervisor keeps running")
@@ -352,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, configs)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupted)  # cleaned up like ^C: supervisors, etcd and processes stopped
     if args.processes < 1 or args.kills < 1 or args.idle_seconds <= 0:
         parser.error("--processes and --kills must be at least 1, --idle-seconds above 0")
     result = run(processes=args.processes, kills=args.kills, idle_seconds=args.idle_seconds, spacing=args.spacing,
