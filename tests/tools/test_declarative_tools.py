@@ -170,6 +170,10 @@ tools:
     [
         ("url: \"http://127.0.0.1:{port}/-/reload\"", "url: \"ftp://127.0.0.1/{port}\"", 13, "url: must start with"),
         ("url: \"http://127.0.0.1:{port}/-/reload\"", "url: \"http://{port}/\"", 13, "a literal host"),
+        ("url: \"http://127.0.0.1:{port}/-/reload\"", "url: \"http://api{port}/-/reload\"", 13,
+         "{port} stands in the host part: only an integer port may, after ':'"),
+        ("url: \"http://127.0.0.1:{port}/-/reload\"", "url: \"http://127.0.0.1:{port}{port}/\"", 13,
+         "{port} stands in the host part"),
         ("method: POST", "method: BREW", 12, "method"),
         ('expect_status: [200, "300-399"]', 'expect_status: [200, "2xx"]', 17, "'2xx' is not a status or a range"),
         ('body: {port: "{port}"}', 'body: {"{port}": 1}', 16, "a key cannot hold a placeholder"),

@@ -195,6 +195,7 @@ def _http(definition: HttpDefinition, *, environ: Mapping[str, str] | None) -> H
         raise Problem(("url",), "must start with http:// or https:// and a literal host (a placeholder may follow)")
     if any(ch.isspace() or ord(ch) < 32 for part in url.parts if isinstance(part, str) for ch in part):
         raise Problem(("url",), "holds white space or a control character; write it percent-encoded")
+    _fixed_host(url.parts, definition.parameters)
     body = parse_body(definition.body, loc=("body",), known=names) if definition.body is not None else None
     headers: dict[str, str | Secret] = {}
     for name, text in definition.headers.items():
@@ -209,6 +210,28 @@ def _http(definition: HttpDefinition, *, environ: Mapping[str, str] | None) -> H
         secrets_read=environ is not None,
     )  # fmt: skip
     return tool
+
+
+def _fixed_host(parts: Sequence[str | Param], schema: object) -> None:
+    """A placeholder before the URL's path may only be an integer port right after a ':': a text value there could
+    extend the host name (`http://api{p}` with `.evil.example`) and send the tool's secret headers elsewhere."""
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    authority = True
+    previous = ""
+    for part in parts:
+        if isinstance(part, str):
+            rest = part.split("://", 1)[-1] if part is parts[0] else part
+            if "/" in rest or "?" in rest or "#" in rest:
+                authority = False
+            previous = part
+            continue
+        if not authority:
+            return
+        spec = properties.get(part.name) if isinstance(properties, dict) else None
+        if not previous.endswith(":") or not isinstance(spec, dict) or spec.get("type") != "integer":
+            raise Problem(("url",), f"{{{part.name}}} stands in the host part: only an integer port may, after ':', "
+                                    "so the host is always the one written")  # fmt: skip
+        previous = ""
 
 
 def _names(schema: object) -> frozenset[str]:
