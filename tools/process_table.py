@@ -439,9 +439,9 @@ class ProcessTable:
             if not is_running(pf.pid, pf.start_time, pf.boot_id):
                 return  # the pid is someone else's now (or a zombie): signal nobody
             with commit():
-                _signal_group(pf.pid, pf.stop_signal)
+                _signal_group(fd, pf.pid, pf.stop_signal)
             if not _wait_fd(fd, pf.stop_timeout_seconds):
-                _signal_group(pf.pid, signal.SIGKILL)
+                _signal_group(fd, pf.pid, signal.SIGKILL)
                 _wait_fd(fd, REAP_GRACE_SECONDS)
             self._remember_exit(self._reap(pf.pid, pf.start_time))
         finally:
@@ -531,13 +531,15 @@ class ProcessTable:
             self._unwatch(name, watch)
 
 
-def _signal_group(pid: int, signum: int) -> None:
-    """`signum` to the process group `pid` leads (its own session), else to `pid` alone."""
-    try:
-        os.killpg(pid, signum)
-    except ProcessLookupError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+def _signal_group(fd: int, pid: int, signum: int) -> None:
+    """`signum` to the process the pidfd `fd` holds, then to the group it leads (its own session). The leader is
+    signalled through its pidfd, which a reused pid cannot fool. The group is signalled by number: Linux does not
+    hand a pid out again while any process of the group it numbers is alive, so only a group already empty, whose
+    number went to a new group leader within these microseconds, could be mistaken."""
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(fd, signum)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signum)  # what the leader started; also when the leader itself already exited
 
 
 def _wait_fd(fd: int, timeout: float) -> bool:
