@@ -20,7 +20,8 @@ and a step's output is capped so the record always fits in one etcd request.
 A plan succeeds only when every one of its steps is journalled `succeeded`.
 
 Rollback. Before a mutating step runs, when the plan's policy allows a
-rollback, its tool is asked for the step that would undo it (the previous
+rollback and a later step could fail, its tool is asked for the step that
+would undo it (the previous
 content and mode of a file), and that inverse is journalled with the step,
 unless it is larger than MAX_UNDO_BYTES, would let the record outgrow one
 etcd request, or holds a secret (the resource is
@@ -145,7 +146,8 @@ class Executor:
                     stop = self._stop_before(record, current_revision)  # the wait may have been long
             if stop is not None:
                 return self._finish(record, *stop, begun=begun)
-            if record.rollback is not RollbackMode.NEVER and validated.risk > RiskLevel.READ_ONLY:
+            last = validated.index == len(record.steps) - 1  # no step after it can fail and call for its undo
+            if record.rollback is not RollbackMode.NEVER and validated.risk > RiskLevel.READ_ONLY and not last:
                 await self._keep_inverse(record, validated, secret=secret)  # on record before the step runs
             if not await self._start(record, validated, None if begun else begin):
                 return Execution(record=record, begun=False, refused=True)

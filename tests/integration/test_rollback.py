@@ -237,3 +237,17 @@ async def test_a_rollback_cut_off_by_a_crash_is_not_run_again_and_the_plan_says_
     assert settled["rolled_back"][0]["state"] == "failed"
     assert "unknown" in settled["rolled_back"][0]["message"]
     assert first.read_text() == "new\n", "the undo cut off is not run again"
+
+
+async def test_a_plans_last_step_keeps_no_inverse_since_nothing_after_it_can_fail(store: EtcdStore, root: Path) -> None:
+    p = pipeline(store, root)  # the built-in file agent: a one-step plan, rollback auto for its low risk
+    (root / "motd").write_text("the previous content\n")
+    resource = p.file("motd", "hello\n")
+    await p.put(resource)
+
+    await p.runtime.reconciler.reconcile(resource.key)
+
+    record = await p.record((await p.status("motd"))["plan_id"])
+    assert record["rollback"] == "auto" and record["state"] == "succeeded"
+    assert (record["steps"][0]["undo"], record["steps"][0]["undo_note"]) == (None, "")
+    assert "the previous content" not in str(record), "no previous value is journalled for nothing"
