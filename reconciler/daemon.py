@@ -46,6 +46,7 @@ from policies.hooks import read_secret
 from reconciler.assembly import Assembly, Runtime, assemble, build
 from reconciler.cache import Cache
 from reconciler.clock import SystemClock
+from reconciler.connect import open_store
 from reconciler.embedded import EmbeddedEtcd, StateDirLock, etcd_version, older_than_supported, remove_endpoint_file
 from reconciler.errors import StartupError
 from reconciler.http import AlertApi, ApprovalApi, HttpServer
@@ -214,10 +215,9 @@ class Daemon:
         )  # fmt: skip
 
     async def _connect(self, stop: asyncio.Event) -> EtcdStore | None:
-        store = EtcdStore(
-            self.endpoints,
-            timeout=self.settings.etcd.request_timeout_seconds,
-            retry_attempts=self.settings.etcd.retry_attempts,
+        etcd = self.settings.etcd
+        store = open_store(
+            etcd, self.endpoints, timeout=etcd.request_timeout_seconds, retry_attempts=etcd.retry_attempts
         )
         await store.connect()
         delay = 0.2

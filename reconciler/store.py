@@ -203,6 +203,10 @@ class EtcdStore:
         except EtcdError as e:
             raise StoreError(str(e)) from e
 
+    def _stream_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The gRPC metadata every stream this client opens carries (the unary calls' come from etcd3aio)."""
+        return ()
+
     async def ping(self) -> int:
         """The cluster's current revision; raises StoreUnavailableError when etcd does not answer."""
         resp = await self._call(self._kvs.get(b"\x00", count_only=True, timeout=self._timeout))
@@ -305,7 +309,9 @@ class EtcdStore:
             key=start, range_end=end, start_revision=start_revision, prev_kv=True, progress_notify=True
         )
         heard = asyncio.Event()  # set on every response; the request side times its progress requests by it
-        call = WatchStub(channel).Watch(self._watch_requests(create, heard, progress_after))
+        call = WatchStub(channel).Watch(
+            self._watch_requests(create, heard, progress_after), metadata=self._stream_metadata() or None
+        )
         responses = call.__aiter__()
         watch_id: int | None = None
         try:
