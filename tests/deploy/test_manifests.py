@@ -117,9 +117,14 @@ def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
 # --- the Deployment ------------------------------------------------------------------------------
 
 
-def test_one_replica_recreated_so_that_two_pods_never_run_at_once() -> None:
-    assert DEPLOYMENT["spec"]["replicas"] == 1
-    assert DEPLOYMENT["spec"]["strategy"] == {"type": "Recreate"}
+def test_two_replicas_rolled_so_that_a_standby_is_always_there() -> None:
+    spec = DEPLOYMENT["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    spread = spec["template"]["spec"]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in spread:
+        assert constraint["labelSelector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
 
 
 def test_the_image_is_this_version_of_setpoint() -> None:
@@ -218,14 +223,14 @@ def test_the_service_and_the_service_monitor_agree_on_the_metrics_port() -> None
     assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics"
 
 
-def test_the_disruption_budget_lets_a_node_drain_evict_the_single_pod() -> None:
+def test_the_disruption_budget_keeps_one_pod_and_lets_a_drain_evict_the_other() -> None:
     budget = one("PodDisruptionBudget")
     assert budget["apiVersion"] == "policy/v1"
     assert budget["spec"]["selector"]["matchLabels"].items() <= DEPLOYMENT["spec"]["template"]["metadata"][
         "labels"
     ].items()
-    assert "minAvailable" not in budget["spec"], "with one replica, minAvailable blocks every drain"
-    assert budget["spec"]["maxUnavailable"] == DEPLOYMENT["spec"]["replicas"]
+    assert budget["spec"] == {"minAvailable": 1, "selector": budget["spec"]["selector"]}
+    assert budget["spec"]["minAvailable"] < DEPLOYMENT["spec"]["replicas"], "a budget of every pod blocks drains"
 
 
 def test_kustomize_builds_it_with_the_image_set(tmp_path: Path) -> None:
