@@ -311,14 +311,14 @@ class Daemon:
                     self._systemd.stopping("stopping" if code == 0 else "a part stopped; stopping")
                     log.info("daemon.stopping", signal=self.stop_signal, crashed=code != 0, role=self.role)
                 return code
-            code = await self._lead(rt, term, stop, parts, own)
-            self._stand_down(term, code)
+            outcome = await self._lead(rt, term, stop, parts, own)
+            self._stand_down(term, outcome)
             rt.stopping.set()  # the executor starts no further step
             if not await rt.controller.shutdown(s.reconciler.shutdown_timeout_seconds):
                 log.error("daemon.drain_timeout", timeout=s.reconciler.shutdown_timeout_seconds)
-            self._systemd.status("delivering queued webhooks")
+            self._systemd.status(f"{'standing down' if outcome is None else 'stopping'}: delivering queued webhooks")
             await rt.notifier.drain(timeout=5.0)  # what the last plans announced
-            return code
+            return outcome
         finally:
             for task in own:
                 task.cancel()

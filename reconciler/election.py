@@ -33,10 +33,13 @@ again. The daemon stands by with a fresh runtime and calls `campaign` again.
 `resign` (a clean stop) revokes the lease, deleting `leader`: a standby
 takes over within moments.
 
+A `leader` key held under this daemon's own member id was left by it: by
+an earlier term whose lease could not be revoked yet, or by its previous run
+(a restart with a fixed `member_id`, or a container restarted in the same
+pod). Its lease is revoked and the key taken at once instead of waited out.
 With the embedded etcd (`takeover`), the state directory is locked by this
-daemon, so a `leader` key found at the first try was left by its previous
-run (etcd restores leases when it restarts): its lease is revoked instead of
-waited out.
+daemon, so any `leader` key found at the first try was left by its previous
+run (etcd restores leases when it restarts): it is taken over the same way.
 """
 
 from __future__ import annotations
@@ -64,6 +67,14 @@ log = structlog.get_logger("setpoint.election")
 T = TypeVar("T")
 
 REVOKE_TIMEOUT_SECONDS = 2.0  # a clean stop waits no longer than this for etcd to take the lease back
+
+
+def uptime() -> float:
+    """Seconds on a clock that never goes back and, unlike the monotonic clock, keeps counting while the machine
+    is suspended: a leader whose host slept through its lease must see its deadline gone when it wakes."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.monotonic()
 
 
 def default_member_id() -> str:
@@ -100,20 +111,21 @@ class Election:
         member: dict[str, Any],
         metrics: Metrics | None = None,
         takeover: bool = False,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         """`store` is unfenced; `member` is what `members/<id>` and `leader` say about this daemon (its id is
-        added); `takeover`: a `leader` key found at the first try was left by this daemon's previous run."""
+        added); `takeover`: a `leader` key found at the first try was left by this daemon's previous run;
+        `clock` defaults to `uptime`."""
         self.member_id = settings.member_id or default_member_id()
         self._store = store
         self._settings = settings
-        self._key = f"{keys.prefix}/leader"
-        self._member_key = f"{keys.prefix}/members/{self.member_id}"
+        self._key = keys.leader()
+        self._member_key = keys.member(self.member_id)
         self._value = json.dumps({**member, "id": self.member_id}).encode()
         self._metrics = metrics
         self._gauge = metrics.leader.labels(prefix=keys.prefix) if metrics is not None else None
         self._takeover = takeover
-        self._clock = clock
+        self._clock = clock or uptime
         self._lease: int | None = None
         self._renewed = 0.0  # when the last renewal (or grant) that succeeded was sent
         self._stale: list[int] = []  # leases of ended terms, revoked as soon as etcd answers

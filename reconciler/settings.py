@@ -113,8 +113,9 @@ class ElectionSettings(_Group):
     )
     member_id: str | None = Field(
         default=None, pattern=MEMBER_ID_PATTERN,
-        description="This daemon's name under members/ and in leader; unique per daemon. Defaults to the host "
-        "name and the process id.",
+        description="This daemon's name under members/ and in leader; unique per daemon. A daemon that finds leader "
+        "held under its own name takes it over at once (its previous run left it). Defaults to the host name and the "
+        "process id.",
     )  # fmt: skip
 
     @model_validator(mode="after")
