@@ -236,7 +236,13 @@ class Election:
     async def _register(self, started: float) -> None:
         """Revoke the leases of ended terms, take a new lease, and put `members/<id>` with it."""
         while self._stale:
-            await self._store.revoke_lease(self._stale[0])  # deletes an old `leader` of ours at once
+            stale = self._stale[0]
+            try:
+                await self._store.revoke_lease(stale)  # deletes an old `leader` of ours at once
+            except StoreUnavailableError:
+                raise  # tried again at the next round
+            except StoreError as e:  # refused: it expires on its own
+                log.warning("election.revoke_failed", lease=f"{stale:x}", error=str(e)[:300])
             self._stale.pop(0)
         lease = await self._store.grant_lease(self._settings.lease_seconds)
         self._lease, self._renewed = lease.id, started
@@ -252,7 +258,7 @@ class Election:
         if not created.created and holder is not None and holder.lease == self._lease:
             created = Created(created=True, kv=holder, revision=created.revision)  # a try whose answer was lost
         elif not created.created and holder is not None and self._left_by_us(holder):
-            log.warning("election.took_over", left_by=_member_of(holder), lease=f"{holder.lease:x}")
+            log.warning("election.taking_over", left_by=_member_of(holder), lease=f"{holder.lease:x}")
             await self._store.revoke_lease(holder.lease)
             created = await self._store.create(self._key, self._value, lease=self._lease)
             holder = created.kv
