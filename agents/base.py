@@ -165,5 +165,6 @@ class NotifyingAgent(Protocol):
     """An agent that learns of changes itself, faster than a poll would (a supervised process exited)."""
 
     def subscribe(self, notify: Callable[[ResourceKey], None]) -> None:
-        """Call `notify(key)`, on the event loop, whenever resource `key` may have changed."""
+        """Call `notify(key)`, on the event loop, whenever resource `key` may have changed. A later call replaces
+        the earlier `notify`: the daemon subscribes each runtime it builds, and only the latest may hear."""
         ...

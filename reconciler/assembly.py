@@ -11,6 +11,13 @@ them: cache and watch, work queue, observer, prober (told of every changed key, 
 journal, executor, gate, runner, crash recovery, reconciler and controller. Nothing
 registers itself on import, and no component reaches into another to find
 its collaborators: adding an agent or a stage means adding it here.
+
+A runtime built `standby` keeps its cache (and the index of claims) up to
+date but queues nothing: not the watch's changes, not a process agent's
+notifications. `Runtime.lead` switches it to queueing and queues every key.
+The daemon builds a fresh runtime for each spell as standby and leader
+(`daemon.py`), on the store's fenced view, so nothing one term learnt
+outlives it.
 """
 
 from __future__ import annotations
@@ -214,6 +221,15 @@ class Runtime:
     flap: FlapGuard
     budget: MutationBudget
     prober: Prober
+    cache: Cache
+    leading: asyncio.Event  # clear while standing by: changes update the cache and the claims, nothing is queued
+
+    def lead(self) -> None:
+        """Start queueing, and queue every key: each desired value (tombstones included) and each resource with
+        a status (read by `resumer.load`, which comes first)."""
+        self.leading.set()
+        for key in dict.fromkeys([*self.cache.resource_keys(), *self.status.keys()]):
+            self.enqueue(key)
 
     def use_policies(self, policies: Policies) -> None:
         """Put `policies` in force (a reload): decisions from the next plan on, limits at once."""
@@ -231,8 +247,13 @@ def build(
     cache: Cache,
     metrics: Metrics,
     clock: Clock,
+    standby: bool = False,
 ) -> Runtime:
+    """The runtime on `store` (the daemon's fenced view); `standby`: it queues nothing until `Runtime.lead`."""
     s = settings
+    leading = asyncio.Event()
+    if not standby:
+        leading.set()
     queue: WorkQueue[ResourceKey] = WorkQueue(
         backoff=ExponentialBackoff(base=s.reconciler.backoff_base_seconds, cap=s.reconciler.backoff_max_seconds),
         observer=metrics.queue_counts(),
@@ -242,14 +263,17 @@ def build(
 
     def on_change(key: ResourceKey) -> None:
         # A claim that appeared or went away changes what the other claimants may do.
-        for other in claims.update(key):
+        others = claims.update(key)
+        if not leading.is_set():
+            return
+        for other in others:
             queue.add(other)
         queue.add(key)
         prober.notify(key)
 
     for agent in parts.agents:  # an agent that hears of changes itself (a process exited) queues them at once
         if isinstance(agent, NotifyingAgent):
-            agent.subscribe(on_change)
+            agent.subscribe(on_change)  # replaces the subscriber of an earlier runtime
     stopping = asyncio.Event()
     status = StatusWriter(
         store=store, keys=keys, open_issues=cache.open_issues,
@@ -283,6 +307,7 @@ def build(
     executor = Executor(
         journal=journal, metrics=metrics, budget=budget, stopping=stopping, retries=s.tools, tools=parts.tools,
         redactor=Redactor(key_patterns=s.llm.redact_keys), decide=lambda plan, labels: gate.decide(plan, labels),
+        may_act=store.fence_holds,
     )  # fmt: skip
     runner = Runner(
         executor=executor, journal=journal, status=status, observer=observer, cache=cache, keys=keys,
@@ -320,5 +345,5 @@ def build(
     return Runtime(
         queue=queue, reflector=reflector, observer=observer, resumer=resumer, status=status, reconciler=reconciler,
         controller=controller, stopping=stopping, enqueue=on_change, gate=gate, approvals=approvals,
-        notifier=notifier, flap=flap, budget=budget, prober=prober,
+        notifier=notifier, flap=flap, budget=budget, prober=prober, cache=cache, leading=leading,
     )  # fmt: skip

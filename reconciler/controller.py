@@ -9,6 +9,8 @@ step in the queue:
 - any other `Outcome`: forget the key's backoff;
 - a `TemporaryError`: add it again after its own delay, or its next backoff;
 - a `PermanentError`: drop it until its inputs change;
+- a `LeadershipLostError` (a write refused: this daemon no longer leads):
+  drop it, since the next leader reconciles every key; counted `interrupted`;
 - any other exception: a bug; logged with its traceback, retried with backoff.
 
 Every branch logs once and counts `setpoint_reconcile_total{kind, result}`.
@@ -33,6 +35,7 @@ from aiolimiter import AsyncLimiter
 from plans import PermanentError, ResourceKey, TemporaryError
 from reconciler.metrics import Metrics
 from reconciler.outcome import Outcome, Result
+from reconciler.store import LeadershipLostError
 from reconciler.workqueue import ShutDownError, WorkQueue
 
 log = structlog.get_logger("setpoint.controller")
@@ -128,6 +131,10 @@ class Controller:
                 self._queue.forget(key)
                 log.warning("reconcile.terminal", error=str(e)[:500])
                 outcome = Outcome(Result.TERMINAL)
+            except LeadershipLostError as e:  # nothing more is written or started; the runtime is on its way out
+                self._queue.forget(key)
+                log.info("reconcile.not_leader", error=str(e)[:500])
+                outcome = Outcome(Result.INTERRUPTED)
             except Exception as e:
                 delay = self._queue.add_rate_limited(key)
                 log.exception("reconcile.error", error=str(e)[:500], retry_in=round(delay, 3))

@@ -5,10 +5,23 @@ directory (with the embedded etcd) and open the HTTP endpoint first (another
 daemon on that directory, or a port that cannot be had, is one sentence and
 exit code 1 before anything else is started); start the embedded etcd when no endpoints are
 configured (its version is logged, and one older than 3.5 is warned about);
-connect (the server's version is logged); list and watch (ready once the
-initial list is cached); read what a previous run left unfinished (retried
-while etcd blips); observe every resource once; then start the workers, the
-observer's polling, the prober (checks) and the resync timer. `assembly.build` wires the parts.
+connect (the server's version is logged); take a lease and register under
+`members/` (`election.py`); list and watch; then campaign for leadership.
+
+A standby (another daemon leads) keeps its cache warm through the watch,
+serves HTTP and delivers webhooks, and queues nothing: it is ready once the
+initial list is cached and it knows it does not lead. On winning, the
+leader reads what a previous leader or run left unfinished (retried while
+etcd blips), queues every key, observes every resource once (then it is
+ready), and starts the workers, the observer's polling, the prober (checks)
+and the resync timer. Its runtime writes through the store's fenced view,
+so once the lease is lost nothing it writes lands. On losing the lease it
+stops starting steps at once, lets the running ones finish (their journal
+writes may be refused: the next leader settles them as after a crash),
+stops the leader's parts, and stands by again with a fresh runtime and a
+fresh list, then campaigns again. The HTTP API writes unfenced, as an
+operator does: a decision sent to a standby is taken. `assembly.build`
+wires the parts.
 
 Every long-running part is supervised, the embedded etcd included. If one
 ends, which only a bug or a dead etcd can make happen, the daemon logs which
@@ -25,14 +38,16 @@ on; an invalid one is refused with one log line and the old policies stay.
 
 Stop (SIGTERM, SIGINT): stop taking keys,
 let each running plan finish its current step and write its status (bounded
-by `reconciler.shutdown_timeout_seconds`), then stop the watch, the client,
-the embedded etcd and the HTTP endpoint.
+by `reconciler.shutdown_timeout_seconds`), revoke the lease (a standby takes
+over at once), then stop the watch, the client, the embedded etcd and the
+HTTP endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 from collections.abc import Awaitable, Coroutine
 from importlib.metadata import PackageNotFoundError
@@ -47,6 +62,7 @@ from reconciler.assembly import Assembly, Runtime, assemble, build
 from reconciler.cache import Cache
 from reconciler.clock import SystemClock
 from reconciler.connect import open_store
+from reconciler.election import Election, Term, member_value
 from reconciler.embedded import EmbeddedEtcd, StateDirLock, etcd_version, older_than_supported, remove_endpoint_file
 from reconciler.errors import StartupError
 from reconciler.http import AlertApi, ApprovalApi, HttpServer
@@ -96,6 +112,8 @@ class Daemon:
         self._parts: Assembly | None = None
         self._runtime: Runtime | None = None
         self._store: EtcdStore | None = None
+        self.election: Election | None = None
+        self.role: str | None = None  # "leader" or "standby" once known
 
     def reload_policies(self) -> bool:
         """Read the policy file again and put it in force; False (old policies kept) when it is invalid."""
@@ -109,6 +127,7 @@ class Daemon:
             log.error("policies.reload_refused", error=str(e), advice="the policies in force are unchanged")
             return False
         self._runtime.use_policies(policies)
+        self._parts = dataclasses.replace(self._parts, policies=policies)  # and in every runtime built later
         log.info("policies.reloaded", file=path, rules=len(policies.rules))
         return True
 
@@ -145,12 +164,12 @@ class Daemon:
             raise StartupError(str(e)) from None
         api = ApprovalApi(token=token, keys=self.keys, store=lambda: self._store)
         http = HttpServer(
-            listen=self.settings.http.listen, metrics=self.metrics, ready=self.ready.is_set, approvals=api,
+            listen=self.settings.http.listen, metrics=self.metrics, ready=self._readiness, approvals=api,
             alerts=self._alert_api(),
         )  # fmt: skip
         await http.start()
         self.http_port = http.port
-        log.info("http.listening", address=f"{self.settings.http.listen.rpartition(':')[0]}:{http.port}")
+        log.info("http.listening", address=self._http_address())
         try:
             if not self.endpoints:
                 await self._start_embedded()
@@ -241,74 +260,162 @@ class Daemon:
         return None
 
     async def _serve(self, store: EtcdStore, stop: asyncio.Event) -> int:
-        s = self.settings
-        assert self._parts is not None
-        rt = build(
-            s, parts=self._parts, store=store, keys=self.keys, cache=self.cache, metrics=self.metrics,
-            clock=SystemClock(),
+        election = Election(
+            store=store, keys=self.keys, settings=self.settings.election, metrics=self.metrics,
+            member=member_value(version=setpoint_version(), http=self._http_address()),
+            takeover=self.embedded is not None,
         )  # fmt: skip
-        self._runtime = rt
-        parts = [
-            asyncio.create_task(rt.reflector.run(), name="reflector"),
-            asyncio.create_task(rt.notifier.run(), name="hooks"),
-        ]
+        self.election = election
+        parts = [asyncio.create_task(election.run(), name="election")]
         if self.embedded is not None:  # the daemon's own etcd is one of its parts: without it, nothing works
             parts.append(asyncio.create_task(self.embedded.watch(), name="etcd"))
+        fenced = store.fenced(election.fence)  # what the runtime writes with; the HTTP API writes unfenced
         try:
-            if not await self._start(rt, stop, parts):
-                self._systemd.stopping("stopping before ready" if stop.is_set() else "a part stopped while starting")
-                return 0 if stop.is_set() else 1
-            code = await self._wait(stop, parts)
-            drain = f"running plans finish their current step (up to {s.reconciler.shutdown_timeout_seconds:g} s)"
-            self._systemd.stopping(f"draining: {drain}" if code == 0 else f"a part stopped; draining: {drain}")
-            log.info("daemon.stopping", signal=self.stop_signal, crashed=code != 0)
-            rt.stopping.set()
-            if not await rt.controller.shutdown(s.reconciler.shutdown_timeout_seconds):
-                log.error("daemon.drain_timeout", timeout=s.reconciler.shutdown_timeout_seconds)
-            self._systemd.status("stopping: delivering queued webhooks")
-            await rt.notifier.drain(timeout=5.0)  # what the last plans announced
-            self._systemd.status("stopping: closing the watch and the etcd client")
+            code: int | None = None
+            while code is None:
+                code = await self._spell(fenced, election, stop, parts)
             return code
         finally:
             for task in parts:
                 task.cancel()
             await asyncio.gather(*parts, return_exceptions=True)  # a crash was reported when it happened
+            self._systemd.status("stopping: revoking the lease, so that a standby takes over")
+            await election.resign()
+            self.role = None
+            self._systemd.status("stopping: closing the watch and the etcd client")
 
-    async def _start(self, rt: Runtime, stop: asyncio.Event, parts: list[asyncio.Task[None]]) -> bool:
-        """Wait for the initial list, recover, then start working; False if stopped or crashed first."""
+    async def _spell(
+        self, store: EtcdStore, election: Election, stop: asyncio.Event, parts: list[asyncio.Task[None]]
+    ) -> int | None:
+        """One spell on a fresh runtime: stand by with a warm cache, lead once elected, then drain. The exit code
+        when stopped or a part crashed; None when leadership was lost (then the daemon stands by again)."""
+        s = self.settings
+        assert self._parts is not None
+        self.cache = Cache(self.keys)
+        rt = build(
+            s, parts=self._parts, store=store, keys=self.keys, cache=self.cache, metrics=self.metrics,
+            clock=SystemClock(), standby=True,
+        )  # fmt: skip
+        self._runtime = rt
+        own = [
+            asyncio.create_task(rt.reflector.run(), name="reflector"),
+            asyncio.create_task(rt.notifier.run(), name="hooks"),
+        ]
+        try:
+            term = await self._elected(rt, election, stop, [*parts, *own])
+            if term is None:  # stopped, or a part crashed, before this daemon led
+                code = 0 if stop.is_set() else 1
+                if not self.ready.is_set():
+                    self._systemd.stopping("stopping before ready" if code == 0 else "a part stopped while starting")
+                else:
+                    self._systemd.stopping("stopping" if code == 0 else "a part stopped; stopping")
+                    log.info("daemon.stopping", signal=self.stop_signal, crashed=code != 0, role=self.role)
+                return code
+            outcome = await self._lead(rt, term, stop, parts, own)
+            self._stand_down(term, outcome)
+            rt.stopping.set()  # the executor starts no further step
+            if not await rt.controller.shutdown(s.reconciler.shutdown_timeout_seconds):
+                log.error("daemon.drain_timeout", timeout=s.reconciler.shutdown_timeout_seconds)
+            self._systemd.status(f"{'standing down' if outcome is None else 'stopping'}: delivering queued webhooks")
+            await rt.notifier.drain(timeout=5.0)  # what the last plans announced
+            return outcome
+        finally:
+            for task in own:
+                task.cancel()
+            await asyncio.gather(*own, return_exceptions=True)
+
+    async def _elected(
+        self, rt: Runtime, election: Election, stop: asyncio.Event, watched: list[asyncio.Task[None]]
+    ) -> Term | None:
+        """List, then campaign, and stand by (ready) until elected; the term won, or None if stopped or a part
+        crashed first."""
         self._systemd.status("listing resources from etcd")
-        if not await self._wait_synced(rt, stop, parts):
-            return False
+        if not await self._wait_synced(rt, stop, watched):
+            return None
+        self._systemd.status("campaigning for leadership")
+        outcome = await self._unless_stopped(election.campaign(), stop, watched)
+        if outcome is None:
+            return None
+        if outcome.term is not None:
+            return outcome.term
+        self.role = "standby"
+        status = f"standing by: {outcome.leader or 'no daemon (etcd did not answer)'} leads, {self._resources()}"
+        if not self.ready.is_set():
+            self._became_ready(status)
+        else:
+            self._systemd.status(status)
+        return await self._unless_stopped(election.next_term(), stop, watched)
+
+    async def _lead(
+        self, rt: Runtime, term: Term, stop: asyncio.Event, parts: list[asyncio.Task[None]],
+        own: list[asyncio.Task[None]],
+    ) -> int | None:  # fmt: skip
+        """Resume what the last leader left, observe, start the workers and the rest, and queue every key; then
+        run until stopped (0), a part crashed (1) or the term ended (None)."""
+        watched = [*parts, *own]
         self._systemd.status("resuming what the last run left unfinished")
-        resume_first = await self._unless_stopped(rt.resumer.load(stop), stop, parts)
-        if resume_first is None:
-            return False
-        for key in resume_first:
-            rt.enqueue(key)
+        if await self._unless_stopped(rt.resumer.load(stop), stop, watched, ended=term.ended) is None:
+            return self._why(stop, term)
+        rt.lead()  # every key, the unfinished ones among them
         # What has drifted is known before the first plan, so a mass failure is seen as one.
-        self._systemd.status(f"observing {len(self.cache.desired)} resources")
-        if not await self._unless_stopped(_done(rt.observer.poll_all()), stop, parts):
-            return False
-        self.ready.set()
-        self.metrics.ready.set(1)
-        parts += [
+        self._systemd.status(f"observing {len(rt.cache.desired)} resources")
+        if not await self._unless_stopped(_done(rt.observer.poll_all()), stop, watched, ended=term.ended):
+            return self._why(stop, term)
+        own += [
             asyncio.create_task(rt.controller.run(), name="workers"),
             asyncio.create_task(rt.observer.run(wait_first=True), name="observer"),
             asyncio.create_task(rt.prober.run(), name="prober"),
             asyncio.create_task(self._resync(rt), name="resync"),
         ]
-        self._systemd.ready(self._ready_status())
-        log.info("daemon.ready", keys=len(self.cache.desired), workers=self.settings.reconciler.workers)
-        return True
+        self.role = "leader"
+        if not self.ready.is_set():
+            self._became_ready(self._ready_status())
+        else:
+            self._systemd.status(self._ready_status())
+        log.info("daemon.leading", keys=len(rt.cache.desired), workers=self.settings.reconciler.workers)
+        return await self._wait(stop, [*parts, *own], ended=term.ended)
+
+    def _became_ready(self, status: str) -> None:
+        self.ready.set()
+        self.metrics.ready.set(1)
+        self._systemd.ready(status)
+        log.info("daemon.ready", role=self.role, keys=len(self.cache.desired), workers=self.settings.reconciler.workers)
+
+    def _stand_down(self, term: Term, code: int | None) -> None:
+        """Say why the leader parts stop: a stop, a crashed part, or the end of the term."""
+        timeout = self.settings.reconciler.shutdown_timeout_seconds
+        drain = f"running plans finish their current step (up to {timeout:g} s)"
+        if code is None:
+            self.role = "standby"
+            log.warning("daemon.standing_down", reason=term.why)
+            self._systemd.status(f"lost leadership ({term.why}); {drain}, then standing by")
+            return
+        self._systemd.stopping(f"draining: {drain}" if code == 0 else f"a part stopped; draining: {drain}")
+        log.info("daemon.stopping", signal=self.stop_signal, crashed=code != 0)
+
+    @staticmethod
+    def _why(stop: asyncio.Event, term: Term) -> int | None:
+        """After a wait was cut short: 0 for a stop, None for the end of the term, else 1 (a part crashed)."""
+        if stop.is_set():
+            return 0
+        return None if term.ended.is_set() else 1
 
     async def _unless_stopped(
-        self, step: Coroutine[Any, Any, T], stop: asyncio.Event, parts: list[asyncio.Task[None]]
+        self,
+        step: Coroutine[Any, Any, T],
+        stop: asyncio.Event,
+        parts: list[asyncio.Task[None]],
+        *,
+        ended: asyncio.Event | None = None,
     ) -> T | None:
-        """`step`'s result, or None (`step` cancelled) if a stop or a crashed part comes first."""
+        """`step`'s result, or None (`step` cancelled) if a stop, a crashed part or `ended` comes first."""
         task = asyncio.ensure_future(step)
-        stopper = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait([task, stopper, *parts], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
+        stoppers = [asyncio.ensure_future(stop.wait())]
+        if ended is not None:
+            stoppers.append(asyncio.ensure_future(ended.wait()))
+        done, _ = await asyncio.wait([task, *stoppers, *parts], return_when=asyncio.FIRST_COMPLETED)
+        for stopper in stoppers:
+            stopper.cancel()
         if task in done:
             return task.result()
         task.cancel()
@@ -328,14 +435,18 @@ class Daemon:
             self._report_crash(task)
         return not crashed and rt.reflector.synced.is_set() and not stop.is_set()
 
-    async def _wait(self, stop: asyncio.Event, parts: list[asyncio.Task[None]]) -> int:
-        stopper = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait([stopper, *parts], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
+    async def _wait(self, stop: asyncio.Event, parts: list[asyncio.Task[None]], *, ended: asyncio.Event) -> int | None:
+        """Until stopped (0), a part crashed (1) or `ended` is set (None)."""
+        stoppers = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(ended.wait())]
+        done, _ = await asyncio.wait([*stoppers, *parts], return_when=asyncio.FIRST_COMPLETED)
+        for stopper in stoppers:
+            stopper.cancel()
         crashed = [task for task in parts if task in done]
         for task in crashed:
             self._report_crash(task)
-        return 1 if crashed else 0
+        if crashed:
+            return 1
+        return 0 if stop.is_set() else None
 
     @staticmethod
     def _report_crash(task: asyncio.Task[None]) -> None:
@@ -347,11 +458,21 @@ class Daemon:
         while True:
             # Jitter spreads resyncs of many daemons sharing one etcd.
             await asyncio.sleep(period * random.uniform(0.9, 1.1))
-            keys = list(self.cache.resource_keys())
+            keys = list(rt.cache.resource_keys())
             for key in keys:
                 rt.enqueue(key)
             log.info("resync", keys=len(keys))
             self._systemd.status(self._ready_status())
 
     def _ready_status(self) -> str:
-        return f"ready: {len(self.cache.desired)} resources, {self.settings.reconciler.workers} workers"
+        return f"ready: leading, {self._resources()}, {self.settings.reconciler.workers} workers"
+
+    def _resources(self) -> str:
+        return f"{len(self.cache.desired)} resources"
+
+    def _readiness(self) -> str | None:
+        """What /readyz says after `ready: `: whether this daemon leads; None until it is ready."""
+        return self.role if self.ready.is_set() else None
+
+    def _http_address(self) -> str:
+        return f"{self.settings.http.listen.rpartition(':')[0]}:{self.http_port}"

@@ -19,6 +19,15 @@ again). Exceptions from a tool become failed steps here, at the boundary,
 and a step's output is capped so the record always fits in one etcd request.
 A plan succeeds only when every one of its steps is journalled `succeeded`.
 
+Leadership. The journal writes go through the fenced store, so a daemon
+that no longer leads cannot journal a step `running`, and so cannot start
+it: the write raises `LeadershipLostError`, which ends the plan where it
+stands (the next leader resumes the record as after a crash). A tool is
+called only if `may_act()` says this daemon still leads, asked right before
+the call: a daemon frozen between journalling a step and calling its tool
+(or before a retry) does not call it when it wakes. A step whose tool is
+already running finishes: an effect outside etcd cannot be fenced.
+
 Rollback. Before a mutating step runs, when the plan's policy allows a
 rollback and a later step could fail, its tool is asked for the step that
 would undo it (the previous
@@ -72,6 +81,7 @@ from reconciler.journal import PlanJournal
 from reconciler.metrics import Metrics
 from reconciler.rollback import undo_plan
 from reconciler.settings import ToolSettings
+from reconciler.store import LeadershipLostError
 from tools import CannotUndo, ToolContext, ToolRegistry, ToolResult, ValidatedStep
 
 log = structlog.get_logger("setpoint.executor")
@@ -108,10 +118,12 @@ class Executor:
         redactor: Redactor,
         decide: Callable[[ExecutionPlan, Mapping[str, str]], Decision],
         retries: ToolSettings | None = None,
+        may_act: Callable[[], bool] = lambda: True,
     ) -> None:
         """`stopping` is set at shutdown; `tools` run rollback steps; `redactor` finds secrets an inverse must not
         keep; `decide` is the policy's decision on a plan (an undo) for a resource's labels; `retries` defaults
-        to `ToolSettings()`."""
+        to `ToolSettings()`; `may_act()` is False once this daemon no longer leads (asked before each tool call,
+        with nothing in between). Defaults to always True."""
         self._decide = decide
         self._tools = tools
         self._redactor = redactor
@@ -120,6 +132,7 @@ class Executor:
         self._budget = budget
         self._stopping = stopping
         self._retries = retries or ToolSettings()
+        self._may_act = may_act
 
     async def execute(
         self,
@@ -314,6 +327,13 @@ class Executor:
     async def _call(self, validated: ValidatedStep, record: PlanRecord) -> ToolResult:
         ctx = ToolContext(plan_id=record.plan.id, resource=record.plan.resource, step_index=validated.index)
         tool = validated.tool
+        if not self._may_act():
+            # Journalled `running` while this daemon led, but it was frozen since, or its retry came too late:
+            # another daemon may lead by now and run this very step. The next leader settles it like a crash.
+            raise LeadershipLostError(
+                f"step {validated.index + 1} ({tool.name}) of plan {record.plan.id} not run: this daemon no longer "
+                "leads"
+            )
         try:
             async with asyncio.timeout(tool.timeout_s):
                 return await tool.execute(validated.params, ctx)

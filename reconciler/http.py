@@ -2,7 +2,8 @@
 
 - `GET /metrics`: Prometheus metrics.
 - `GET /healthz`: the process answers.
-- `GET /readyz`: the initial list is cached and leadership is known.
+- `GET /readyz`: the initial list is cached and leadership is known; the body says `ready: leader` or
+  `ready: standby`.
 - `POST /v1/alerts`: Alertmanager's webhook (version 4); each firing alert
   labelled `setpoint_kind` and `setpoint_name` becomes an issue, each
   resolved one deletes it (`alerts.py`). With a token configured it needs
@@ -95,7 +96,7 @@ class HttpServer:
         *,
         listen: str,
         metrics: Metrics,
-        ready: Callable[[], bool],
+        ready: Callable[[], str | None],
         approvals: ApprovalApi | None = None,
         alerts: AlertApi | None = None,
     ) -> None:
@@ -150,9 +151,10 @@ class HttpServer:
         return web.Response(text="ok\n")
 
     async def _handle_readyz(self, request: web.Request) -> web.Response:
-        if self._ready():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready: initial list not cached yet\n")
+        role = self._ready()
+        if role is not None:
+            return web.Response(text=f"ready: {role}\n")
+        return web.Response(status=503, text="not ready: the initial list is not cached or leadership not known yet\n")
 
 
 class _ApprovalRoutes:

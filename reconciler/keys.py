@@ -61,6 +61,14 @@ class KeySpace:
     def approval(self, plan_id: str) -> str:
         return f"{self.prefix}/{Section.APPROVALS.value}/{plan_id}"
 
+    def leader(self) -> str:
+        """The elected daemon's key (`election.py`)."""
+        return f"{self.prefix}/leader"
+
+    def member(self, member_id: str) -> str:
+        """A running daemon's key, under its lease."""
+        return f"{self.prefix}/members/{member_id}"
+
     def issues(self, key: ResourceKey) -> str:
         """The prefix of every issue reported on `key`."""
         return self.resource(Section.ISSUES, key) + "/"

@@ -33,6 +33,7 @@ _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 # The closed sets of the counters other components increment, created at 0 so a rate is defined from the start.
 HEAL_RESULTS = tuple(state.value for state in HEALS)
 ALERT_RESULTS = alerts.RESULTS
+LEADERSHIP_LOST = ("lease_gone", "not_renewed", "key_changed")
 
 
 class QueueState(Protocol):
@@ -105,6 +106,18 @@ class Metrics:
             "setpoint_etcd_watch_restarts", "Watch restarts by reason.", ["reason"], registry=r
         )
         self.ready = Gauge("setpoint_ready", "1 once the initial list is cached.", registry=r)
+        self.leader = Gauge(
+            "setpoint_leader", "1 while this daemon leads the prefix (holds the leader lease), 0 otherwise.",
+            ["prefix"], registry=r,
+        )  # fmt: skip
+        self.leadership_lost = Counter(
+            "setpoint_leadership_lost",
+            "Terms of leadership this daemon lost, by reason: lease_gone (etcd says the lease expired), not_renewed "
+            "(no renewal within election.renew_seconds), key_changed (the leader key was deleted or replaced).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        for reason in LEADERSHIP_LOST:
+            self.leadership_lost.labels(reason=reason)
         self.flap_guard_blocked = Counter(
             "setpoint_flap_guard_blocked", "Plans not run because the key hit the flap guard.", ["kind"], registry=r
         )

@@ -19,7 +19,7 @@ class Result(StrEnum):
     OUTCOME_UNKNOWN = "outcome_unknown"  # a step cut off by a crash cannot be settled: the resource is held
     HELD = "held"  # still held, until its desired value changes
     SUPERSEDED = "superseded"  # the desired value moved on mid-plan
-    INTERRUPTED = "interrupted"  # shutdown stopped the plan between steps
+    INTERRUPTED = "interrupted"  # shutdown, or a lost leadership, stopped the plan between steps
     ROLLED_BACK = "rolled_back"  # a rollback plan ran: the resource is as before, not as desired
     SHADOW = "shadow"  # shadow mode: the plan was recorded, not run
     STALE = "stale"  # the cache was behind etcd: nothing was written or run

@@ -91,6 +91,44 @@ class WatchSettings(_Group):
     )  # fmt: skip
 
 
+MEMBER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
+class ElectionSettings(_Group):
+    """Leader election among the daemons on one prefix (`election.py`). The defaults are controller-runtime's."""
+
+    lease_seconds: int = Field(
+        default=15, ge=1, le=3600,
+        description="TTL of this daemon's etcd lease: how long after a leader's last renewal another daemon may "
+        "take over (etcd raises a TTL below its own minimum). Defaults to 15 s.",
+    )  # fmt: skip
+    renew_seconds: float = Field(
+        default=10.0, gt=0,
+        description="Renew deadline: a leader that has renewed nothing for this long steps down, before its lease "
+        "can expire. Defaults to 10 s.",
+    )  # fmt: skip
+    retry_seconds: float = Field(
+        default=2.0, gt=0,
+        description="How often the lease is renewed and a standby tries to take over. Defaults to 2 s.",
+    )
+    member_id: str | None = Field(
+        default=None, pattern=MEMBER_ID_PATTERN,
+        description="This daemon's name under members/ and in leader; unique per daemon. A daemon that finds leader "
+        "held under its own name takes it over at once (its previous run left it). Defaults to the host name and the "
+        "process id.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _order(self) -> ElectionSettings:
+        if not self.retry_seconds < self.renew_seconds < self.lease_seconds:
+            raise ValueError(
+                f"retry_seconds ({self.retry_seconds:g}) < renew_seconds ({self.renew_seconds:g}) < lease_seconds "
+                f"({self.lease_seconds}) must hold: a leader renews several times before its deadline, which comes "
+                "before its lease can expire"
+            )
+        return self
+
+
 class HttpSettings(_Group):
     listen: str = Field(
         default="127.0.0.1:9464",
@@ -385,6 +423,7 @@ class LogSettings(_Group):
 class Settings(_Group):
     etcd: EtcdSettings = Field(default_factory=EtcdSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
+    election: ElectionSettings = Field(default_factory=ElectionSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     reconciler: ReconcilerSettings = Field(default_factory=ReconcilerSettings)
     policies: PolicySettings = Field(default_factory=PolicySettings)

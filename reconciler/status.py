@@ -284,6 +284,10 @@ class StatusWriter:
         self.remember(update)
         return WriteResult.WRITTEN
 
+    def keys(self) -> list[ResourceKey]:
+        """The resources this writer knows a status of (after `seed`, every stored one)."""
+        return [key for key, status in self._last.items() if status is not None]
+
     def phase_counts(self) -> dict[tuple[str, str], int]:
         """How many resources of each kind are in each phase, by (kind, phase), from the statuses this writer
         knows (at start-up, every stored one). Every phase of a kind with a status is counted, 0 included, so a

@@ -13,12 +13,25 @@ A watch stream can also go quiet without failing: a frozen etcd process, or
 a half-open TCP connection, answers nothing and reports no error. So the
 stream asks for a progress notification whenever it has been silent for a
 while, and gives up with `WatchStalledError` when not even that is answered.
+
+Fencing. `fenced(fence)` is a view of the store, sharing its client, whose
+every write (`put`, `delete`, `put_all`, `txn`) is one transaction that
+first compares the leader key's create revision with the one this daemon
+won (`Fence`); the caller's own transaction, guards and both branches, is
+nested inside it. When the comparison fails, etcd applies nothing and the
+write raises `LeadershipLostError`; when `fence()` says there is no fence
+(the daemon stands by, or its leadership lapsed), nothing is sent at all.
+So a leader that was paused past its lease and wakes up can write nothing:
+the key it created is gone or someone else's, whatever it believes. Reads
+and watches are the same in the view. Nested transactions need etcd 3.3 or
+newer. The lease calls (`grant_lease`, `keepalive`, `revoke_lease`,
+`put_leased`, `create`) are what the election (`election.py`) needs.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -26,7 +39,16 @@ from typing import Any, Literal
 import grpc
 import grpc.aio
 from etcd3aio import Etcd3Client, EtcdConnectionError, EtcdError, EtcdTransientError, prefix_range_end
-from etcd3aio._protobuf import Compare, WatchCreateRequest, WatchRequest, WatchStub
+from etcd3aio._protobuf import (
+    Compare,
+    LeaseKeepAliveRequest,
+    LeaseStub,
+    RequestOp,
+    TxnRequest,
+    WatchCreateRequest,
+    WatchRequest,
+    WatchStub,
+)
 
 from plans import TemporaryError
 
@@ -46,6 +68,10 @@ RECONNECT_BACKOFF_MAX_MS = 1_000
 
 class StoreError(Exception):
     """etcd refused or failed a request for a reason retrying will not fix."""
+
+
+class LeadershipLostError(StoreError):
+    """A fenced write was refused, or not sent: this daemon does not lead (any more), so it may write nothing."""
 
 
 class StoreUnavailableError(TemporaryError):
@@ -75,6 +101,30 @@ class KeyValue:
     mod_revision: int
     create_revision: int = 0
     version: int = 0
+    lease: int = 0  # the id of the lease the key is attached to (0: none)
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A fencing token: the leader key, and the create revision it had when this daemon created it."""
+
+    key: str
+    create_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    id: int
+    ttl: int  # seconds, as etcd granted it (etcd raises a TTL below its minimum)
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """The result of `create`: whether this call created the key, and the key as it is now (None: absent)."""
+
+    created: bool
+    kv: KeyValue | None
+    revision: int  # the store's revision when this was true
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +184,7 @@ def _kv(pb: Any) -> KeyValue:
         mod_revision=pb.mod_revision,
         create_revision=pb.create_revision,
         version=pb.version,
+        lease=pb.lease,
     )
 
 
@@ -233,21 +284,51 @@ class EtcdStore:
         start = prefix.encode()
         return await self.range(start, range_end(start))
 
+    def fenced(self, fence: Callable[[], Fence | None]) -> EtcdStore:
+        """A view of this store, on the same client, whose every write is fenced by `fence()` (see the module
+        docstring); None from `fence()` means this daemon does not lead, and its writes raise
+        LeadershipLostError without reaching etcd."""
+        view = _FencedStore(fence)
+        view.__dict__ = self.__dict__  # one client, one connection, one set of credentials: a view, not a copy
+        return view
+
+    def _fence_now(self) -> Fence | None:
+        """The fence a write of this store must hold; None for an unfenced store. Raises LeadershipLostError
+        when this is a fenced view whose fence is gone."""
+        return None
+
+    def fence_holds(self) -> bool:
+        """False when this is a fenced view whose fence is gone (the daemon does not lead); asks nobody."""
+        try:
+            self._fence_now()
+        except LeadershipLostError:
+            return False
+        return True
+
     async def put(self, key: str, value: bytes) -> int:
-        resp = await self._call(self._kvs.put(key.encode(), value, timeout=self._timeout))
-        return int(resp.header.revision)
+        fence = self._fence_now()
+        if fence is None:
+            resp = await self._call(self._kvs.put(key.encode(), value, timeout=self._timeout))
+            return int(resp.header.revision)
+        _, revision = await self._commit([], self._ops([Put(key, value)]), [], fence=fence, what=key)
+        return revision
 
     async def delete(self, key: str) -> bool:
-        resp = await self._call(self._kvs.delete(key.encode(), timeout=self._timeout))
-        return int(resp.deleted) > 0
+        fence = self._fence_now()
+        if fence is None:
+            resp = await self._call(self._kvs.delete(key.encode(), timeout=self._timeout))
+            return int(resp.deleted) > 0
+        inner, _ = await self._commit([], self._ops([Delete(key)]), [], fence=fence, what=key)
+        return int(inner.responses[0].response_delete_range.deleted) > 0
 
     async def put_all(self, items: Sequence[tuple[str, bytes]]) -> int:
         """Write every item in one transaction (so all or none land); at most MAX_TXN_OPS items."""
         if len(items) > MAX_TXN_OPS:
             raise StoreError(f"{len(items)} writes exceed etcd's {MAX_TXN_OPS} operations per transaction")
         ops = self._ops([Put(key, value) for key, value in items])
-        resp = await self._call(self._kvs.txn([], ops, timeout=self._timeout))
-        return int(resp.header.revision)
+        what = items[0][0] if items else "nothing"
+        _, revision = await self._commit([], ops, [], fence=self._fence_now(), what=what)
+        return revision
 
     async def txn(
         self,
@@ -262,10 +343,31 @@ class EtcdStore:
             Compare(result=Compare.EQUAL, target=Compare.MOD, key=g.key.encode(), mod_revision=g.mod_revision)
             for g in guards
         ]
-        resp = await self._call(
-            self._kvs.txn(compare, self._ops(then), self._ops(otherwise), timeout=self._timeout)
+        what = next((op.key for op in [*then, *otherwise]), "nothing (a check of guards)")
+        inner, _ = await self._commit(
+            compare, self._ops(then), self._ops(otherwise), fence=self._fence_now(), what=what
         )
-        return bool(resp.succeeded)
+        return bool(inner.succeeded)
+
+    async def _commit(
+        self, compare: list[Any], then: list[Any], otherwise: list[Any], *, fence: Fence | None, what: str
+    ) -> tuple[Any, int]:
+        """Send one transaction, nested inside `fence`'s comparison unless it is None; the response of the
+        caller's transaction and the store's revision after it. `what` names the write in errors."""
+        if fence is None:
+            resp = await self._call(self._kvs.txn(compare, then, otherwise, timeout=self._timeout))
+            return resp, int(resp.header.revision)
+        held = Compare(
+            result=Compare.EQUAL, target=Compare.CREATE, key=fence.key.encode(), create_revision=fence.create_revision
+        )
+        nested = RequestOp(request_txn=TxnRequest(compare=compare, success=then, failure=otherwise))
+        resp = await self._call(self._kvs.txn([held], [nested], [], timeout=self._timeout))
+        if not resp.succeeded:
+            raise LeadershipLostError(
+                f"etcd refused the write of {what}: {fence.key} is no longer the key this daemon created at "
+                f"revision {fence.create_revision}, so another daemon leads or none does"
+            )
+        return resp.responses[0].response_txn, int(resp.header.revision)
 
     def _ops(self, ops: Sequence[Op]) -> list[Any]:
         kvs = self._kvs
@@ -273,6 +375,68 @@ class EtcdStore:
             kvs.txn_op_put(op.key.encode(), op.value) if isinstance(op, Put) else kvs.txn_op_delete(op.key.encode())
             for op in ops
         ]
+
+    # -- leases (the election's; never fenced) ----------------------------------------------------------------
+
+    @property
+    def _leases(self) -> Any:
+        if self._client.lease is None:
+            raise StoreError("etcd client is not connected")
+        return self._client.lease
+
+    async def grant_lease(self, ttl: int) -> Lease:
+        """A new lease of `ttl` seconds (etcd may grant more: it raises a TTL below its minimum)."""
+        resp = await self._call(self._leases.grant(ttl, timeout=self._timeout))
+        return Lease(id=int(resp.ID), ttl=int(resp.TTL))
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Renew `lease_id` once (one round trip on a keepalive stream); its TTL now, or 0 when it is gone."""
+        call = LeaseStub(self._client._channel).LeaseKeepAlive(
+            _one(LeaseKeepAliveRequest(ID=lease_id)), metadata=self._stream_metadata() or None
+        )
+        try:
+            async with asyncio.timeout(self._timeout):
+                async for resp in call:
+                    return max(int(resp.TTL), 0)
+        except TimeoutError:
+            raise StoreUnavailableError(
+                f"etcd at {','.join(self.endpoints)} did not renew lease {lease_id:x} within {self._timeout:g} s"
+            ) from None
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise StoreUnavailableError(f"etcd is unavailable: {e.code().name}") from e
+            raise StoreError(f"etcd refused to renew lease {lease_id:x}: {e.code().name}: {e.details()}") from e
+        finally:
+            call.cancel()
+        raise StoreUnavailableError(f"etcd closed the keepalive stream of lease {lease_id:x} without an answer")
+
+    async def revoke_lease(self, lease_id: int) -> bool:
+        """Revoke `lease_id`, deleting every key attached to it; False when etcd no longer knows it."""
+        try:
+            await self._call(self._leases.revoke(lease_id, timeout=self._timeout))
+        except StoreError as e:
+            cause = e.__cause__
+            if isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
+
+    async def put_leased(self, key: str, value: bytes, *, lease: int) -> int:
+        """Put `key` attached to `lease` (it goes when the lease does); never fenced. The store's revision."""
+        resp = await self._call(self._kvs.put(key.encode(), value, lease=lease, timeout=self._timeout))
+        return int(resp.header.revision)
+
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> Created:
+        """Put `key` attached to `lease` only if it does not exist (its create revision is 0); never fenced."""
+        kvs = self._kvs
+        absent = Compare(result=Compare.EQUAL, target=Compare.CREATE, key=key.encode(), create_revision=0)
+        read = kvs.txn_op_get(key.encode())
+        resp = await self._call(
+            kvs.txn([absent], [kvs.txn_op_put(key.encode(), value, lease=lease), read], [read], timeout=self._timeout)
+        )
+        found = resp.responses[-1].response_range.kvs
+        return Created(created=bool(resp.succeeded), kv=_kv(found[0]) if found else None,
+                       revision=int(resp.header.revision))  # fmt: skip
 
     async def server_version(self) -> str:
         """The etcd version of the member this client talks to."""
@@ -376,3 +540,24 @@ class EtcdStore:
         #   only proves the stream is alive.
         progress = not events and watch_id is not None and int(resp.watch_id) == watch_id
         return WatchBatch(events=events, revision=int(resp.header.revision), progress=progress)
+
+
+class _FencedStore(EtcdStore):
+    """`EtcdStore.fenced`: shares the store's `__dict__` (its client and every piece of its state, later changes
+    included); only the fence is its own."""
+
+    __slots__ = ("_fence",)
+
+    def __init__(self, fence: Callable[[], Fence | None]) -> None:  # no super().__init__: the state is shared
+        self._fence = fence
+
+    def _fence_now(self) -> Fence | None:
+        fence = self._fence()
+        if fence is None:
+            raise LeadershipLostError("not written: this daemon does not lead, so it writes nothing")
+        return fence
+
+
+async def _one(request: Any) -> AsyncIterator[Any]:
+    """A request stream of one request, closed after it (the server answers, then ends the stream)."""
+    yield request

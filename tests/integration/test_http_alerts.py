@@ -76,7 +76,7 @@ async def _endpoint(etcd: EmbeddedEtcd, token: bytes | None) -> AsyncIterator[En
     metrics = Metrics()
     async with EtcdStore([etcd.endpoint]) as store:
         server = HttpServer(
-            listen="127.0.0.1:0", metrics=metrics, ready=lambda: True,
+            listen="127.0.0.1:0", metrics=metrics, ready=lambda: "leader",
             alerts=AlertApi(token=token, keys=keys, store=lambda: store),
         )  # fmt: skip
         await server.start()

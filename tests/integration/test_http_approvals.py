@@ -70,7 +70,7 @@ def keys() -> KeySpace:
 
 
 async def _serve(approvals: ApprovalApi | None) -> HttpServer:
-    server = HttpServer(listen="127.0.0.1:0", metrics=Metrics(), ready=lambda: True, approvals=approvals)
+    server = HttpServer(listen="127.0.0.1:0", metrics=Metrics(), ready=lambda: "leader", approvals=approvals)
     await server.start()
     return server
 

@@ -56,13 +56,13 @@ async def test_status_ready_watchdog_and_stopping_reach_the_notify_socket_from_t
     messages = listener.snapshot()
     assert {m.pid for m in messages} == {p.proc.pid}, "only the main process may notify (NotifyAccess=main)"
     assert len(listener.with_field("READY")) == 1
-    assert ready.status == "ready: 0 resources, 4 workers"
+    assert ready.status == "ready: leading, 0 resources, 4 workers"
     statuses = [m.status for m in messages if m.status is not None and m.at < ready.at]
     assert statuses[0] == "starting"
     assert statuses[1].startswith(f"starting the embedded etcd in {tmp_path / 'state'}")
     assert statuses[2].startswith("connecting to etcd at 127.0.0.1:")
-    assert statuses[-3:] == ["listing resources from etcd", "resuming what the last run left unfinished",
-                             "observing 0 resources"]  # fmt: skip
+    assert statuses[-4:] == ["listing resources from etcd", "campaigning for leadership",
+                             "resuming what the last run left unfinished", "observing 0 resources"]  # fmt: skip
 
     pings = listener.pings()
     assert pings[0] < ready.at, "the watchdog runs while the daemon starts"

@@ -26,6 +26,9 @@ def test_defaults_without_a_file() -> None:
     assert settings.http.listen == "127.0.0.1:9464"
     assert settings.agents.file.allowed_roots == []
     assert settings.agents.file.poll_seconds == 10
+    election = settings.election  # controller-runtime's
+    assert (election.lease_seconds, election.renew_seconds, election.retry_seconds) == (15, 10, 2)
+    assert election.member_id is None
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
@@ -50,6 +53,10 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         ("policies: {file: 3}\n", "policies.file"),
         ("approvals: {webhooks: [{url: 'ftp://x'}]}\n", "is not an http:// or https:// URL"),
         ("log: {level: loud}\n", "log.level"),
+        ("election: {lease_seconds: 5, renew_seconds: 5}\n", "election: retry_seconds (2) < renew_seconds (5) < "
+         "lease_seconds (5) must hold"),
+        ("election: {retry_seconds: 12}\n", "retry_seconds (12) < renew_seconds (10)"),
+        ("election: {member_id: 'a/b'}\n", "election.member_id"),
         ("- a list\n", "must hold a mapping"),
         ("etcd: [\n", "line 2 column 1: not valid YAML"),
     ],

@@ -9,6 +9,12 @@ appends the tool's name to `dir/calls.log`, so the test can count them.
 Crash injection: if `dir/kill_at` holds `<step>:<before|after>`, that tool
 removes the file and SIGKILLs its own process just before or just after its
 side effect, putting the crash exactly on a step boundary.
+
+Pause injection: if `dir/pause_at` holds `<step>:<before|after>`, that tool
+writes its pid to `dir/paused` and waits there, inside the step, until the
+file is removed (a test freezes the process meanwhile). Every call is also
+appended to `dir/calls_by.log` as `<step> <pid>`, so a test with several
+daemons can tell which one ran what.
 """
 
 from __future__ import annotations
@@ -49,6 +55,19 @@ def _maybe_die(directory: Path, step: str, when: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+async def _maybe_pause(directory: Path, step: str, when: str) -> None:
+    pause_at = directory / "pause_at"
+    try:
+        wanted = pause_at.read_text().strip()
+    except FileNotFoundError:
+        return
+    if wanted != f"{step}:{when}":
+        return
+    (directory / "paused").write_text(str(os.getpid()))
+    while pause_at.exists():  # noqa: ASYNC110 - the test removes a file: there is no event to wait on
+        await asyncio.sleep(0.02)
+
+
 class MarkerTool(Tool):
     step: ClassVar[str]
     parameters: ClassVar[type[BaseModel]] = DirParams
@@ -59,13 +78,16 @@ class MarkerTool(Tool):
         assert isinstance(params, DirParams)
         directory = Path(params.dir)
         _maybe_die(directory, self.step, "before")
+        await _maybe_pause(directory, self.step, "before")
         # Synchronous on purpose: the call must be on disk before the crash point after it.
-        with open(directory / "calls.log", "a") as log:  # noqa: ASYNC230
-            log.write(f"{self.step}\n")
-            log.flush()
-            os.fsync(log.fileno())
+        for name, line in (("calls.log", self.step), ("calls_by.log", f"{self.step} {os.getpid()}")):
+            with open(directory / name, "a") as log:  # noqa: ASYNC230
+                log.write(f"{line}\n")
+                log.flush()
+                os.fsync(log.fileno())
         (directory / self.step).touch()
         _maybe_die(directory, self.step, "after")
+        await _maybe_pause(directory, self.step, "after")
         return ToolResult.success()
 
 

@@ -44,6 +44,8 @@ class Run:
                     "etcd": {"endpoints": [etcd.endpoint], "prefix": self.prefix},
                     "http": {"listen": "127.0.0.1:0"},
                     "reconciler": {"workers": 1},
+                    # A restart after a SIGKILL waits for the dead run's lease: keep it short.
+                    "election": {"lease_seconds": 2, "renew_seconds": 1.5, "retry_seconds": 0.5},
                     "log": {"level": "warning"},
                 }
             )

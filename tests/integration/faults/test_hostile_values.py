@@ -533,7 +533,7 @@ async def test_hostile_values_are_invalid_and_every_other_key_converges(
     # Still serving: ready, its task running, no reconcile ended in an unexpected error.
     assert h._task is not None and not h._task.done()
     code, body = await _http(h, "/readyz")
-    assert (code, body.strip()) == (200, "ready")
+    assert (code, body.strip()) == (200, "ready: leader")
     _, metrics = await _http(h, "/metrics")
     assert _metric(metrics, 'setpoint_reconcile_total{kind="file",result="error"}') == 0
     assert _metric(metrics, 'setpoint_reconcile_total{kind="file",result="invalid"}') >= len(hostile)

@@ -1,0 +1,371 @@
+"""Leader election on an etcd lease, with a fencing token: one daemon per prefix acts, the others stand by.
+
+Each daemon takes one lease of `election.lease_seconds` when it starts and
+registers under `members/<id>` with it. A daemon that is ready to lead (its
+cache is warm: `campaign`) tries to create `leader` with its lease, only if
+the key is absent. The create revision of the key it made is its fence
+(`store.Fence`): every write of the runtime goes through the store's fenced
+view, which etcd refuses once `leader` is gone or someone else's. So a
+leader that was paused past its lease (SIGSTOP, a long GC, a partition)
+and wakes up writes nothing, whatever it believes.
+
+One loop (`run`) does everything, every `retry_seconds`: it renews the
+lease with one keepalive round trip, and then either checks, as the leader,
+that `leader` is still the key it created, or, as a standby, tries to take
+it. A standby also watches `leader` between tries, so a leader that resigns
+(a clean stop revokes its lease) is replaced at once, not at the next try.
+
+A term ends, and the daemon stops acting, as soon as any of these is seen:
+
+- no renewal succeeded within `renew_seconds` of the time the last good one
+  was *sent* (the lease cannot have expired in etcd before the time it was
+  sent plus its TTL, and `renew_seconds` < `lease_seconds`, so a leader
+  steps down before anyone else can lead). `fence()` checks this deadline
+  each time it is asked, without waiting for the loop: a process that was
+  frozen and wakes up finds itself out at its first write;
+- the keepalive says the lease is gone;
+- `leader` was deleted or now has another create revision.
+
+After a term the lease that held it is revoked (at once, or as soon as etcd
+answers), so a new term always has a new fence and a write left over from
+the old term can never pass; a new lease is granted and `members/<id>` put
+again. The daemon stands by with a fresh runtime and calls `campaign` again.
+`resign` (a clean stop) revokes the lease, deleting `leader`: a standby
+takes over within moments.
+
+A `leader` key held under this daemon's own member id was left by it: by
+an earlier term whose lease could not be revoked yet, or by its previous run
+(a restart with a fixed `member_id`, or a container restarted in the same
+pod). Its lease is revoked and the key taken at once instead of waited out.
+With the embedded etcd (`takeover`), the state directory is locked by this
+daemon, so any `leader` key found at the first try was left by its previous
+run (etcd restores leases when it restarts): it is taken over the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import structlog
+
+from reconciler.keys import KeySpace
+from reconciler.metrics import Metrics
+from reconciler.settings import ElectionSettings
+from reconciler.store import Created, EtcdStore, Fence, KeyValue, StoreError, StoreUnavailableError
+
+log = structlog.get_logger("setpoint.election")
+
+T = TypeVar("T")
+
+REVOKE_TIMEOUT_SECONDS = 2.0  # a clean stop waits no longer than this for etcd to take the lease back
+
+
+def uptime() -> float:
+    """Seconds on a clock that never goes back and, unlike the monotonic clock, keeps counting while the machine
+    is suspended: a leader whose host slept through its lease must see its deadline gone when it wakes."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.monotonic()
+
+
+def default_member_id() -> str:
+    """The host name and the process id: unique per daemon."""
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:100].strip("-.")
+    return f"{host or 'host'}-{os.getpid()}"
+
+
+class Term:
+    """One spell of leadership: its fence, and `ended`, set (with `why`) the moment it is over."""
+
+    def __init__(self, fence: Fence) -> None:
+        self.fence = fence
+        self.ended = asyncio.Event()
+        self.why = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """What one try to lead came to: the term this daemon won, or None and who leads (None: nobody, etcd did
+    not answer)."""
+
+    term: Term | None
+    leader: str | None
+
+
+class Election:
+    def __init__(
+        self,
+        *,
+        store: EtcdStore,
+        keys: KeySpace,
+        settings: ElectionSettings,
+        member: dict[str, Any],
+        metrics: Metrics | None = None,
+        takeover: bool = False,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """`store` is unfenced; `member` is what `members/<id>` and `leader` say about this daemon (its id is
+        added); `takeover`: a `leader` key found at the first try was left by this daemon's previous run;
+        `clock` defaults to `uptime`."""
+        self.member_id = settings.member_id or default_member_id()
+        self._store = store
+        self._settings = settings
+        self._key = keys.leader()
+        self._member_key = keys.member(self.member_id)
+        self._value = json.dumps({**member, "id": self.member_id}).encode()
+        self._metrics = metrics
+        self._gauge = metrics.leader.labels(prefix=keys.prefix) if metrics is not None else None
+        self._takeover = takeover
+        self._clock = clock or uptime
+        self._lease: int | None = None
+        self._renewed = 0.0  # when the last renewal (or grant) that succeeded was sent
+        self._stale: list[int] = []  # leases of ended terms, revoked as soon as etcd answers
+        self._term: Term | None = None
+        self._leading = asyncio.Event()  # set while a term is on
+        self._eligible = asyncio.Event()  # set by `campaign`: this daemon may lead
+        self._wake = asyncio.Event()
+        self._outcomes: list[asyncio.Future[Campaign]] = []  # `campaign` calls waiting for the next try
+        self._seen: tuple[str | None, int] = (None, 0)  # who leads, as last read, and the revision of that read
+        self.leader: str | None = None
+        if self._gauge is not None:
+            self._gauge.set(0)
+
+    # -- what the daemon asks ---------------------------------------------------------------------------------
+
+    def fence(self) -> Fence | None:
+        """The fence of the term on now; None when this daemon does not lead. Ends the term first when its
+        renew deadline has passed (so a process that was frozen finds out at its first write)."""
+        term = self._term
+        if term is None:
+            return None
+        if self._clock() - self._renewed >= self._settings.renew_seconds:
+            self._end("not_renewed", self._not_renewed())
+            return None
+        return term.fence
+
+    async def campaign(self) -> Campaign:
+        """Let this daemon lead from now on, and wait for its next try: the term it won, or who leads."""
+        outcome: asyncio.Future[Campaign] = asyncio.get_running_loop().create_future()
+        self._outcomes.append(outcome)
+        self._eligible.set()
+        self._wake.set()
+        return await outcome
+
+    async def next_term(self) -> Term:
+        """Wait until this daemon leads; the term it won."""
+        while True:
+            await self._leading.wait()
+            term = self._term
+            if term is not None and not term.ended.is_set():
+                return term
+            await asyncio.sleep(0)  # it ended in between: wait for the next one
+
+    async def resign(self) -> None:
+        """End any term and revoke the lease (deleting `leader` and `members/<id>`): for a clean stop, after
+        the runtime has drained. Gives up after REVOKE_TIMEOUT_SECONDS; the lease then expires on its own."""
+        self._eligible.clear()
+        if self._term is not None:
+            self._end(None, "this daemon is stopping")
+        leases = [*self._stale, *([self._lease] if self._lease is not None else [])]
+        self._lease, self._stale = None, []
+        for lease in leases:
+            try:
+                async with asyncio.timeout(REVOKE_TIMEOUT_SECONDS):
+                    await self._store.revoke_lease(lease)
+            except (TimeoutError, StoreUnavailableError, StoreError) as e:
+                log.warning("election.revoke_failed", lease=f"{lease:x}", error=str(e)[:300] or type(e).__name__)
+            else:
+                log.info("election.resigned", member=self.member_id, lease=f"{lease:x}")
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Renew, campaign and check, every `retry_seconds`, until cancelled; never ends otherwise."""
+        while True:
+            started = self._clock()
+            self._wake.clear()
+            outcome: Campaign | None = None
+            try:
+                outcome = await self._round(started)
+            except (TimeoutError, StoreUnavailableError, StoreError) as e:
+                log.warning("election.unavailable", error=str(e)[:300] or type(e).__name__, leading=self.leading)
+                if self._eligible.is_set() and self._term is None:
+                    outcome = Campaign(term=None, leader=None)  # whoever leads, it is not this daemon
+            self.fence()  # ends the term if its deadline passed while etcd did not answer
+            if outcome is not None:
+                self._answer(outcome)
+            await self._pause(started)
+
+    @property
+    def leading(self) -> bool:
+        return self._term is not None
+
+    async def _round(self, started: float) -> Campaign | None:
+        """One renewal and one check or try; the outcome when this daemon tried to lead."""
+        if self._lease is None:
+            await self._register(started)
+        else:
+            ttl = await self._bounded(self._store.keepalive(self._lease))
+            if ttl <= 0:
+                self._lease = None  # gone in etcd: nothing to revoke
+                if self._term is not None:
+                    self._end("lease_gone", "etcd says this daemon's lease is gone (it expired)")
+                else:
+                    log.warning("election.lease_expired", member=self.member_id)
+                await self._register(started)
+            else:
+                self._renewed = started
+        if self._term is not None:
+            kv = await self._bounded(self._store.get(self._key))
+            if kv is None or kv.create_revision != self._term.fence.create_revision:
+                self._end("key_changed", f"{self._key} was deleted or replaced by another daemon")
+            return None
+        if self._eligible.is_set():
+            return await self._try(started)
+        return None
+
+    async def _register(self, started: float) -> None:
+        """Revoke the leases of ended terms, take a new lease, and put `members/<id>` with it."""
+        while self._stale:
+            stale = self._stale[0]
+            try:
+                await self._store.revoke_lease(stale)  # deletes an old `leader` of ours at once
+            except StoreUnavailableError:
+                raise  # tried again at the next round
+            except StoreError as e:  # refused: it expires on its own
+                log.warning("election.revoke_failed", lease=f"{stale:x}", error=str(e)[:300])
+            self._stale.pop(0)
+        lease = await self._store.grant_lease(self._settings.lease_seconds)
+        self._lease, self._renewed = lease.id, started
+        await self._store.put_leased(self._member_key, self._value, lease=lease.id)
+        log.info("election.registered", member=self.member_id, lease=f"{lease.id:x}", ttl=lease.ttl)
+
+    async def _try(self, started: float) -> Campaign:
+        """Create `leader` if it is absent; on a key left by an earlier run of this daemon, revoke its lease and
+        try again at once."""
+        assert self._lease is not None
+        created = await self._store.create(self._key, self._value, lease=self._lease)
+        holder = created.kv
+        if not created.created and holder is not None and holder.lease == self._lease:
+            created = Created(created=True, kv=holder, revision=created.revision)  # a try whose answer was lost
+        elif not created.created and holder is not None and self._left_by_us(holder):
+            log.warning("election.taking_over", left_by=_member_of(holder), lease=f"{holder.lease:x}")
+            await self._store.revoke_lease(holder.lease)
+            created = await self._store.create(self._key, self._value, lease=self._lease)
+            holder = created.kv
+        self._takeover = False  # only the first try may find a key left by this daemon's previous run
+        if created.created and holder is not None:
+            term = Term(Fence(self._key, holder.create_revision))
+            self._term, self.leader = term, self.member_id
+            self._leading.set()
+            if self._gauge is not None:
+                self._gauge.set(1)
+            log.info("election.won", member=self.member_id, fence=holder.create_revision)
+            return Campaign(term=term, leader=self.member_id)
+        leader = _member_of(holder) if holder is not None else None
+        if leader != self.leader:
+            log.info("election.standby", leader=leader, member=self.member_id)
+        self.leader = leader
+        self._seen = (leader, created.revision)
+        return Campaign(term=None, leader=leader)
+
+    def _left_by_us(self, holder: KeyValue) -> bool:
+        """A `leader` key this daemon may take: its own from an ended term (the same member id), or (`takeover`)
+        its previous run's."""
+        return holder.lease != 0 and (self._takeover or _member_of(holder) == self.member_id)
+
+    def _end(self, reason: str | None, why: str) -> None:
+        """End the term on now: at once, before anything else can write. `reason` labels the metric (None: a
+        clean stop, not a loss)."""
+        term = self._term
+        if term is None:
+            return
+        self._term = None
+        self._leading.clear()
+        self._eligible.clear()  # the daemon campaigns again once it stands by with a fresh runtime
+        if self._lease is not None:
+            self._stale.append(self._lease)  # a new term gets a new lease and so a new fence
+            self._lease = None
+        term.why = why
+        term.ended.set()
+        if self._gauge is not None:
+            self._gauge.set(0)
+        if reason is not None:
+            if self._metrics is not None:
+                self._metrics.leadership_lost.labels(reason=reason).inc()
+            log.warning("election.lost", reason=why, member=self.member_id, fence=term.fence.create_revision)
+        self._wake.set()  # revoke the old lease at once
+
+    def _answer(self, outcome: Campaign) -> None:
+        outcomes, self._outcomes = self._outcomes, []
+        for future in outcomes:
+            if not future.done():
+                future.set_result(outcome)
+
+    async def _bounded(self, call: Coroutine[Any, Any, T]) -> T:
+        """`call`, given no longer than the renew deadline while leading (TimeoutError past it)."""
+        if self._term is None:
+            return await call
+        async with asyncio.timeout(max(self._renewed + self._settings.renew_seconds - self._clock(), 0.0)):
+            return await call
+
+    async def _pause(self, started: float) -> None:
+        """Until the next round: `retry_seconds` after this one started, sooner when woken, when a leader's
+        deadline comes, or when a standby sees `leader` deleted."""
+        until = started + self._settings.retry_seconds
+        if self._term is not None:
+            until = min(until, self._renewed + self._settings.renew_seconds)
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
+        if self._term is None and self._eligible.is_set() and self._seen[0] is not None and self._lease is not None:
+            waits.append(asyncio.ensure_future(self._vacated(self._seen[1])))
+        try:
+            await asyncio.wait(waits, timeout=max(until - self._clock(), 0.0), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    async def _vacated(self, revision: int) -> None:
+        """Return when `leader` is deleted after `revision`; wait forever when the watch fails (the next round
+        tries anyway)."""
+        start = self._key.encode()
+        with contextlib.suppress(StoreUnavailableError, StoreError):
+            stream = self._store.watch(start, start + b"\x00", start_revision=revision + 1)
+            async with contextlib.aclosing(stream):
+                async for batch in stream:
+                    if any(event.type == "delete" for event in batch.events):
+                        return
+        await asyncio.Event().wait()
+
+    def _not_renewed(self) -> str:
+        return f"no renewal succeeded within election.renew_seconds ({self._settings.renew_seconds:g} s)"
+
+
+def _member_of(kv: KeyValue) -> str | None:
+    """The member id a `leader` value names, or None when it names none."""
+    try:
+        value = json.loads(kv.value)
+    except ValueError:
+        return None
+    member = value.get("id") if isinstance(value, dict) else None
+    return member if isinstance(member, str) else None
+
+
+def member_value(*, version: str, http: str) -> dict[str, Any]:
+    """What `members/<id>` and `leader` say about this daemon, its id aside."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "version": version,
+        "http": http,
+        "started_at": datetime.now(UTC).isoformat(),
+    }
