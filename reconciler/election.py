@@ -122,6 +122,7 @@ class Election:
         self._key = keys.leader()
         self._member_key = keys.member(self.member_id)
         self._value = json.dumps({**member, "id": self.member_id}).encode()
+        self._host = member.get("host", socket.gethostname())
         self._metrics = metrics
         self._gauge = metrics.leader.labels(prefix=keys.prefix) if metrics is not None else None
         self._takeover = takeover
@@ -279,9 +280,12 @@ class Election:
         return Campaign(term=None, leader=leader)
 
     def _left_by_us(self, holder: KeyValue) -> bool:
-        """A `leader` key this daemon may take: its own from an ended term (the same member id), or (`takeover`)
-        its previous run's."""
-        return holder.lease != 0 and (self._takeover or _member_of(holder) == self.member_id)
+        """A `leader` key this daemon may take: its own from an ended term (the same member id on the same host),
+        or (`takeover`) its previous run's. The host counts too: two hosts given one `member_id` (a ConfigMap
+        shared by the replicas) would otherwise take the key from each other."""
+        if holder.lease == 0:
+            return False
+        return self._takeover or (_member_of(holder) == self.member_id and _host_of(holder) == self._host)
 
     def _end(self, reason: str | None, why: str) -> None:
         """End the term on now: at once, before anything else can write. `reason` labels the metric (None: a
@@ -352,12 +356,21 @@ class Election:
 
 def _member_of(kv: KeyValue) -> str | None:
     """The member id a `leader` value names, or None when it names none."""
+    return _field(kv, "id")
+
+
+def _host_of(kv: KeyValue) -> str | None:
+    """The host a `leader` value names, or None when it names none."""
+    return _field(kv, "host")
+
+
+def _field(kv: KeyValue, name: str) -> str | None:
     try:
         value = json.loads(kv.value)
     except ValueError:
         return None
-    member = value.get("id") if isinstance(value, dict) else None
-    return member if isinstance(member, str) else None
+    field = value.get(name) if isinstance(value, dict) else None
+    return field if isinstance(field, str) else None
 
 
 def member_value(*, version: str, http: str) -> dict[str, Any]:

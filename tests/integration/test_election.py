@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -218,3 +219,25 @@ async def test_a_leader_key_left_by_a_previous_run_is_taken_over_with_the_embedd
     assert outcome.term is not None
     assert (await cluster.leader() or ("",))[0] == "takes"
     assert not await cluster.store.revoke_lease(previous.id), "the old run's lease was revoked"
+
+
+async def test_a_leader_key_under_this_member_id_from_another_host_is_waited_out(cluster: Cluster) -> None:
+    # Two hosts given one member_id (a ConfigMap shared by both replicas) must not take the key from each other:
+    # only a key this host left is this daemon's own.
+    elsewhere = await cluster.store.grant_lease(60)
+    value = {"id": "shared", "host": "another-host.example", "pid": 1}
+    await cluster.store.put_leased(cluster.leader_key, json.dumps(value).encode(), lease=elsewhere.id)
+    here = cluster.start("shared")
+    outcome = await here.election.campaign()
+    assert outcome.term is None and outcome.leader == "shared"
+    assert (await cluster.leader() or ("", 0, 0))[2] == elsewhere.id, "the other host's leader key was taken"
+
+    here.task.cancel()
+    await asyncio.gather(here.task, return_exceptions=True)
+    await here.election.resign()
+    await cluster.store.revoke_lease(elsewhere.id)
+    value["host"] = socket.gethostname()  # the same id on this host: this daemon's previous run
+    previous = await cluster.store.grant_lease(60)
+    await cluster.store.put_leased(cluster.leader_key, json.dumps(value).encode(), lease=previous.id)
+    again = cluster.start("shared")
+    assert (await again.election.campaign()).term is not None
