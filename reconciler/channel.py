@@ -58,6 +58,10 @@ KEEPALIVE_MS = 5_000
 PING_TIMEOUT_MS = 2_000
 
 
+_READY = frozenset({grpc.ChannelConnectivity.READY})
+_PENDING = frozenset({grpc.ChannelConnectivity.CONNECTING, grpc.ChannelConnectivity.IDLE})
+
+
 @dataclass(frozen=True, slots=True)
 class Member:
     """One endpoint as configured (`host:port`) and the gRPC channel to it."""
@@ -84,17 +88,31 @@ class MemberChannels:
             member.channel.get_state(try_to_connect=True)
 
     def pick(self) -> Member:
-        """The member for the next call: the next READY one after the last picked, else simply the next one."""
+        """The member for the next call: the next READY one after the last picked; when none is, the next one
+        still connecting (a call there waits for the outcome, where one on a failed channel fails at once);
+        else simply the next one."""
         n = len(self.members)
-        for k in range(n):
-            i = (self._next + k) % n
-            # try_to_connect wakes a channel that went idle, so it is back in the rotation soon.
-            if self.members[i].channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
-                self._next = i + 1
-                return self.members[i]
+        # try_to_connect wakes a channel that went idle, so it is back in the rotation soon.
+        states = [m.channel.get_state(try_to_connect=True) for m in self.members]
+        for wanted in (_READY, _PENDING):
+            for k in range(n):
+                i = (self._next + k) % n
+                if states[i] in wanted:
+                    self._next = i + 1
+                    return self.members[i]
         member = self.members[self._next % n]
         self._next += 1
         return member
+
+    async def settle(self, timeout: float) -> None:
+        """Return once a member is READY, or none is still connecting, or after `timeout` seconds: the first
+        calls after start would otherwise go to whichever member comes first, up or not."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            states = {m.channel.get_state(try_to_connect=True) for m in self.members}
+            if states & _READY or not states & _PENDING:
+                return
+            await asyncio.sleep(0.01)
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> _Multicallable:
         return _Multicallable(self, [m.channel.unary_unary(method, *args, **kwargs) for m in self.members])

@@ -179,8 +179,12 @@ class EtcdStore:
         await self.close()
 
     async def connect(self) -> None:
+        """Open a channel to every member; returns once one is up, or every one has failed, or after the
+        request timeout."""
         await self._client.connect()
         self._connected = True
+        if self._connections.channels is not None:
+            await self._connections.channels.settle(self._timeout)
 
     async def close(self) -> None:
         if self._connected:

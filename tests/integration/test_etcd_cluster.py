@@ -74,6 +74,18 @@ async def test_a_name_that_does_not_resolve_is_skipped(etcd_cluster: EtcdCluster
     assert kv is not None and kv.value == b"19"
 
 
+async def test_a_client_with_one_attempt_per_call_is_not_sent_to_a_dead_member(etcd_cluster: EtcdCluster) -> None:
+    # The CLI tries each request once: right after connecting, its first call must go to a member that is up,
+    # not to whichever channel comes first in the list.
+    leader = await wait_for_leader(etcd_cluster)
+    dead = next(m for m in etcd_cluster.members if m is not leader)  # a follower: no election mixed in
+    dead.kill()
+    endpoints = [f"localhost:{m.client_port}" for m in (dead, *(m for m in etcd_cluster.members if m is not dead))]
+    for _ in range(10):
+        async with EtcdStore(endpoints, timeout=5, retry_attempts=1) as store:
+            await store.put("/first", b"1")
+
+
 async def test_the_watch_resumes_on_another_member_from_its_revision(etcd_cluster: EtcdCluster) -> None:
     keys = KeySpace(f"/c-{uuid.uuid4().hex[:8]}")
     metrics = Metrics()
