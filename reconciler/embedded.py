@@ -96,7 +96,11 @@ def free_port() -> int:
 
 
 class EmbeddedEtcd:
-    """One single-member etcd on loopback. `start()` blocks until it answers `/health`."""
+    """One etcd member on loopback, alone by default. `start()` blocks until it answers `/health`.
+
+    `name` and `initial_cluster` (etcd's `--initial-cluster`, `name=peer-url,...`) make it one member of a
+    cluster, for tests; a member of a cluster is healthy only once a quorum runs, so start the members with
+    `spawn()` and then wait for each."""
 
     def __init__(
         self,
@@ -107,12 +111,16 @@ class EmbeddedEtcd:
         peer_port: int = 0,
         fast: bool = False,
         log_path: Path | None = None,
+        name: str = "setpoint",
+        initial_cluster: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.binary = find_etcd_binary(binary)
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self._fast = fast
+        self.name = name
+        self._initial_cluster = initial_cluster
         self._log_path = log_path or self.data_dir.parent / "etcd.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -129,13 +137,13 @@ class EmbeddedEtcd:
         peer = f"http://127.0.0.1:{self.peer_port}"
         cmd = [
             self.binary,
-            "--name", "setpoint",
+            "--name", self.name,
             "--data-dir", str(self.data_dir),
             "--listen-client-urls", client,
             "--advertise-client-urls", client,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"setpoint={peer}",
+            "--initial-cluster", self._initial_cluster or f"{self.name}={peer}",
             "--initial-cluster-state", "new",
             "--log-level", "warn",
         ]  # fmt: skip
@@ -146,7 +154,7 @@ class EmbeddedEtcd:
     def start(self, *, timeout: float = 30.0) -> None:
         """Spawn etcd and wait until it is healthy. Call from the main thread (see `spawn_child`)."""
         self.spawn()
-        self._wait_healthy(timeout)
+        self.wait_healthy(timeout)
 
     def spawn(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -159,7 +167,8 @@ class EmbeddedEtcd:
         finally:
             log.close()
 
-    def _wait_healthy(self, timeout: float) -> None:
+    def wait_healthy(self, timeout: float) -> None:
+        """Block until the spawned etcd answers `/health` (it has a leader); kill it after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         url = f"http://127.0.0.1:{self.client_port}/health"
         while True:
@@ -179,7 +188,7 @@ class EmbeddedEtcd:
 
     async def astart(self, *, timeout: float = 30.0) -> None:
         self.spawn()  # in the event loop's thread, which lives as long as the daemon
-        await asyncio.to_thread(self._wait_healthy, timeout)
+        await asyncio.to_thread(self.wait_healthy, timeout)
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if etcd has not exited within `timeout`."""

@@ -48,7 +48,8 @@ class EmbeddedEtcdSettings(_Group):
 class EtcdSettings(_Group):
     endpoints: list[str] = Field(
         default_factory=list,
-        description="etcd client endpoints as host:port. Defaults to empty: run an embedded etcd.",
+        description="etcd client endpoints as host:port, one per cluster member; host names are resolved again "
+        "whenever a connection breaks. Defaults to empty: run an embedded etcd.",
     )
     prefix: str = Field(default="/setpoint", description="Root of setpoint's key space. Defaults to /setpoint.")
     request_timeout_seconds: float = Field(

@@ -1,9 +1,10 @@
-"""The etcd adapter: the only module that imports the etcd client.
+"""The etcd adapter: the only module that imports the etcd client (reconciler/channel.py builds its channel).
 
 It speaks in plain data (`KeyValue`, `WatchBatch`) and a small error
 vocabulary so the rest of the reconciler never sees gRPC. Unary calls go
 through etcd3aio's services (which retry UNAVAILABLE / DEADLINE_EXCEEDED up
-to `retry_attempts` times within the request timeout). The watch is driven on
+to `retry_attempts` times within the request timeout), each try on the next
+member of the cluster that is up (reconciler/channel.py). The watch is driven on
 the raw Watch stub instead of etcd3aio's `watch()`, because that helper
 silently resumes at `compact_revision + 1` after a compaction, which loses
 updates; here a compaction ends the stream with `WatchCompactedError` and the
@@ -38,6 +39,7 @@ from typing import Any, Literal
 
 import grpc
 import grpc.aio
+import structlog
 from etcd3aio import Etcd3Client, EtcdConnectionError, EtcdError, EtcdTransientError, prefix_range_end
 from etcd3aio._protobuf import (
     Compare,
@@ -51,6 +53,9 @@ from etcd3aio._protobuf import (
 )
 
 from plans import TemporaryError
+from reconciler.channel import MemberConnections, with_leader
+
+log = structlog.get_logger("setpoint.store")
 
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 MAX_REQUEST_BYTES = 1_500_000  # etcd's default --max-request-bytes (1.5 MiB)
@@ -203,8 +208,10 @@ class EtcdStore:
         self.endpoints = list(endpoints)
         self._timeout = timeout
         self._client = Etcd3Client(self.endpoints, rpc_max_attempts=retry_attempts)
+        # One channel per member instead of etcd3aio's `ipv4:` target: host names, failover (see channel.py).
+        self._connections = self._client._manager = MemberConnections(self.endpoints)
         # etcd3aio builds its channel from these options and offers no parameter for them.
-        self._client._manager.grpc_options.extend(
+        self._connections.grpc_options.extend(
             [
                 ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                 ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
@@ -223,8 +230,12 @@ class EtcdStore:
         await self.close()
 
     async def connect(self) -> None:
+        """Open a channel to every member; returns once one is up, or every one has failed, or after the
+        request timeout."""
         await self._client.connect()
         self._connected = True
+        if self._connections.channels is not None:
+            await self._connections.channels.settle(self._timeout)
 
     async def close(self) -> None:
         if self._connected:
@@ -465,16 +476,20 @@ class EtcdStore:
         WatchStalledError. None disables either. Ends with WatchCompactedError
         when `start_revision` was compacted, StoreUnavailableError on transport
         failure; never resumes by itself.
+
+        The stream goes to one member, and requires it to have a leader: a member
+        cut off from its quorum cancels it (UNAVAILABLE "no leader").
         """
-        if self._client.watch is None:
+        members = self._connections.channels
+        if self._client.watch is None or members is None:
             raise StoreError("etcd client is not connected")
-        channel = self._client._channel  # the channel etcd3aio built, shared with the unary services
+        member = members.pick()
         create = WatchCreateRequest(
             key=start, range_end=end, start_revision=start_revision, prev_kv=True, progress_notify=True
         )
         heard = asyncio.Event()  # set on every response; the request side times its progress requests by it
-        call = WatchStub(channel).Watch(
-            self._watch_requests(create, heard, progress_after), metadata=self._stream_metadata() or None
+        call = WatchStub(member.channel).Watch(
+            self._watch_requests(create, heard, progress_after), metadata=with_leader(self._stream_metadata())
         )
         responses = call.__aiter__()
         watch_id: int | None = None
@@ -484,7 +499,7 @@ class EtcdStore:
                     async with asyncio.timeout(stall_after):
                         resp = await anext(responses)
                 except StopAsyncIteration:
-                    raise StoreUnavailableError("etcd closed the watch stream") from None
+                    raise StoreUnavailableError(f"etcd at {member.endpoint} closed the watch stream") from None
                 except TimeoutError:
                     raise WatchStalledError(stall_after or 0.0) from None
                 heard.set()
@@ -494,11 +509,21 @@ class EtcdStore:
                     raise StoreUnavailableError(f"etcd cancelled the watch: {resp.cancel_reason or 'no reason'}")
                 if resp.created:
                     watch_id = int(resp.watch_id)
+                    # Which member serves the watch, so that operators can follow a failover.
+                    log.info(
+                        "watch.connected",
+                        endpoint=member.endpoint,
+                        member_id=f"{resp.header.member_id:x}",
+                        key=start.decode("utf-8", "replace"),
+                        start_revision=start_revision,
+                    )
                     if not resp.events:
                         continue
                 yield self._batch(resp, watch_id)
         except grpc.aio.AioRpcError as e:
-            raise StoreUnavailableError(f"watch stream failed: {e.code().name}") from e
+            raise StoreUnavailableError(
+                f"watch stream on etcd at {member.endpoint} failed: {e.code().name}: {e.details()}"
+            ) from e
         finally:
             call.cancel()
 

@@ -1,5 +1,6 @@
-"""Shared fixtures: one real etcd process per test session, on free loopback ports; real Prometheus and
-Alertmanager servers, and the tools that check deploy files (see servers.py)."""
+"""Shared fixtures: one real etcd process per test session, on free loopback ports; a 3-member etcd cluster
+per test that asks for one (see cluster.py); real Prometheus and Alertmanager servers, and the tools that check
+deploy files (see servers.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster import etcd_cluster as etcd_cluster  # a fresh 3-member etcd cluster, for the failover tests
 from llm_fakes import llm_server as llm_server  # the fake model APIs, for tests/llm_router and agents
 from servers import ALERTMANAGER, PROMETHEUS, PROMTOOL, SYSTEMD_ANALYZE, Servers, require
 
