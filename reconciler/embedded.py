@@ -159,9 +159,14 @@ class EmbeddedEtcd:
         finally:
             log.close()
 
+    @property
+    def health_url(self) -> str:
+        """Where `start` asks whether etcd is healthy (an etcd serving TLS answers on a metrics URL instead)."""
+        return f"http://127.0.0.1:{self.client_port}/health"
+
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.client_port}/health"
+        url = self.health_url
         while True:
             assert self._proc is not None
             if self._proc.poll() is not None:

@@ -13,22 +13,55 @@ A watch stream can also go quiet without failing: a frozen etcd process, or
 a half-open TCP connection, answers nothing and reports no error. So the
 stream asks for a progress notification whenever it has been silent for a
 while, and gives up with `WatchStalledError` when not even that is answered.
+
+With TLS the channel verifies etcd's certificate against the given CA and
+may present a client certificate. With credentials, every request and stream
+carries the user's token (`etcd_auth.TokenKeeper` keeps it live): `_call`
+gets the first one before the first request, and when etcd calls a token
+invalid it renews it (one renewal for all callers) and retries the request
+once, as clientv3's unary interceptor does. etcd refuses a request it did not
+authenticate before running it, so the retry cannot apply a write twice. An
+open watch is not affected by its token expiring (etcd checks it when the
+watch is created); a watch created with a dead one is cancelled as
+"permission denied", like one the user may not read, and `watch` tells the
+two apart by reading the same range once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+import contextlib
+import functools
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
 import grpc
 import grpc.aio
-from etcd3aio import Etcd3Client, EtcdConnectionError, EtcdError, EtcdTransientError, prefix_range_end
+from etcd3aio import (
+    Etcd3Client,
+    EtcdConnectionError,
+    EtcdError,
+    EtcdPermissionDeniedError,
+    EtcdTransientError,
+    EtcdUnauthenticatedError,
+    prefix_range_end,
+)
 from etcd3aio._protobuf import Compare, WatchCreateRequest, WatchRequest, WatchStub
 
 from plans import TemporaryError
+from reconciler.etcd_auth import (
+    Credentials,
+    TlsMaterial,
+    TokenKeeper,
+    asks_new_token,
+    handshake_failure,
+    refusal,
+    who,
+)
+
+__all__ = ["Credentials", "TlsMaterial"]  # re-exported: what an EtcdStore is built with
 
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 MAX_REQUEST_BYTES = 1_500_000  # etcd's default --max-request-bytes (1.5 MiB)
@@ -46,6 +79,10 @@ RECONNECT_BACKOFF_MAX_MS = 1_000
 
 class StoreError(Exception):
     """etcd refused or failed a request for a reason retrying will not fix."""
+
+
+class StoreAccessError(StoreError):
+    """etcd refused who we are or what we asked for: a wrong password, a missing permission, or no user."""
 
 
 class StoreUnavailableError(TemporaryError):
@@ -66,6 +103,12 @@ class WatchCompactedError(Exception):
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"watch revision compacted (oldest available {compact_revision})")
         self.compact_revision = compact_revision
+
+
+class _TokenRefused(Exception):
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self.details = details
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,17 +184,51 @@ def range_end(prefix: bytes) -> bytes:
     return bytes(prefix_range_end(prefix))
 
 
+def _text(key: bytes) -> str:
+    """A key as it reads in an error: bytes' repr without b'' (so "/setpoint/x", "\\x00")."""
+    return repr(key)[2:-1]
+
+
+def _txn_what(items: Sequence[tuple[str, bytes]]) -> str:
+    """A transaction named by its keys, for a permission error."""
+    keys = list(dict.fromkeys(key for key, _ in items))
+    if not keys:
+        return "run a transaction"
+    more = f" and {len(keys) - 1} more keys" if len(keys) > 1 else ""
+    return f"run a transaction on {keys[0]}{more}"
+
+
 class EtcdStore:
     """An async etcd client bound to endpoints; use as `async with EtcdStore(...)`."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 10.0, retry_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout: float = 10.0,
+        retry_attempts: int = 3,
+        tls: TlsMaterial | None = None,
+        credentials: Credentials | None = None,
+    ) -> None:
         """`timeout` bounds one request, retries included; `retry_attempts` is how many
-        times a request is tried on UNAVAILABLE / DEADLINE_EXCEEDED. Defaults: 10 s, 3."""
+        times a request is tried on UNAVAILABLE / DEADLINE_EXCEEDED. Defaults: 10 s, 3.
+        `tls`: talk TLS (default plain text); `credentials`: authenticate as that user (default: no user)."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = list(endpoints)
         self._timeout = timeout
-        self._client = Etcd3Client(self.endpoints, rpc_max_attempts=retry_attempts)
+        self._tls = tls
+        self._credentials = credentials
+        self._token = TokenKeeper(self._authenticate) if credentials is not None else None
+        self._renewer: asyncio.Task[None] | None = None
+        self._client = Etcd3Client(
+            self.endpoints,
+            rpc_max_attempts=retry_attempts,
+            ca_cert=tls.ca_cert if tls is not None else None,  # None: plain text
+            cert_chain=tls.cert_chain if tls is not None else None,
+            cert_key=tls.cert_key if tls is not None else None,
+            tls_server_name=tls.server_name if tls is not None else None,
+        )
         # etcd3aio builds its channel from these options and offers no parameter for them.
         self._client._manager.grpc_options.extend(
             [
@@ -174,8 +251,15 @@ class EtcdStore:
     async def connect(self) -> None:
         await self._client.connect()
         self._connected = True
+        if self._token is not None and self._renewer is None:
+            self._renewer = asyncio.create_task(self._token.run(), name="etcd-token")
 
     async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
         if self._connected:
             self._connected = False
             await self._client.close()
@@ -186,34 +270,101 @@ class EtcdStore:
             raise StoreError("etcd client is not connected")
         return self._client.kv
 
-    async def _call(self, coro: Any) -> Any:
+    async def _call(self, request: Callable[[], Awaitable[Any]], *, what: str = "") -> Any:
+        """`request()`'s answer, errors mapped to ours. With credentials the token goes along; a token etcd
+        calls invalid is renewed and the request made once more. `what` (e.g. "read /setpoint/x") names the
+        request in a permission error."""
+        if self._token is None:
+            return await self._call_once(request, what)
+        token = await self._token.ensure()
         try:
-            return await coro
+            return await self._call_once(request, what, token)
+        except _TokenRefused:
+            token = await self._token.renew(token)
+        try:
+            return await self._call_once(request, what, token)
+        except _TokenRefused as e:
+            user = who(self._credentials, self._tls)
+            raise StoreAccessError(f"etcd at {self._where} refused the new auth token of {user}: {e.details}") from e
+
+    async def _call_once(self, request: Callable[[], Awaitable[Any]], what: str, token: str | None = None) -> Any:
+        if token is not None:
+            self._use_token(token)
+        try:
+            return await request()
         except TimeoutError as e:
-            raise StoreUnavailableError(
-                f"etcd at {','.join(self.endpoints)} did not answer within {self._timeout:g} s"
-            ) from e
+            raise StoreUnavailableError(f"etcd at {self._where} did not answer within {self._timeout:g} s") from e
         except (EtcdConnectionError, EtcdTransientError) as e:
             reason = str(e) or type(e).__name__
-            raise StoreUnavailableError(f"etcd at {','.join(self.endpoints)} is unavailable: {reason}") from e
+            reason = handshake_failure(reason, self._tls) or reason
+            raise StoreUnavailableError(f"etcd at {self._where} is unavailable: {reason}") from e
+        except (EtcdUnauthenticatedError, EtcdPermissionDeniedError) as e:
+            cause = e.__cause__
+            details = cause.details() if isinstance(cause, grpc.aio.AioRpcError) else str(e)
+            raise self._refusal(details or str(e), what) from e
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise StoreUnavailableError(f"etcd is unavailable: {e.code().name}") from e
+            if asks_new_token(e.details() or ""):
+                raise self._refusal(e.details(), what) from e
             raise StoreError(f"etcd refused the request: {e.code().name}: {e.details()}") from e
         except EtcdError as e:
             raise StoreError(str(e)) from e
 
-    def _stream_metadata(self) -> tuple[tuple[str, str], ...]:
-        """The gRPC metadata every stream this client opens carries (the unary calls' come from etcd3aio)."""
-        return ()
+    @property
+    def _where(self) -> str:
+        return ",".join(self.endpoints)
 
-    async def ping(self) -> int:
-        """The cluster's current revision; raises StoreUnavailableError when etcd does not answer."""
-        resp = await self._call(self._kvs.get(b"\x00", count_only=True, timeout=self._timeout))
+    def _refusal(self, details: str, what: str) -> Exception:
+        """What etcd's refusal `details` means: a token to renew, or a StoreAccessError saying what to fix."""
+        if asks_new_token(details) and self._credentials is not None:
+            return _TokenRefused(details)
+        user = who(self._credentials, self._tls)
+        credentials = self._credentials is not None
+        return StoreAccessError(refusal(details, what=what, user=user, where=self._where, credentials=credentials))
+
+    def _use_token(self, token: str) -> None:
+        """Send `token` with every unary request from now on. Not on Auth: an Authenticate carrying a dead token
+        fails on etcd before 3.4.14 / 3.3.25 (etcd PR 12165), and clientv3 clears it for the same reason."""
+        client = self._client
+        for service in (client.kv, client.lease, client.maintenance, client.cluster, client.watch):
+            if service is not None:
+                service.set_token(token or None)
+
+    async def _authenticate(self) -> str:
+        """A new token for the credentials; "" when etcd has authentication off (clientv3 carries on too)."""
+        assert self._credentials is not None
+        auth, user = self._client.auth, self._credentials
+        if auth is None:
+            raise StoreError("etcd client is not connected")
+        try:
+            resp = await self._call_once(
+                lambda: auth.authenticate(user.username, user.password, timeout=self._timeout), "authenticate"
+            )
+        except StoreError as e:
+            if "authentication is not enabled" in str(e):
+                return ""
+            if "invalid user ID or password" in str(e):
+                raise self._refusal("invalid user ID or password", "authenticate") from e
+            raise
+        return str(resp.token)
+
+    def _stream_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The gRPC metadata every stream this client opens carries: the current auth token, if any. Await
+        `_token.ensure()` first (as `watch` does) so that a stream opened before any request has one."""
+        token = self._token.token if self._token is not None else None
+        return (("token", token),) if token else ()
+
+    async def ping(self, key: bytes = b"\x00") -> int:
+        """The cluster's current revision; raises StoreUnavailableError when etcd does not answer. It reads
+        (counts) `key`: with authentication on, give one the user may read."""
+        resp = await self._call(
+            lambda: self._kvs.get(key, count_only=True, timeout=self._timeout), what=f"read {_text(key)}"
+        )
         return int(resp.header.revision)
 
     async def get(self, key: str) -> KeyValue | None:
-        resp = await self._call(self._kvs.get(key.encode(), timeout=self._timeout))
+        resp = await self._call(lambda: self._kvs.get(key.encode(), timeout=self._timeout), what=f"read {key}")
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     async def range(self, start: bytes, end: bytes, *, revision: int = 0) -> tuple[list[KeyValue], int]:
@@ -221,7 +372,10 @@ class EtcdStore:
         items: list[KeyValue] = []
         key = start
         while True:
-            resp = await self._call(self._kvs.get(key, end, revision=revision, limit=_PAGE, timeout=self._timeout))
+            resp = await self._call(
+                functools.partial(self._kvs.get, key, end, revision=revision, limit=_PAGE, timeout=self._timeout),
+                what=f"read {_text(start)} to {_text(end)}",
+            )
             if revision == 0:
                 revision = int(resp.header.revision)
             items.extend(_kv(kv) for kv in resp.kvs)
@@ -234,11 +388,11 @@ class EtcdStore:
         return await self.range(start, range_end(start))
 
     async def put(self, key: str, value: bytes) -> int:
-        resp = await self._call(self._kvs.put(key.encode(), value, timeout=self._timeout))
+        resp = await self._call(lambda: self._kvs.put(key.encode(), value, timeout=self._timeout), what=f"write {key}")
         return int(resp.header.revision)
 
     async def delete(self, key: str) -> bool:
-        resp = await self._call(self._kvs.delete(key.encode(), timeout=self._timeout))
+        resp = await self._call(lambda: self._kvs.delete(key.encode(), timeout=self._timeout), what=f"delete {key}")
         return int(resp.deleted) > 0
 
     async def put_all(self, items: Sequence[tuple[str, bytes]]) -> int:
@@ -246,7 +400,7 @@ class EtcdStore:
         if len(items) > MAX_TXN_OPS:
             raise StoreError(f"{len(items)} writes exceed etcd's {MAX_TXN_OPS} operations per transaction")
         ops = self._ops([Put(key, value) for key, value in items])
-        resp = await self._call(self._kvs.txn([], ops, timeout=self._timeout))
+        resp = await self._call(lambda: self._kvs.txn([], ops, timeout=self._timeout), what=_txn_what(items))
         return int(resp.header.revision)
 
     async def txn(
@@ -262,8 +416,10 @@ class EtcdStore:
             Compare(result=Compare.EQUAL, target=Compare.MOD, key=g.key.encode(), mod_revision=g.mod_revision)
             for g in guards
         ]
+        success, failure = self._ops(then), self._ops(otherwise)
+        keys = [(g.key, b"") for g in guards] + [(op.key, b"") for op in (*then, *otherwise)]
         resp = await self._call(
-            self._kvs.txn(compare, self._ops(then), self._ops(otherwise), timeout=self._timeout)
+            lambda: self._kvs.txn(compare, success, failure, timeout=self._timeout), what=_txn_what(keys)
         )
         return bool(resp.succeeded)
 
@@ -278,11 +434,12 @@ class EtcdStore:
         """The etcd version of the member this client talks to."""
         if self._client.maintenance is None:
             raise StoreError("etcd client is not connected")
-        resp = await self._call(self._client.maintenance.status(timeout=self._timeout))
+        maintenance = self._client.maintenance
+        resp = await self._call(lambda: maintenance.status(timeout=self._timeout))
         return str(resp.version)
 
     async def compact(self, revision: int) -> None:
-        await self._call(self._kvs.compact(revision, physical=True, timeout=self._timeout))
+        await self._call(lambda: self._kvs.compact(revision, physical=True, timeout=self._timeout))
 
     async def watch(
         self,
@@ -304,6 +461,8 @@ class EtcdStore:
         """
         if self._client.watch is None:
             raise StoreError("etcd client is not connected")
+        if self._token is not None:
+            await self._call(self._token.ensure)  # the first token, or a StoreError saying why there is none
         channel = self._client._channel  # the channel etcd3aio built, shared with the unary services
         create = WatchCreateRequest(
             key=start, range_end=end, start_revision=start_revision, prev_kv=True, progress_notify=True
@@ -327,6 +486,8 @@ class EtcdStore:
                 if resp.compact_revision > 0:
                     raise WatchCompactedError(int(resp.compact_revision))
                 if resp.canceled:
+                    if "permission denied" in resp.cancel_reason:
+                        await self._may_watch(start, end)
                     raise StoreUnavailableError(f"etcd cancelled the watch: {resp.cancel_reason or 'no reason'}")
                 if resp.created:
                     watch_id = int(resp.watch_id)
@@ -337,6 +498,14 @@ class EtcdStore:
             raise StoreUnavailableError(f"watch stream failed: {e.code().name}") from e
         finally:
             call.cancel()
+
+    async def _may_watch(self, start: bytes, end: bytes) -> None:
+        """After etcd refused a watch on [start, end) as "permission denied": raise StoreAccessError when the user
+        may not read that range; else the watch's token had expired, and reading renewed it for the next watch."""
+        await self._call(
+            lambda: self._kvs.get(start, end, count_only=True, timeout=self._timeout),
+            what=f"watch {_text(start)} to {_text(end)}",
+        )
 
     @staticmethod
     async def _watch_requests(create: Any, heard: asyncio.Event, progress_after: float | None) -> AsyncIterator[Any]:
