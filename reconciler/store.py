@@ -462,7 +462,7 @@ class EtcdStore:
         if self._client.watch is None:
             raise StoreError("etcd client is not connected")
         if self._token is not None:
-            await self._call(self._token.ensure)  # the first token, or a StoreError saying why there is none
+            await self._token.ensure()  # the first token, or the StoreError saying why there is none
         channel = self._client._channel  # the channel etcd3aio built, shared with the unary services
         create = WatchCreateRequest(
             key=start, range_end=end, start_revision=start_revision, prev_kv=True, progress_notify=True
