@@ -61,15 +61,15 @@ from policies.hooks import read_secret
 from reconciler.assembly import Assembly, Runtime, assemble, build
 from reconciler.cache import Cache
 from reconciler.clock import SystemClock
-from reconciler.connect import open_store
+from reconciler.connect import CredentialsError, open_store
 from reconciler.election import Election, Term, member_value
 from reconciler.embedded import EmbeddedEtcd, StateDirLock, etcd_version, older_than_supported, remove_endpoint_file
 from reconciler.errors import StartupError
 from reconciler.http import AlertApi, ApprovalApi, HttpServer
-from reconciler.keys import KeySpace
+from reconciler.keys import KeySpace, Section
 from reconciler.metrics import Metrics
 from reconciler.settings import Settings
-from reconciler.store import EtcdStore, StoreError, StoreUnavailableError
+from reconciler.store import EtcdStore, StoreAccessError, StoreError, StoreUnavailableError
 from reconciler.systemd import Notifier
 
 log = structlog.get_logger("setpoint.daemon")
@@ -234,18 +234,28 @@ class Daemon:
         )  # fmt: skip
 
     async def _connect(self, stop: asyncio.Event) -> EtcdStore | None:
+        """Connect and wait until etcd answers. A refusal of who we are (password, permission) stops the start:
+        waiting would not change it. A failed TLS handshake is waited out like an etcd that is down, its reason
+        in every `etcd.unreachable` line: the fix may be on etcd's side."""
         etcd = self.settings.etcd
-        store = open_store(
-            etcd, self.endpoints, timeout=etcd.request_timeout_seconds, retry_attempts=etcd.retry_attempts
-        )
+        try:
+            store = open_store(
+                etcd, self.endpoints, timeout=etcd.request_timeout_seconds, retry_attempts=etcd.retry_attempts
+            )
+        except CredentialsError as e:
+            raise StartupError(str(e)) from None
         await store.connect()
         delay = 0.2
         where = ", ".join(self.endpoints)
         self._systemd.status(f"connecting to etcd at {where}")
         while not stop.is_set():
             try:
-                revision = await store.ping()
+                # A key the daemon's etcd role may read (README: Securing etcd).
+                revision = await store.ping(self.keys.section(Section.DESIRED).encode())
                 server = await store.server_version()
+            except StoreAccessError as e:
+                await store.close()
+                raise StartupError(str(e)) from None
             except (StoreUnavailableError, StoreError) as e:
                 log.warning("etcd.unreachable", endpoints=self.endpoints, error=str(e), retry_in=round(delay, 2))
                 self._systemd.status(f"etcd at {where} unreachable, retrying in {delay:.1f} s: {str(e)[:200]}")

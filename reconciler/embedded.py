@@ -167,10 +167,15 @@ class EmbeddedEtcd:
         finally:
             log.close()
 
+    @property
+    def health_url(self) -> str:
+        """Where `start` asks whether etcd is healthy (an etcd serving TLS answers on a metrics URL instead)."""
+        return f"http://127.0.0.1:{self.client_port}/health"
+
     def wait_healthy(self, timeout: float) -> None:
         """Block until the spawned etcd answers `/health` (it has a leader); kill it after `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.client_port}/health"
+        url = self.health_url
         while True:
             assert self._proc is not None
             if self._proc.poll() is not None:

@@ -7,6 +7,7 @@ to the file's own directory, so a config works from any working directory.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -45,11 +46,61 @@ class EmbeddedEtcdSettings(_Group):
     peer_port: int = Field(default=0, ge=0, le=65535, description="Loopback peer port. Defaults to 0: a free port.")
 
 
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1 (brackets allowed): traffic that never leaves the machine."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class EtcdTlsSettings(_Group):
+    ca_file: str | None = Field(
+        default=None,
+        description="PEM file of the CA(s) that signed etcd's server certificates; setting it turns TLS on. "
+        "Defaults to none: plain text.",
+    )
+    cert_file: str | None = Field(
+        default=None, description="PEM client certificate, for etcd's --client-cert-auth. Defaults to none."
+    )
+    key_file: str | None = Field(
+        default=None, description="PEM private key of cert_file (not encrypted). Defaults to none."
+    )
+    server_name: str | None = Field(
+        default=None,
+        description="Name to verify etcd's certificates against instead of each endpoint's host. Defaults to none.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> EtcdTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set cert_file and key_file together (a client certificate and its key), or neither")
+        if self.ca_file is None and (self.cert_file is not None or self.server_name is not None):
+            given = "cert_file" if self.cert_file is not None else "server_name"
+            raise ValueError(f"{given} needs ca_file: TLS is on only with the CA that signed etcd's certificates")
+        return self
+
+
 class EtcdSettings(_Group):
     endpoints: list[str] = Field(
         default_factory=list,
         description="etcd client endpoints as host:port, one per cluster member; host names are resolved again "
         "whenever a connection breaks. Defaults to empty: run an embedded etcd.",
+    )
+    tls: EtcdTlsSettings = Field(default_factory=EtcdTlsSettings)
+    username: str | None = Field(
+        default=None, description="etcd user to authenticate as. Defaults to none: no authentication."
+    )
+    password_file: str | None = Field(default=None, description="File holding that user's password.")
+    password_env: str | None = Field(
+        default=None, description="Environment variable holding that user's password; set it or password_file."
+    )
+    insecure: bool = Field(
+        default=False,
+        description="Allow plain text (no etcd.tls) to an endpoint that is not on this host. Defaults to false.",
     )
     prefix: str = Field(default="/setpoint", description="Root of setpoint's key space. Defaults to /setpoint.")
     request_timeout_seconds: float = Field(
@@ -73,6 +124,25 @@ class EtcdSettings(_Group):
         if not value.startswith("/") or "//" in value or len(value) < 2:
             raise ValueError(f"prefix {value!r} must be an absolute key path such as /setpoint")
         return value
+
+    @model_validator(mode="after")
+    def _secured(self) -> EtcdSettings:
+        if self.username is not None and (self.password_file is None) == (self.password_env is None):
+            raise ValueError(f"username {self.username!r} needs its password from password_file or password_env (one)")
+        if self.username is None and (self.password_file is not None or self.password_env is not None):
+            raise ValueError("a password (password_file or password_env) needs username")
+        if not self.endpoints and (self.tls.ca_file is not None or self.username is not None):
+            raise ValueError(
+                "tls and username apply to etcd.endpoints; with none, the embedded etcd is plain text on loopback"
+            )
+        if self.tls.ca_file is None and not self.insecure:
+            for endpoint in self.endpoints:
+                if not is_loopback(endpoint.rpartition(":")[0]):
+                    raise ValueError(
+                        f"endpoint {endpoint} is not on this host and would be sent plain text: set etcd.tls.ca_file "
+                        f"(README: Securing etcd), or etcd.insecure: true to send plain text anyway"
+                    )
+        return self
 
 
 class WatchSettings(_Group):
@@ -485,9 +555,15 @@ def _absolutise(data: dict[str, Any], base: Path) -> None:
     for name in ("state_dir", "log_dir"):
         if name in process_agent:
             process_agent[name] = absolute(process_agent[name])
-    for section, name in (("policies", "file"), ("approvals", "token_file"), ("alerts", "token_file")):
+    for section, name in (
+        ("policies", "file"), ("approvals", "token_file"), ("alerts", "token_file"), ("etcd", "password_file"),
+    ):  # fmt: skip
         if name in group(section):
             group(section)[name] = absolute(group(section)[name])
+    etcd_tls = group("etcd", "tls")
+    for name in ("ca_file", "cert_file", "key_file"):
+        if name in etcd_tls:
+            etcd_tls[name] = absolute(etcd_tls[name])
     for hook in group("approvals").get("webhooks") or []:
         if isinstance(hook, dict) and "secret_file" in hook:
             hook["secret_file"] = absolute(hook["secret_file"])

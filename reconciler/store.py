@@ -27,12 +27,25 @@ the key it created is gone or someone else's, whatever it believes. Reads
 and watches are the same in the view. Nested transactions need etcd 3.3 or
 newer. The lease calls (`grant_lease`, `keepalive`, `revoke_lease`,
 `put_leased`, `create`) are what the election (`election.py`) needs.
+With TLS the channel verifies etcd's certificate against the given CA and
+may present a client certificate. With credentials, every request and stream
+carries the user's token (`etcd_auth.TokenKeeper` keeps it live): `_call`
+gets the first one before the first request, and when etcd calls a token
+invalid it renews it (one renewal for all callers) and retries the request
+once, as clientv3's unary interceptor does. etcd refuses a request it did not
+authenticate before running it, so the retry cannot apply a write twice. An
+open watch is not affected by its token expiring (etcd checks it when the
+watch is created); a watch created with a dead one is cancelled as
+"permission denied", like one the user may not read, and `watch` tells the
+two apart by reading the same range once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+import contextlib
+import functools
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -40,7 +53,15 @@ from typing import Any, Literal
 import grpc
 import grpc.aio
 import structlog
-from etcd3aio import Etcd3Client, EtcdConnectionError, EtcdError, EtcdTransientError, prefix_range_end
+from etcd3aio import (
+    Etcd3Client,
+    EtcdConnectionError,
+    EtcdError,
+    EtcdPermissionDeniedError,
+    EtcdTransientError,
+    EtcdUnauthenticatedError,
+    prefix_range_end,
+)
 from etcd3aio._protobuf import (
     Compare,
     LeaseKeepAliveRequest,
@@ -54,6 +75,17 @@ from etcd3aio._protobuf import (
 
 from plans import TemporaryError
 from reconciler.channel import MemberConnections, with_leader
+from reconciler.etcd_auth import (
+    Credentials,
+    TlsMaterial,
+    TokenKeeper,
+    asks_new_token,
+    handshake_failure,
+    refusal,
+    who,
+)
+
+__all__ = ["Credentials", "TlsMaterial"]  # re-exported: what an EtcdStore is built with
 
 log = structlog.get_logger("setpoint.store")
 
@@ -79,6 +111,10 @@ class LeadershipLostError(StoreError):
     """A fenced write was refused, or not sent: this daemon does not lead (any more), so it may write nothing."""
 
 
+class StoreAccessError(StoreError):
+    """etcd refused who we are or what we asked for: a wrong password, a missing permission, or no user."""
+
+
 class StoreUnavailableError(TemporaryError):
     """etcd could not be reached or did not answer in time."""
 
@@ -97,6 +133,12 @@ class WatchCompactedError(Exception):
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"watch revision compacted (oldest available {compact_revision})")
         self.compact_revision = compact_revision
+
+
+class _TokenRefused(Exception):
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self.details = details
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,17 +239,51 @@ def range_end(prefix: bytes) -> bytes:
     return bytes(prefix_range_end(prefix))
 
 
+def _text(key: bytes) -> str:
+    """A key as it reads in an error: bytes' repr without b'' (so "/setpoint/x", "\\x00")."""
+    return repr(key)[2:-1]
+
+
+def _txn_what(items: Sequence[tuple[str, bytes]]) -> str:
+    """A transaction named by its keys, for a permission error."""
+    keys = list(dict.fromkeys(key for key, _ in items))
+    if not keys:
+        return "run a transaction"
+    more = f" and {len(keys) - 1} more keys" if len(keys) > 1 else ""
+    return f"run a transaction on {keys[0]}{more}"
+
+
 class EtcdStore:
     """An async etcd client bound to endpoints; use as `async with EtcdStore(...)`."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 10.0, retry_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout: float = 10.0,
+        retry_attempts: int = 3,
+        tls: TlsMaterial | None = None,
+        credentials: Credentials | None = None,
+    ) -> None:
         """`timeout` bounds one request, retries included; `retry_attempts` is how many
-        times a request is tried on UNAVAILABLE / DEADLINE_EXCEEDED. Defaults: 10 s, 3."""
+        times a request is tried on UNAVAILABLE / DEADLINE_EXCEEDED. Defaults: 10 s, 3.
+        `tls`: talk TLS (default plain text); `credentials`: authenticate as that user (default: no user)."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = list(endpoints)
         self._timeout = timeout
-        self._client = Etcd3Client(self.endpoints, rpc_max_attempts=retry_attempts)
+        self._tls = tls
+        self._credentials = credentials
+        self._token = TokenKeeper(self._authenticate) if credentials is not None else None
+        self._renewer: asyncio.Task[None] | None = None
+        self._client = Etcd3Client(
+            self.endpoints,
+            rpc_max_attempts=retry_attempts,
+            ca_cert=tls.ca_cert if tls is not None else None,  # None: plain text
+            cert_chain=tls.cert_chain if tls is not None else None,
+            cert_key=tls.cert_key if tls is not None else None,
+            tls_server_name=tls.server_name if tls is not None else None,
+        )
         # One channel per member instead of etcd3aio's `ipv4:` target: host names, failover (see channel.py).
         self._connections = self._client._manager = MemberConnections(self.endpoints)
         # etcd3aio builds its channel from these options and offers no parameter for them.
@@ -236,8 +312,15 @@ class EtcdStore:
         self._connected = True
         if self._connections.channels is not None:
             await self._connections.channels.settle(self._timeout)
+        if self._token is not None and self._renewer is None:
+            self._renewer = asyncio.create_task(self._token.run(), name="etcd-token")
 
     async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
         if self._connected:
             self._connected = False
             await self._client.close()
@@ -248,34 +331,101 @@ class EtcdStore:
             raise StoreError("etcd client is not connected")
         return self._client.kv
 
-    async def _call(self, coro: Any) -> Any:
+    async def _call(self, request: Callable[[], Awaitable[Any]], *, what: str = "") -> Any:
+        """`request()`'s answer, errors mapped to ours. With credentials the token goes along; a token etcd
+        calls invalid is renewed and the request made once more. `what` (e.g. "read /setpoint/x") names the
+        request in a permission error."""
+        if self._token is None:
+            return await self._call_once(request, what)
+        token = await self._token.ensure()
         try:
-            return await coro
+            return await self._call_once(request, what, token)
+        except _TokenRefused:
+            token = await self._token.renew(token)
+        try:
+            return await self._call_once(request, what, token)
+        except _TokenRefused as e:
+            user = who(self._credentials, self._tls)
+            raise StoreAccessError(f"etcd at {self._where} refused the new auth token of {user}: {e.details}") from e
+
+    async def _call_once(self, request: Callable[[], Awaitable[Any]], what: str, token: str | None = None) -> Any:
+        if token is not None:
+            self._use_token(token)
+        try:
+            return await request()
         except TimeoutError as e:
-            raise StoreUnavailableError(
-                f"etcd at {','.join(self.endpoints)} did not answer within {self._timeout:g} s"
-            ) from e
+            raise StoreUnavailableError(f"etcd at {self._where} did not answer within {self._timeout:g} s") from e
         except (EtcdConnectionError, EtcdTransientError) as e:
             reason = str(e) or type(e).__name__
-            raise StoreUnavailableError(f"etcd at {','.join(self.endpoints)} is unavailable: {reason}") from e
+            reason = handshake_failure(reason, self._tls) or reason
+            raise StoreUnavailableError(f"etcd at {self._where} is unavailable: {reason}") from e
+        except (EtcdUnauthenticatedError, EtcdPermissionDeniedError) as e:
+            cause = e.__cause__
+            details = cause.details() if isinstance(cause, grpc.aio.AioRpcError) else str(e)
+            raise self._refusal(details or str(e), what) from e
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise StoreUnavailableError(f"etcd is unavailable: {e.code().name}") from e
+            if asks_new_token(e.details() or ""):
+                raise self._refusal(e.details(), what) from e
             raise StoreError(f"etcd refused the request: {e.code().name}: {e.details()}") from e
         except EtcdError as e:
             raise StoreError(str(e)) from e
 
-    def _stream_metadata(self) -> tuple[tuple[str, str], ...]:
-        """The gRPC metadata every stream this client opens carries (the unary calls' come from etcd3aio)."""
-        return ()
+    @property
+    def _where(self) -> str:
+        return ",".join(self.endpoints)
 
-    async def ping(self) -> int:
-        """The cluster's current revision; raises StoreUnavailableError when etcd does not answer."""
-        resp = await self._call(self._kvs.get(b"\x00", count_only=True, timeout=self._timeout))
+    def _refusal(self, details: str, what: str) -> Exception:
+        """What etcd's refusal `details` means: a token to renew, or a StoreAccessError saying what to fix."""
+        if asks_new_token(details) and self._credentials is not None:
+            return _TokenRefused(details)
+        user = who(self._credentials, self._tls)
+        credentials = self._credentials is not None
+        return StoreAccessError(refusal(details, what=what, user=user, where=self._where, credentials=credentials))
+
+    def _use_token(self, token: str) -> None:
+        """Send `token` with every unary request from now on. Not on Auth: an Authenticate carrying a dead token
+        fails on etcd before 3.4.14 / 3.3.25 (etcd PR 12165), and clientv3 clears it for the same reason."""
+        client = self._client
+        for service in (client.kv, client.lease, client.maintenance, client.cluster, client.watch):
+            if service is not None:
+                service.set_token(token or None)
+
+    async def _authenticate(self) -> str:
+        """A new token for the credentials; "" when etcd has authentication off (clientv3 carries on too)."""
+        assert self._credentials is not None
+        auth, user = self._client.auth, self._credentials
+        if auth is None:
+            raise StoreError("etcd client is not connected")
+        try:
+            resp = await self._call_once(
+                lambda: auth.authenticate(user.username, user.password, timeout=self._timeout), "authenticate"
+            )
+        except StoreError as e:
+            if "authentication is not enabled" in str(e):
+                return ""
+            if "invalid user ID or password" in str(e):
+                raise self._refusal("invalid user ID or password", "authenticate") from e
+            raise
+        return str(resp.token)
+
+    def _stream_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The gRPC metadata every stream this client opens carries: the current auth token, if any. Await
+        `_token.ensure()` first (as `watch` does) so that a stream opened before any request has one."""
+        token = self._token.token if self._token is not None else None
+        return (("token", token),) if token else ()
+
+    async def ping(self, key: bytes = b"\x00") -> int:
+        """The cluster's current revision; raises StoreUnavailableError when etcd does not answer. It reads
+        (counts) `key`: with authentication on, give one the user may read."""
+        resp = await self._call(
+            lambda: self._kvs.get(key, count_only=True, timeout=self._timeout), what=f"read {_text(key)}"
+        )
         return int(resp.header.revision)
 
     async def get(self, key: str) -> KeyValue | None:
-        resp = await self._call(self._kvs.get(key.encode(), timeout=self._timeout))
+        resp = await self._call(lambda: self._kvs.get(key.encode(), timeout=self._timeout), what=f"read {key}")
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     async def range(self, start: bytes, end: bytes, *, revision: int = 0) -> tuple[list[KeyValue], int]:
@@ -283,7 +433,10 @@ class EtcdStore:
         items: list[KeyValue] = []
         key = start
         while True:
-            resp = await self._call(self._kvs.get(key, end, revision=revision, limit=_PAGE, timeout=self._timeout))
+            resp = await self._call(
+                functools.partial(self._kvs.get, key, end, revision=revision, limit=_PAGE, timeout=self._timeout),
+                what=f"read {_text(start)} to {_text(end)}",
+            )
             if revision == 0:
                 revision = int(resp.header.revision)
             items.extend(_kv(kv) for kv in resp.kvs)
@@ -319,17 +472,19 @@ class EtcdStore:
     async def put(self, key: str, value: bytes) -> int:
         fence = self._fence_now()
         if fence is None:
-            resp = await self._call(self._kvs.put(key.encode(), value, timeout=self._timeout))
+            resp = await self._call(
+                lambda: self._kvs.put(key.encode(), value, timeout=self._timeout), what=f"write {key}"
+            )
             return int(resp.header.revision)
-        _, revision = await self._commit([], self._ops([Put(key, value)]), [], fence=fence, what=key)
+        _, revision = await self._commit([], self._ops([Put(key, value)]), [], fence=fence, keys=[key])
         return revision
 
     async def delete(self, key: str) -> bool:
         fence = self._fence_now()
         if fence is None:
-            resp = await self._call(self._kvs.delete(key.encode(), timeout=self._timeout))
+            resp = await self._call(lambda: self._kvs.delete(key.encode(), timeout=self._timeout), what=f"delete {key}")
             return int(resp.deleted) > 0
-        inner, _ = await self._commit([], self._ops([Delete(key)]), [], fence=fence, what=key)
+        inner, _ = await self._commit([], self._ops([Delete(key)]), [], fence=fence, keys=[key])
         return int(inner.responses[0].response_delete_range.deleted) > 0
 
     async def put_all(self, items: Sequence[tuple[str, bytes]]) -> int:
@@ -337,8 +492,7 @@ class EtcdStore:
         if len(items) > MAX_TXN_OPS:
             raise StoreError(f"{len(items)} writes exceed etcd's {MAX_TXN_OPS} operations per transaction")
         ops = self._ops([Put(key, value) for key, value in items])
-        what = items[0][0] if items else "nothing"
-        _, revision = await self._commit([], ops, [], fence=self._fence_now(), what=what)
+        _, revision = await self._commit([], ops, [], fence=self._fence_now(), keys=[key for key, _ in items])
         return revision
 
     async def txn(
@@ -354,28 +508,31 @@ class EtcdStore:
             Compare(result=Compare.EQUAL, target=Compare.MOD, key=g.key.encode(), mod_revision=g.mod_revision)
             for g in guards
         ]
-        what = next((op.key for op in [*then, *otherwise]), "nothing (a check of guards)")
+        keys = [g.key for g in guards] + [op.key for op in (*then, *otherwise)]
         inner, _ = await self._commit(
-            compare, self._ops(then), self._ops(otherwise), fence=self._fence_now(), what=what
+            compare, self._ops(then), self._ops(otherwise), fence=self._fence_now(), keys=keys
         )
         return bool(inner.succeeded)
 
     async def _commit(
-        self, compare: list[Any], then: list[Any], otherwise: list[Any], *, fence: Fence | None, what: str
+        self, compare: list[Any], then: list[Any], otherwise: list[Any], *, fence: Fence | None, keys: Sequence[str]
     ) -> tuple[Any, int]:
         """Send one transaction, nested inside `fence`'s comparison unless it is None; the response of the
-        caller's transaction and the store's revision after it. `what` names the write in errors."""
+        caller's transaction and the store's revision after it. `keys` (those it compares and writes) name the
+        transaction in errors."""
+        what = _txn_what([(key, b"") for key in keys])
         if fence is None:
-            resp = await self._call(self._kvs.txn(compare, then, otherwise, timeout=self._timeout))
+            resp = await self._call(lambda: self._kvs.txn(compare, then, otherwise, timeout=self._timeout), what=what)
             return resp, int(resp.header.revision)
         held = Compare(
             result=Compare.EQUAL, target=Compare.CREATE, key=fence.key.encode(), create_revision=fence.create_revision
         )
         nested = RequestOp(request_txn=TxnRequest(compare=compare, success=then, failure=otherwise))
-        resp = await self._call(self._kvs.txn([held], [nested], [], timeout=self._timeout))
+        resp = await self._call(lambda: self._kvs.txn([held], [nested], [], timeout=self._timeout), what=what)
         if not resp.succeeded:
+            written = next(iter(keys), "nothing")
             raise LeadershipLostError(
-                f"etcd refused the write of {what}: {fence.key} is no longer the key this daemon created at "
+                f"etcd refused the write of {written}: {fence.key} is no longer the key this daemon created at "
                 f"revision {fence.create_revision}, so another daemon leads or none does"
             )
         return resp.responses[0].response_txn, int(resp.header.revision)
@@ -397,11 +554,14 @@ class EtcdStore:
 
     async def grant_lease(self, ttl: int) -> Lease:
         """A new lease of `ttl` seconds (etcd may grant more: it raises a TTL below its minimum)."""
-        resp = await self._call(self._leases.grant(ttl, timeout=self._timeout))
+        leases = self._leases
+        resp = await self._call(lambda: leases.grant(ttl, timeout=self._timeout), what="grant a lease")
         return Lease(id=int(resp.ID), ttl=int(resp.TTL))
 
     async def keepalive(self, lease_id: int) -> int:
         """Renew `lease_id` once (one round trip on a keepalive stream); its TTL now, or 0 when it is gone."""
+        if self._token is not None:
+            await self._token.ensure()  # the stream carries the token it has now
         call = LeaseStub(self._client._channel).LeaseKeepAlive(
             _one(LeaseKeepAliveRequest(ID=lease_id)), metadata=self._stream_metadata() or None
         )
@@ -424,7 +584,8 @@ class EtcdStore:
     async def revoke_lease(self, lease_id: int) -> bool:
         """Revoke `lease_id`, deleting every key attached to it; False when etcd no longer knows it."""
         try:
-            await self._call(self._leases.revoke(lease_id, timeout=self._timeout))
+            leases = self._leases
+            await self._call(lambda: leases.revoke(lease_id, timeout=self._timeout), what=f"revoke lease {lease_id:x}")
         except StoreError as e:
             cause = e.__cause__
             if isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.NOT_FOUND:
@@ -434,7 +595,9 @@ class EtcdStore:
 
     async def put_leased(self, key: str, value: bytes, *, lease: int) -> int:
         """Put `key` attached to `lease` (it goes when the lease does); never fenced. The store's revision."""
-        resp = await self._call(self._kvs.put(key.encode(), value, lease=lease, timeout=self._timeout))
+        resp = await self._call(
+            lambda: self._kvs.put(key.encode(), value, lease=lease, timeout=self._timeout), what=f"write {key}"
+        )
         return int(resp.header.revision)
 
     async def create(self, key: str, value: bytes, *, lease: int = 0) -> Created:
@@ -442,8 +605,9 @@ class EtcdStore:
         kvs = self._kvs
         absent = Compare(result=Compare.EQUAL, target=Compare.CREATE, key=key.encode(), create_revision=0)
         read = kvs.txn_op_get(key.encode())
+        then = [kvs.txn_op_put(key.encode(), value, lease=lease), read]
         resp = await self._call(
-            kvs.txn([absent], [kvs.txn_op_put(key.encode(), value, lease=lease), read], [read], timeout=self._timeout)
+            lambda: kvs.txn([absent], then, [read], timeout=self._timeout), what=f"run a transaction on {key}"
         )
         found = resp.responses[-1].response_range.kvs
         return Created(created=bool(resp.succeeded), kv=_kv(found[0]) if found else None,
@@ -453,11 +617,12 @@ class EtcdStore:
         """The etcd version of the member this client talks to."""
         if self._client.maintenance is None:
             raise StoreError("etcd client is not connected")
-        resp = await self._call(self._client.maintenance.status(timeout=self._timeout))
+        maintenance = self._client.maintenance
+        resp = await self._call(lambda: maintenance.status(timeout=self._timeout))
         return str(resp.version)
 
     async def compact(self, revision: int) -> None:
-        await self._call(self._kvs.compact(revision, physical=True, timeout=self._timeout))
+        await self._call(lambda: self._kvs.compact(revision, physical=True, timeout=self._timeout))
 
     async def watch(
         self,
@@ -484,6 +649,8 @@ class EtcdStore:
         if self._client.watch is None or members is None:
             raise StoreError("etcd client is not connected")
         member = members.pick()
+        if self._token is not None:
+            await self._token.ensure()  # the first token, or the StoreError saying why there is none
         create = WatchCreateRequest(
             key=start, range_end=end, start_revision=start_revision, prev_kv=True, progress_notify=True
         )
@@ -506,6 +673,8 @@ class EtcdStore:
                 if resp.compact_revision > 0:
                     raise WatchCompactedError(int(resp.compact_revision))
                 if resp.canceled:
+                    if "permission denied" in resp.cancel_reason:
+                        await self._may_watch(start, end)
                     raise StoreUnavailableError(f"etcd cancelled the watch: {resp.cancel_reason or 'no reason'}")
                 if resp.created:
                     watch_id = int(resp.watch_id)
@@ -526,6 +695,14 @@ class EtcdStore:
             ) from e
         finally:
             call.cancel()
+
+    async def _may_watch(self, start: bytes, end: bytes) -> None:
+        """After etcd refused a watch on [start, end) as "permission denied": raise StoreAccessError when the user
+        may not read that range; else the watch's token had expired, and reading renewed it for the next watch."""
+        await self._call(
+            lambda: self._kvs.get(start, end, count_only=True, timeout=self._timeout),
+            what=f"watch {_text(start)} to {_text(end)}",
+        )
 
     @staticmethod
     async def _watch_requests(create: Any, heard: asyncio.Event, progress_after: float | None) -> AsyncIterator[Any]:

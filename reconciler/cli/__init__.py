@@ -7,8 +7,14 @@ stops reading (`setpoint status | head -1`) ends the command quietly (141).
 
 from __future__ import annotations
 
-import argparse
 import os
+
+# gRPC's C core prints some failures on stderr as its own log lines (a refused TLS handshake, at INFO), next to
+# the command's one-sentence error and between the daemon's JSON log lines. It reads its verbosity once, when
+# grpc is first imported, which the imports below do. A GRPC_VERBOSITY set by the user is kept.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import argparse
 import signal
 import sys
 import traceback

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from plans import ResourceKey
-from reconciler.connect import open_store
+from reconciler.connect import CredentialsError, open_store
 from reconciler.embedded import read_endpoint_file
 from reconciler.settings import Settings, load_settings
 from reconciler.store import EtcdStore
@@ -67,7 +67,10 @@ def endpoints(settings: Settings) -> list[str]:
 def store(settings: Settings) -> EtcdStore:
     """A client for short commands: one attempt per request, a few seconds each."""
     timeout = min(settings.etcd.request_timeout_seconds, CLI_TIMEOUT_SECONDS)
-    return open_store(settings.etcd, endpoints(settings), timeout=timeout, retry_attempts=1)
+    try:
+        return open_store(settings.etcd, endpoints(settings), timeout=timeout, retry_attempts=1)
+    except CredentialsError as e:
+        raise CliError(str(e)) from None
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -9,7 +9,8 @@ from llm_router import Tier
 from policies.hooks import read_secret
 from reconciler.assembly import assemble, webhooks
 from reconciler.cli.common import find_config
-from reconciler.settings import Settings, load_settings
+from reconciler.connect import read_secured
+from reconciler.settings import Settings, is_loopback, load_settings
 from tools.declarative import DeclaredTool
 
 
@@ -17,6 +18,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     settings = load_settings(path)
     print(f"settings {path or '(none found: defaults)'}: ok")
+    print(_etcd_line(settings))
     parts = assemble(settings)  # loads and checks the policy file against the tools there are
     policy_file = settings.policies.file or "(none: built-in defaults)"
     print(f"policies {policy_file}: ok ({len(parts.policies.rules)} rules)")
@@ -34,6 +36,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     alert_token = read_secret(env=alerts.token_env, file=alerts.token_file, what="the HTTP alerts token")
     print(f"alerts: POST /v1/alerts on, {'with a bearer token' if alert_token else 'open (no token)'}")
     return 0
+
+
+def _etcd_line(settings: Settings) -> str:
+    """How the daemon and the commands will reach etcd; the files and the password variable are read here."""
+    etcd = settings.etcd
+    where = ", ".join(etcd.endpoints) if etcd.endpoints else "embedded (no etcd.endpoints)"
+    secured = read_secured(etcd)
+    files = "; files read" if secured.tls is not None or secured.credentials is not None else ""
+    remote = any(not is_loopback(endpoint.rpartition(":")[0]) for endpoint in etcd.endpoints)
+    insecure = " over the network (etcd.insecure)" if remote and secured.tls is None else ""
+    return f"etcd: {where}: {secured.describe()}{insecure}{files}"
 
 
 def _tools_line(declared: list[DeclaredTool], *, models: bool) -> str:

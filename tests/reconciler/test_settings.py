@@ -107,3 +107,67 @@ def test_the_reference_config_lists_every_setting() -> None:
             node = node[part]
     assert missing == [], f"deploy/config.example.yaml lacks {missing}"
     load_settings(path)  # and it is valid
+
+
+@pytest.mark.parametrize(
+    ("etcd", "message"),
+    [
+        ("{endpoints: ['etcd-1.example:2379']}",
+         "endpoint etcd-1.example:2379 is not on this host and would be sent plain text: set etcd.tls.ca_file"),
+        ("{endpoints: ['127.0.0.1:2379', '10.0.0.7:2379']}", "endpoint 10.0.0.7:2379 is not on this host"),
+        ("{endpoints: ['[::1]:2379', '[fd00::7]:2379']}", "endpoint [fd00::7]:2379 is not on this host"),
+        ("{endpoints: ['localhost:2379'], tls: {cert_file: c.crt, key_file: c.key}}", "cert_file needs ca_file"),
+        ("{endpoints: ['localhost:2379'], tls: {server_name: etcd.example}}", "server_name needs ca_file"),
+        ("{endpoints: ['localhost:2379'], tls: {ca_file: ca.crt, cert_file: c.crt}}",
+         "set cert_file and key_file together"),
+        ("{endpoints: ['localhost:2379'], tls: {ca_file: ca.crt, key_file: c.key}}",
+         "set cert_file and key_file together"),
+        ("{endpoints: ['localhost:2379'], username: setpoint}",
+         "username 'setpoint' needs its password from password_file or password_env (one)"),
+        ("{endpoints: ['localhost:2379'], username: setpoint, password_file: p, password_env: P}",
+         "needs its password from password_file or password_env (one)"),
+        ("{endpoints: ['localhost:2379'], password_env: P}",
+         "a password (password_file or password_env) needs username"),
+        ("{tls: {ca_file: ca.crt}}", "tls and username apply to etcd.endpoints"),
+        ("{username: setpoint, password_env: P}", "tls and username apply to etcd.endpoints"),
+        ("{tls: {ca_file: ca.crt, verify: false}}", "etcd.tls.verify is not a known setting"),
+        ("{insecure: maybe}", "etcd.insecure"),
+    ],
+)  # fmt: skip
+def test_etcd_security_mistakes_are_one_sentence(tmp_path: Path, etcd: str, message: str) -> None:
+    path = write(tmp_path, f"etcd: {etcd}\n")
+
+    with pytest.raises(SettingsError) as raised:
+        load_settings(path)
+
+    assert str(raised.value).startswith(f"settings file {path}")
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "etcd",
+    [
+        "{endpoints: ['127.0.0.1:2379', '127.8.9.10:2379', 'localhost:2379', 'LOCALHOST:1', '[::1]:2379']}",
+        "{endpoints: ['etcd-1.example:2379'], insecure: true}",
+        "{endpoints: ['etcd-1.example:2379'], tls: {ca_file: /etc/ca.crt}}",
+        "{endpoints: ['etcd-1.example:2379'], tls: {ca_file: /ca, cert_file: /c, key_file: /k, server_name: etcd}}",
+        "{endpoints: ['localhost:2379'], username: setpoint, password_env: SETPOINT_ETCD_PASSWORD}",
+    ],
+)
+def test_plain_text_is_allowed_on_loopback_or_when_asked_for(tmp_path: Path, etcd: str) -> None:
+    load_settings(write(tmp_path, f"etcd: {etcd}\n"))
+
+
+def test_etcd_files_are_relative_to_the_settings_file(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(
+            tmp_path,
+            "etcd: {endpoints: ['etcd:2379'], tls: {ca_file: pki/ca.crt, cert_file: pki/c.crt, key_file: /abs/c.key},"
+            " username: setpoint, password_file: secret/password}\n",
+        )
+    )
+
+    assert settings.etcd.tls.ca_file == str(tmp_path / "pki" / "ca.crt")
+    assert settings.etcd.tls.cert_file == str(tmp_path / "pki" / "c.crt")
+    assert settings.etcd.tls.key_file == "/abs/c.key"
+    assert settings.etcd.password_file == str(tmp_path / "secret" / "password")
