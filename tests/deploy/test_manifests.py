@@ -181,10 +181,28 @@ def test_settings_come_from_the_config_map_and_tokens_from_the_secret() -> None:
     assert tokens["defaultMode"] == 0o440 and POD["securityContext"]["fsGroup"] == POD["securityContext"]["runAsGroup"]
     mounted = mount("/run/secrets/setpoint")
     assert mounted["name"] == "tokens" and mounted["readOnly"] is True
-    for group in ("approvals", "alerts"):
-        path = Path(CONFIG[group]["token_file"])
+    files = {group: CONFIG[group]["token_file"] for group in ("approvals", "alerts")}
+    files["etcd.password_file"] = CONFIG["etcd"]["password_file"]
+    for group, file in files.items():
+        path = Path(file)
         assert path.parent == Path(mounted["mountPath"]), group
         assert path.name in SECRET["stringData"], f"{group}: the Secret has no key {path.name}"
+
+
+def test_etcd_is_reached_over_tls_with_the_certificates_from_their_own_secret() -> None:
+    tls = CONFIG["etcd"]["tls"]
+    assert "insecure" not in CONFIG["etcd"], "plain text to etcd is for a trusted network, not the shipped default"
+    certificates = volume("etcd-tls")["secret"]
+    assert certificates == {"secretName": "setpoint-etcd-tls", "defaultMode": 0o440}
+    mounted = mount("/run/secrets/setpoint-etcd")
+    assert mounted["name"] == "etcd-tls" and mounted["readOnly"] is True
+    # The keys a cert-manager Certificate writes into its Secret.
+    assert {name: Path(path) for name, path in tls.items()} == {
+        "ca_file": Path(mounted["mountPath"]) / "ca.crt",
+        "cert_file": Path(mounted["mountPath"]) / "tls.crt",
+        "key_file": Path(mounted["mountPath"]) / "tls.key",
+    }
+    assert CONFIG["etcd"]["username"] == "setpoint-daemon"  # the role README's Securing etcd creates
 
 
 def test_the_secret_example_holds_no_secret() -> None:
