@@ -69,7 +69,7 @@ from reconciler.http import AlertApi, ApprovalApi, HttpServer
 from reconciler.keys import KeySpace, Section
 from reconciler.metrics import Metrics
 from reconciler.settings import Settings
-from reconciler.store import EtcdStore, StoreAccessError, StoreError, StoreUnavailableError
+from reconciler.store import EtcdStore, Fence, StoreAccessError, StoreError, StoreUnavailableError
 from reconciler.systemd import Notifier
 
 log = structlog.get_logger("setpoint.daemon")
@@ -279,11 +279,10 @@ class Daemon:
         parts = [asyncio.create_task(election.run(), name="election")]
         if self.embedded is not None:  # the daemon's own etcd is one of its parts: without it, nothing works
             parts.append(asyncio.create_task(self.embedded.watch(), name="etcd"))
-        fenced = store.fenced(election.fence)  # what the runtime writes with; the HTTP API writes unfenced
         try:
             code: int | None = None
             while code is None:
-                code = await self._spell(fenced, election, stop, parts)
+                code = await self._spell(store, election, stop, parts)
             return code
         finally:
             for task in parts:
@@ -302,8 +301,15 @@ class Daemon:
         s = self.settings
         assert self._parts is not None
         self.cache = Cache(self.keys)
+        won: list[Fence] = []  # the fence of the term this spell wins, if it does
+
+        def fence() -> Fence | None:
+            # This spell's term only: a task of this runtime that outlived it can never write under a later term.
+            current = election.fence()
+            return current if won and current == won[0] else None
+
         rt = build(
-            s, parts=self._parts, store=store, keys=self.keys, cache=self.cache, metrics=self.metrics,
+            s, parts=self._parts, store=store.fenced(fence), keys=self.keys, cache=self.cache, metrics=self.metrics,
             clock=SystemClock(), standby=True,
         )  # fmt: skip
         self._runtime = rt
@@ -321,6 +327,7 @@ class Daemon:
                     self._systemd.stopping("stopping" if code == 0 else "a part stopped; stopping")
                     log.info("daemon.stopping", signal=self.stop_signal, crashed=code != 0, role=self.role)
                 return code
+            won.append(term.fence)
             outcome = await self._lead(rt, term, stop, parts, own)
             self._stand_down(term, outcome)
             rt.stopping.set()  # the executor starts no further step

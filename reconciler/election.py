@@ -33,13 +33,20 @@ again. The daemon stands by with a fresh runtime and calls `campaign` again.
 `resign` (a clean stop) revokes the lease, deleting `leader`: a standby
 takes over within moments.
 
-A `leader` key held under this daemon's own member id was left by it: by
-an earlier term whose lease could not be revoked yet, or by its previous run
-(a restart with a fixed `member_id`, or a container restarted in the same
-pod). Its lease is revoked and the key taken at once instead of waited out.
-With the embedded etcd (`takeover`), the state directory is locked by this
-daemon, so any `leader` key found at the first try was left by its previous
-run (etcd restores leases when it restarts): it is taken over the same way.
+The leases of ended terms are revoked only when the daemon campaigns again,
+after its old runtime drained: revoked earlier, a standby would take over
+while a step of the old term still runs.
+
+A `leader` or `members/<id>` key written on this host under this daemon's
+member id by a process that is gone was left by its previous run (a restart
+with a fixed `member_id`): its lease is revoked and the key taken at once
+instead of waited out. With the embedded etcd (`takeover`), the state
+directory is locked by this daemon, so a `leader` key of this host found at
+the first try was left by its previous run (etcd restores leases when it
+restarts). A member key of a live daemon is never taken: a second daemon
+given the same `member_id` does not register, campaigns for nothing, and
+says why at every try. The default member id (host, pid and a random part)
+is unique.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -78,9 +86,10 @@ def uptime() -> float:
 
 
 def default_member_id() -> str:
-    """The host name and the process id: unique per daemon."""
+    """The host name, the process id and a few random characters: unique per daemon, even for two containers on
+    one host that share its name (host networking) and are both pid 1."""
     host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:100].strip("-.")
-    return f"{host or 'host'}-{os.getpid()}"
+    return f"{host or 'host'}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class Term:
@@ -121,8 +130,9 @@ class Election:
         self._settings = settings
         self._key = keys.leader()
         self._member_key = keys.member(self.member_id)
-        self._value = json.dumps({**member, "id": self.member_id}).encode()
-        self._host = member.get("host", socket.gethostname())
+        member = {"host": socket.gethostname(), "pid": os.getpid(), **member, "id": self.member_id}
+        self._value = json.dumps(member).encode()
+        self._host = member["host"]
         self._metrics = metrics
         self._gauge = metrics.leader.labels(prefix=keys.prefix) if metrics is not None else None
         self._takeover = takeover
@@ -201,6 +211,10 @@ class Election:
                 log.warning("election.unavailable", error=str(e)[:300] or type(e).__name__, leading=self.leading)
                 if self._eligible.is_set() and self._term is None:
                     outcome = Campaign(term=None, leader=None)  # whoever leads, it is not this daemon
+            except Exception as e:  # a bug here must not stop the daemon: the deadline still ends a term
+                log.exception("election.error", error=repr(e)[:300], leading=self.leading)
+                if self._eligible.is_set() and self._term is None:
+                    outcome = Campaign(term=None, leader=None)
             self.fence()  # ends the term if its deadline passed while etcd did not answer
             if outcome is not None:
                 self._answer(outcome)
@@ -225,9 +239,11 @@ class Election:
                 await self._register(started)
             else:
                 self._renewed = started
-        if self._term is not None:
+        term = self._term
+        if term is not None:
             kv = await self._bounded(self._store.get(self._key))
-            if kv is None or kv.create_revision != self._term.fence.create_revision:
+            # A write may have ended the term (its deadline passed) while this read was out: then it is over.
+            if term is self._term and (kv is None or kv.create_revision != term.fence.create_revision):
                 self._end("key_changed", f"{self._key} was deleted or replaced by another daemon")
             return None
         if self._eligible.is_set():
@@ -235,25 +251,48 @@ class Election:
         return None
 
     async def _register(self, started: float) -> None:
-        """Revoke the leases of ended terms, take a new lease, and put `members/<id>` with it."""
+        """Take a new lease and create `members/<id>` with it. A member key of a live daemon is never taken: two
+        daemons given one `member_id` would take the leader key from each other; the second waits, saying why."""
+        lease = await self._store.grant_lease(self._settings.lease_seconds)
+        try:
+            created = await self._store.create(self._member_key, self._value, lease=lease.id)
+            holder = created.kv
+            if not created.created and holder is not None and holder.lease != lease.id:
+                if holder.lease in self._stale:  # this daemon's own, from the term that ended
+                    await self._store.put_leased(self._member_key, self._value, lease=lease.id)
+                elif not self._left_by_us(holder, previous_run=True):
+                    raise StoreError(
+                        f"election.member_id {self.member_id!r} is taken by another running daemon "
+                        f"(host {_host_of(holder)}, pid {_field(holder, 'pid')}): give each daemon its own"
+                    )
+                else:
+                    await self._store.revoke_lease(holder.lease)  # this daemon's previous run, which is gone
+                    await self._store.put_leased(self._member_key, self._value, lease=lease.id)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._store.revoke_lease(lease.id)
+            raise
+        self._lease, self._renewed = lease.id, started
+        log.info("election.registered", member=self.member_id, lease=f"{lease.id:x}", ttl=lease.ttl)
+
+    async def _revoke_stale(self) -> None:
+        """Revoke the leases of ended terms (deleting an old `leader` of ours at once). Only once this daemon may
+        lead again, after its old runtime drained: before, a standby would take over while a step still runs."""
         while self._stale:
             stale = self._stale[0]
             try:
-                await self._store.revoke_lease(stale)  # deletes an old `leader` of ours at once
+                await self._store.revoke_lease(stale)
             except StoreUnavailableError:
                 raise  # tried again at the next round
             except StoreError as e:  # refused: it expires on its own
                 log.warning("election.revoke_failed", lease=f"{stale:x}", error=str(e)[:300])
             self._stale.pop(0)
-        lease = await self._store.grant_lease(self._settings.lease_seconds)
-        self._lease, self._renewed = lease.id, started
-        await self._store.put_leased(self._member_key, self._value, lease=lease.id)
-        log.info("election.registered", member=self.member_id, lease=f"{lease.id:x}", ttl=lease.ttl)
 
     async def _try(self, started: float) -> Campaign:
         """Create `leader` if it is absent; on a key left by an earlier run of this daemon, revoke its lease and
         try again at once."""
         assert self._lease is not None
+        await self._revoke_stale()
         created = await self._store.create(self._key, self._value, lease=self._lease)
         holder = created.kv
         if not created.created and holder is not None and holder.lease == self._lease:
@@ -279,13 +318,18 @@ class Election:
         self._seen = (leader, created.revision)
         return Campaign(term=None, leader=leader)
 
-    def _left_by_us(self, holder: KeyValue) -> bool:
-        """A `leader` key this daemon may take: its own from an ended term (the same member id on the same host),
-        or (`takeover`) its previous run's. The host counts too: two hosts given one `member_id` (a ConfigMap
-        shared by the replicas) would otherwise take the key from each other."""
-        if holder.lease == 0:
+    def _left_by_us(self, holder: KeyValue, *, previous_run: bool = False) -> bool:
+        """A key (`leader`, or with `previous_run` `members/<id>`) left by this daemon's previous run, which may be
+        taken at once: written on this host under this member id by a process that is gone, or (`takeover`, the
+        embedded etcd, whose state directory this daemon holds) any key of this host. A live process, another
+        host, or this very process (a duplicate id in one process, or pid 1 in two containers) never is: two
+        daemons given one `member_id` would otherwise take the key from each other."""
+        if holder.lease == 0 or _host_of(holder) != self._host:
             return False
-        return self._takeover or (_member_of(holder) == self.member_id and _host_of(holder) == self._host)
+        if self._takeover and not previous_run:
+            return True
+        pid = _field(holder, "pid")
+        return _member_of(holder) == self.member_id and isinstance(pid, int) and pid != os.getpid() and _gone(pid)
 
     def _end(self, reason: str | None, why: str) -> None:
         """End the term on now: at once, before anything else can write. `reason` labels the metric (None: a
@@ -356,21 +400,41 @@ class Election:
 
 def _member_of(kv: KeyValue) -> str | None:
     """The member id a `leader` value names, or None when it names none."""
-    return _field(kv, "id")
+    member = _field(kv, "id")
+    return member if isinstance(member, str) else None
 
 
 def _host_of(kv: KeyValue) -> str | None:
     """The host a `leader` value names, or None when it names none."""
-    return _field(kv, "host")
+    host = _field(kv, "host")
+    return host if isinstance(host, str) else None
 
 
-def _field(kv: KeyValue, name: str) -> str | None:
+MAX_VALUE_BYTES = 64 * 1024  # a member's value is a few hundred bytes; anything larger is not one
+
+
+def _field(kv: KeyValue, name: str) -> Any:
+    """The field `name` of a `leader` or `members/` value (a string or an int), or None: the value is written by
+    whoever may write those keys, so anything malformed (too large, too deep, not an object) counts as absent."""
+    if len(kv.value) > MAX_VALUE_BYTES:
+        return None
     try:
         value = json.loads(kv.value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     field = value.get(name) if isinstance(value, dict) else None
-    return field if isinstance(field, str) else None
+    return field if isinstance(field, (str, int)) and not isinstance(field, bool) else None
+
+
+def _gone(pid: int) -> bool:
+    """True when no process `pid` runs on this host (as this process sees it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
 
 
 def member_value(*, version: str, http: str) -> dict[str, Any]:

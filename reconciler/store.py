@@ -89,6 +89,11 @@ __all__ = ["Credentials", "TlsMaterial"]  # re-exported: what an EtcdStore is bu
 
 log = structlog.get_logger("setpoint.store")
 
+# A write is sent once. etcd answers UNAVAILABLE ("request timed out", "leader changed", a member dying after the
+# commit) for writes that may have been applied; sent again, a guarded one would find its own write and answer
+# "refused", a definite no where the truth is "it landed". StoreUnavailableError says "unknown" instead, which every
+# caller already handles. Reads are retried (`retry_attempts`), as clientv3 does.
+ONCE = 1
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 MAX_REQUEST_BYTES = 1_500_000  # etcd's default --max-request-bytes (1.5 MiB)
 _PAGE = 500
@@ -473,7 +478,8 @@ class EtcdStore:
         fence = self._fence_now()
         if fence is None:
             resp = await self._call(
-                lambda: self._kvs.put(key.encode(), value, timeout=self._timeout), what=f"write {key}"
+                lambda: self._kvs.put(key.encode(), value, timeout=self._timeout, max_attempts=ONCE),
+                what=f"write {key}",
             )
             return int(resp.header.revision)
         _, revision = await self._commit([], self._ops([Put(key, value)]), [], fence=fence, keys=[key])
@@ -482,7 +488,9 @@ class EtcdStore:
     async def delete(self, key: str) -> bool:
         fence = self._fence_now()
         if fence is None:
-            resp = await self._call(lambda: self._kvs.delete(key.encode(), timeout=self._timeout), what=f"delete {key}")
+            resp = await self._call(
+                lambda: self._kvs.delete(key.encode(), timeout=self._timeout, max_attempts=ONCE), what=f"delete {key}"
+            )
             return int(resp.deleted) > 0
         inner, _ = await self._commit([], self._ops([Delete(key)]), [], fence=fence, keys=[key])
         return int(inner.responses[0].response_delete_range.deleted) > 0
@@ -522,13 +530,17 @@ class EtcdStore:
         transaction in errors."""
         what = _txn_what([(key, b"") for key in keys])
         if fence is None:
-            resp = await self._call(lambda: self._kvs.txn(compare, then, otherwise, timeout=self._timeout), what=what)
+            resp = await self._call(
+                lambda: self._kvs.txn(compare, then, otherwise, timeout=self._timeout, max_attempts=ONCE), what=what
+            )
             return resp, int(resp.header.revision)
         held = Compare(
             result=Compare.EQUAL, target=Compare.CREATE, key=fence.key.encode(), create_revision=fence.create_revision
         )
         nested = RequestOp(request_txn=TxnRequest(compare=compare, success=then, failure=otherwise))
-        resp = await self._call(lambda: self._kvs.txn([held], [nested], [], timeout=self._timeout), what=what)
+        resp = await self._call(
+            lambda: self._kvs.txn([held], [nested], [], timeout=self._timeout, max_attempts=ONCE), what=what
+        )
         if not resp.succeeded:
             written = next(iter(keys), "nothing")
             raise LeadershipLostError(
@@ -596,7 +608,8 @@ class EtcdStore:
     async def put_leased(self, key: str, value: bytes, *, lease: int) -> int:
         """Put `key` attached to `lease` (it goes when the lease does); never fenced. The store's revision."""
         resp = await self._call(
-            lambda: self._kvs.put(key.encode(), value, lease=lease, timeout=self._timeout), what=f"write {key}"
+            lambda: self._kvs.put(key.encode(), value, lease=lease, timeout=self._timeout, max_attempts=ONCE),
+            what=f"write {key}",
         )
         return int(resp.header.revision)
 
@@ -607,7 +620,8 @@ class EtcdStore:
         read = kvs.txn_op_get(key.encode())
         then = [kvs.txn_op_put(key.encode(), value, lease=lease), read]
         resp = await self._call(
-            lambda: kvs.txn([absent], then, [read], timeout=self._timeout), what=f"run a transaction on {key}"
+            lambda: kvs.txn([absent], then, [read], timeout=self._timeout, max_attempts=ONCE),
+            what=f"run a transaction on {key}",
         )
         found = resp.responses[-1].response_range.kvs
         return Created(created=bool(resp.succeeded), kv=_kv(found[0]) if found else None,

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from harness import eventually, sample_value
@@ -204,13 +206,14 @@ async def test_a_leader_key_deleted_or_replaced_ends_the_term(cluster: Cluster) 
     async def old_lease_revoked() -> bool:
         return old_lease not in {kv.lease for kv in (await cluster.store.get_prefix(cluster.keys.prefix + "/"))[0]}
 
+    assert (await a.election.campaign()).leader == "intruder"  # it stands by again, and only then revokes
     await eventually(old_lease_revoked, what="the lease of the ended term revoked")
-    assert (await a.election.campaign()).leader == "intruder"
 
 
 async def test_a_leader_key_left_by_a_previous_run_is_taken_over_with_the_embedded_etcd(cluster: Cluster) -> None:
     previous = await cluster.store.grant_lease(60)
-    await cluster.store.put_leased(cluster.leader_key, json.dumps({"id": "old-run"}).encode(), lease=previous.id)
+    old_run = {"id": "old-run", "host": socket.gethostname()}
+    await cluster.store.put_leased(cluster.leader_key, json.dumps(old_run).encode(), lease=previous.id)
     waiting = cluster.start("waits")
     assert (await waiting.election.campaign()).leader == "old-run"  # an external etcd: it may be another host's
 
@@ -236,8 +239,59 @@ async def test_a_leader_key_under_this_member_id_from_another_host_is_waited_out
     await asyncio.gather(here.task, return_exceptions=True)
     await here.election.resign()
     await cluster.store.revoke_lease(elsewhere.id)
-    value["host"] = socket.gethostname()  # the same id on this host: this daemon's previous run
+    value["host"] = socket.gethostname()  # the same id on this host, by a process that is gone: a previous run
+    value["pid"] = dead_pid()
     previous = await cluster.store.grant_lease(60)
     await cluster.store.put_leased(cluster.leader_key, json.dumps(value).encode(), lease=previous.id)
     again = cluster.start("shared")
     assert (await again.election.campaign()).term is not None
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+async def test_two_live_daemons_given_one_member_id_never_take_the_key_from_each_other(cluster: Cluster) -> None:
+    first = cluster.start("twin")
+    won = await first.election.campaign()
+    assert won.term is not None
+    second = cluster.start("twin")  # the same id, host and pid: a duplicate, not a previous run
+    for _ in range(4):
+        assert (await second.election.campaign()).term is None
+    assert first.election.fence() == won.term.fence and not won.term.ended.is_set()
+    member = await cluster.store.get(f"{cluster.keys.prefix}/members/twin")
+    assert member is not None and member.lease == (await cluster.leader() or ("", 0, 0))[2], "the member key was taken"
+
+
+async def test_a_malformed_leader_value_is_someone_else_and_stops_nothing(cluster: Cluster) -> None:
+    held = await cluster.store.grant_lease(60)
+    await cluster.store.put_leased(cluster.leader_key, b"[" * 100_000, lease=held.id)
+    a = cluster.start("a")
+    assert (await a.election.campaign()).term is None
+    assert not a.task.done()
+    await cluster.store.revoke_lease(held.id)
+    assert (await a.election.campaign()).term is not None
+
+
+async def test_a_term_that_ends_while_the_leader_key_is_read_stops_nothing(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = cluster.start("a")
+    won = await a.election.campaign()
+    assert won.term is not None
+    get = cluster.store.get
+
+    async def stalled_get(key: str) -> Any:
+        if key == cluster.leader_key and not won.term.ended.is_set():  # type: ignore[union-attr]
+            a.now[0] += 10  # the loop stalled past the renew deadline while the read was out
+            assert a.election.fence() is None  # a worker's write finds the term over first
+        return await get(key)
+
+    monkeypatch.setattr(cluster.store, "get", stalled_get)
+    await asyncio.wait_for(won.term.ended.wait(), timeout=5)
+    await asyncio.sleep(3 * SHORT["retry_seconds"])
+    assert not a.task.done(), a.task.exception() if a.task.done() else None
+    assert a.lost("not_renewed") == 1
