@@ -185,9 +185,9 @@ class ElectionSettings(_Group):
     )
     member_id: str | None = Field(
         default=None, pattern=MEMBER_ID_PATTERN,
-        description="This daemon's name under members/ and in leader; unique per daemon. A daemon that finds leader "
-        "held under its own name takes it over at once (its previous run left it). Defaults to the host name and the "
-        "process id.",
+        description="This daemon's name under members/ and in leader; unique per daemon (one that another running "
+        "daemon registered never leads). Restarted on the same host, a daemon with a fixed id takes over at once the "
+        "keys its previous run left. Defaults to the host name, the process id and a random part.",
     )  # fmt: skip
 
     @model_validator(mode="after")
