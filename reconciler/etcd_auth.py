@@ -238,7 +238,7 @@ def handshake_failure(text: str, tls: TlsMaterial | None) -> str | None:
             f"the TLS handshake failed: etcd's certificate is not issued to {expected} (etcd.tls.server_name names "
             f"the name to expect)"
         )
-    if tls is None and "Socket closed" in text:
+    if tls is None and "Socket closed" in text and "Stream removed" not in text:  # not a member that died mid-call
         return f"{text}; if etcd serves TLS, set etcd.tls.ca_file"
     found = re.search(r"OPENSSL_internal:([A-Z0-9_]+)(?::\s*([^:)]+))?", text)
     if "handshake failed" not in text.lower() or found is None:

@@ -89,11 +89,22 @@ __all__ = ["Credentials", "TlsMaterial"]  # re-exported: what an EtcdStore is bu
 
 log = structlog.get_logger("setpoint.store")
 
-# A write is sent once. etcd answers UNAVAILABLE ("request timed out", "leader changed", a member dying after the
-# commit) for writes that may have been applied; sent again, a guarded one would find its own write and answer
-# "refused", a definite no where the truth is "it landed". StoreUnavailableError says "unknown" instead, which every
-# caller already handles. Reads are retried (`retry_attempts`), as clientv3 does.
+# A write is sent again only when it provably never reached etcd (`_write`). etcd answers UNAVAILABLE ("request
+# timed out", "leader changed", a member dying after the commit) for writes that may have been applied; sent again,
+# a guarded one would find its own write and answer "refused", a definite no where the truth is "it landed".
+# StoreUnavailableError says "unknown" instead, which every caller already handles. Reads are retried
+# (`retry_attempts`) whatever the failure. clientv3 draws the same line (isSafeRetryMutableRPC).
 ONCE = 1
+# gRPC's and etcd's words for a request that was refused before it was sent or proposed.
+NEVER_SENT = (
+    "failed to connect",
+    "connection refused",
+    "connections to all backends failing",
+    "dns resolution failed",
+    "no address",
+    "no connection",
+    "etcdserver: no leader",
+)
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 MAX_REQUEST_BYTES = 1_500_000  # etcd's default --max-request-bytes (1.5 MiB)
 _PAGE = 500
@@ -249,6 +260,18 @@ def _text(key: bytes) -> str:
     return repr(key)[2:-1]
 
 
+def _never_sent(error: BaseException) -> bool:
+    """True when `error` (or what caused it) is a gRPC UNAVAILABLE saying the request never reached etcd, or
+    that etcd refused it before proposing it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, grpc.aio.AioRpcError) and seen.code() == grpc.StatusCode.UNAVAILABLE:
+            details = (seen.details() or "").lower()
+            return any(words in details for words in NEVER_SENT)
+        seen = seen.__cause__
+    return False
+
+
 def _txn_what(items: Sequence[tuple[str, bytes]]) -> str:
     """A transaction named by its keys, for a permission error."""
     keys = list(dict.fromkeys(key for key, _ in items))
@@ -277,6 +300,7 @@ class EtcdStore:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = list(endpoints)
         self._timeout = timeout
+        self._retry_attempts = retry_attempts
         self._tls = tls
         self._credentials = credentials
         self._token = TokenKeeper(self._authenticate) if credentials is not None else None
@@ -335,6 +359,20 @@ class EtcdStore:
         if self._client.kv is None:
             raise StoreError("etcd client is not connected")
         return self._client.kv
+
+    async def _write(self, request: Callable[[], Awaitable[Any]], *, what: str) -> Any:
+        """`_call` for a write: sent again, on another member, only while etcd's refusal proves it was never sent
+        (NEVER_SENT), up to `retry_attempts` times; any other UNAVAILABLE is StoreUnavailableError (unknown)."""
+        delay = 0.05
+        for _ in range(self._retry_attempts - 1):
+            try:
+                return await self._call(request, what=what)
+            except StoreUnavailableError as e:
+                if not _never_sent(e):
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        return await self._call(request, what=what)
 
     async def _call(self, request: Callable[[], Awaitable[Any]], *, what: str = "") -> Any:
         """`request()`'s answer, errors mapped to ours. With credentials the token goes along; a token etcd
@@ -477,7 +515,7 @@ class EtcdStore:
     async def put(self, key: str, value: bytes) -> int:
         fence = self._fence_now()
         if fence is None:
-            resp = await self._call(
+            resp = await self._write(
                 lambda: self._kvs.put(key.encode(), value, timeout=self._timeout, max_attempts=ONCE),
                 what=f"write {key}",
             )
@@ -488,7 +526,7 @@ class EtcdStore:
     async def delete(self, key: str) -> bool:
         fence = self._fence_now()
         if fence is None:
-            resp = await self._call(
+            resp = await self._write(
                 lambda: self._kvs.delete(key.encode(), timeout=self._timeout, max_attempts=ONCE), what=f"delete {key}"
             )
             return int(resp.deleted) > 0
@@ -530,7 +568,7 @@ class EtcdStore:
         transaction in errors."""
         what = _txn_what([(key, b"") for key in keys])
         if fence is None:
-            resp = await self._call(
+            resp = await self._write(
                 lambda: self._kvs.txn(compare, then, otherwise, timeout=self._timeout, max_attempts=ONCE), what=what
             )
             return resp, int(resp.header.revision)
@@ -538,7 +576,7 @@ class EtcdStore:
             result=Compare.EQUAL, target=Compare.CREATE, key=fence.key.encode(), create_revision=fence.create_revision
         )
         nested = RequestOp(request_txn=TxnRequest(compare=compare, success=then, failure=otherwise))
-        resp = await self._call(
+        resp = await self._write(
             lambda: self._kvs.txn([held], [nested], [], timeout=self._timeout, max_attempts=ONCE), what=what
         )
         if not resp.succeeded:
@@ -607,7 +645,7 @@ class EtcdStore:
 
     async def put_leased(self, key: str, value: bytes, *, lease: int) -> int:
         """Put `key` attached to `lease` (it goes when the lease does); never fenced. The store's revision."""
-        resp = await self._call(
+        resp = await self._write(
             lambda: self._kvs.put(key.encode(), value, lease=lease, timeout=self._timeout, max_attempts=ONCE),
             what=f"write {key}",
         )
@@ -619,7 +657,7 @@ class EtcdStore:
         absent = Compare(result=Compare.EQUAL, target=Compare.CREATE, key=key.encode(), create_revision=0)
         read = kvs.txn_op_get(key.encode())
         then = [kvs.txn_op_put(key.encode(), value, lease=lease), read]
-        resp = await self._call(
+        resp = await self._write(
             lambda: kvs.txn([absent], then, [read], timeout=self._timeout, max_attempts=ONCE),
             what=f"run a transaction on {key}",
         )

@@ -28,6 +28,17 @@ from reconciler.store import EtcdStore, StoreUnavailableError
 from reconciler.watch import Reflector
 
 
+async def put_confirmed(store: EtcdStore, key: str, value: bytes, unknown: list[int] | None = None) -> int:
+    """Put until etcd confirms it, as an operator would. A write whose answer was lost is unknown (it may have
+    landed), and the store says so rather than send it again; `unknown` counts those. The revision."""
+    while True:
+        try:
+            return await store.put(key, value)
+        except StoreUnavailableError:
+            if unknown is not None:
+                unknown[0] += 1
+
+
 def desired(name: str, n: int) -> bytes:
     return json.dumps({"kind": "file", "name": name, "spec": {"path": f"/r/{name}", "content": str(n)}}).encode()
 
@@ -45,14 +56,18 @@ async def test_unary_calls_carry_on_when_a_member_dies(etcd_cluster: EtcdCluster
         victim.kill()
         killed_at = time.monotonic()
         slowest = 0.0
+        unknown = [0]
         for i in range(100):
             started = time.monotonic()
-            revision = await store.put(f"{prefix}k", str(i).encode())
+            revision = await put_confirmed(store, f"{prefix}k", str(i).encode(), unknown)
             kv = await store.get(f"{prefix}k")
             slowest = max(slowest, time.monotonic() - started)
             assert kv is not None and kv.value == str(i).encode() and kv.mod_revision == revision
         took = time.monotonic() - killed_at
-    print(f"\n{role} killed: 100 put+get in {took:.2f} s after the kill, slowest pair {slowest * 1000:.0f} ms")
+    print(
+        f"\n{role} killed: 100 put+get in {took:.2f} s after the kill, slowest pair {slowest * 1000:.0f} ms;"
+        f" writes whose answer was lost: {unknown[0]}"
+    )
 
 
 async def test_a_host_name_etcd3aio_cannot_take_works(etcd_cluster: EtcdCluster) -> None:
@@ -95,7 +110,8 @@ async def test_the_watch_resumes_on_another_member_from_its_revision(etcd_cluste
     async with EtcdStore(etcd_cluster.host_endpoints, timeout=5) as store:
 
         async def write(name: str, n: int) -> None:
-            written[name] = await store.put(keys.desired(ResourceKey(kind="file", name=name)), desired(name, n))
+            key = keys.desired(ResourceKey(kind="file", name=name))
+            written[name] = await put_confirmed(store, key, desired(name, n))
 
         for i in range(20):
             await write(f"before-{i}", 0)
@@ -186,7 +202,8 @@ async def test_a_frozen_member_is_dropped_and_calls_and_the_watch_go_on_elsewher
                 for n in range(20):
                     started = time.monotonic()
                     name = f"frozen-{k}"
-                    written[name] = await store.put(keys.desired(ResourceKey(kind="file", name=name)), desired(name, n))
+                    key = keys.desired(ResourceKey(kind="file", name=name))
+                    written[name] = await put_confirmed(store, key, desired(name, n))
                     slowest = max(slowest, time.monotonic() - started)
 
             await asyncio.gather(*(caller(k) for k in range(8)))

@@ -234,6 +234,8 @@ _PREFIX = "KV.Range failed after 1 attempts: UNAVAILABLE (connections to all bac
             _PREFIX + "UNAVAILABLE: ipv4:127.0.0.1:49761: Socket closed); if etcd serves TLS, set etcd.tls.ca_file",
         ),
         (_PREFIX + "UNAVAILABLE: ipv4:127.0.0.1:49761: Connection refused)", None, None),
+        # A member that died under an open call: its stream is removed, which says nothing about TLS.
+        ("KV.Put failed after 1 attempts: UNAVAILABLE (Stream removed (Socket closed))", None, None),
         (_PREFIX + "UNAVAILABLE: ipv4:127.0.0.1:49761: Socket closed)", TlsMaterial(b"ca"), None),
     ],
 )
