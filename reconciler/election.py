@@ -146,6 +146,7 @@ class Election:
         self._wake = asyncio.Event()
         self._outcomes: list[asyncio.Future[Campaign]] = []  # `campaign` calls waiting for the next try
         self._seen: tuple[str | None, int] = (None, 0)  # who leads, as last read, and the revision of that read
+        self._vacancy: asyncio.Task[None] | None = None  # a standby's watch on `leader`, kept across rounds
         self.leader: str | None = None
         if self._gauge is not None:
             self._gauge.set(0)
@@ -201,6 +202,12 @@ class Election:
 
     async def run(self) -> None:
         """Renew, campaign and check, every `retry_seconds`, until cancelled; never ends otherwise."""
+        try:
+            await self._rounds()
+        finally:
+            await self._stop_watching()
+
+    async def _rounds(self) -> None:
         while True:
             started = self._clock()
             self._wake.clear()
@@ -372,19 +379,31 @@ class Election:
         until = started + self._settings.retry_seconds
         if self._term is not None:
             until = min(until, self._renewed + self._settings.renew_seconds)
-        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
+        wake = asyncio.ensure_future(self._wake.wait())
+        waits: list[asyncio.Future[Any]] = [wake]
         if self._term is None and self._eligible.is_set() and self._seen[0] is not None and self._lease is not None:
-            waits.append(asyncio.ensure_future(self._vacated(self._seen[1])))
+            # One watch on `leader` across rounds, not one per round: a new stream every retry_seconds would be
+            # as many requests and log lines, for ever, on every standby.
+            if self._vacancy is None or self._vacancy.done():
+                self._vacancy = asyncio.create_task(self._vacated(self._seen[1]), name="election-vacancy")
+            waits.append(self._vacancy)
+        else:
+            await self._stop_watching()
         try:
             await asyncio.wait(waits, timeout=max(until - self._clock(), 0.0), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            wake.cancel()
+            await asyncio.gather(wake, return_exceptions=True)
+
+    async def _stop_watching(self) -> None:
+        vacancy, self._vacancy = self._vacancy, None
+        if vacancy is not None:
+            vacancy.cancel()
+            await asyncio.gather(vacancy, return_exceptions=True)
 
     async def _vacated(self, revision: int) -> None:
-        """Return when `leader` is deleted after `revision`; wait forever when the watch fails (the next round
-        tries anyway)."""
+        """Return when `leader` is deleted after `revision`, or `retry_seconds` after the watch failed (the next
+        round then tries, and watches again)."""
         start = self._key.encode()
         with contextlib.suppress(StoreUnavailableError, StoreError):
             stream = self._store.watch(start, start + b"\x00", start_revision=revision + 1)
@@ -392,7 +411,7 @@ class Election:
                 async for batch in stream:
                     if any(event.type == "delete" for event in batch.events):
                         return
-        await asyncio.Event().wait()
+        await asyncio.sleep(self._settings.retry_seconds)
 
     def _not_renewed(self) -> str:
         return f"no renewal succeeded within election.renew_seconds ({self._settings.renew_seconds:g} s)"

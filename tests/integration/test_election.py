@@ -295,3 +295,26 @@ async def test_a_term_that_ends_while_the_leader_key_is_read_stops_nothing(
     await asyncio.sleep(3 * SHORT["retry_seconds"])
     assert not a.task.done(), a.task.exception() if a.task.done() else None
     assert a.lost("not_renewed") == 1
+
+
+async def test_a_standby_keeps_one_watch_on_the_leader_key_across_rounds(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = cluster.start("a")
+    assert (await a.election.campaign()).term is not None
+    opened = [0]
+    watch = cluster.store.watch
+
+    def counting_watch(*args: Any, **kwargs: Any) -> Any:
+        opened[0] += 1
+        return watch(*args, **kwargs)
+
+    monkeypatch.setattr(cluster.store, "watch", counting_watch)
+    b = cluster.start("b")
+    assert (await b.election.campaign()).leader == "a"
+    await asyncio.sleep(8 * SHORT["retry_seconds"])  # eight rounds standing by
+    assert opened == [1], f"{opened[0]} watch streams for one leader"
+    resigned = time.monotonic()
+    await a.election.resign()
+    assert (await b.election.campaign()).term is not None or await b.election.next_term()
+    assert time.monotonic() - resigned < 3 * SHORT["retry_seconds"]
