@@ -68,7 +68,7 @@ import structlog
 from reconciler.keys import KeySpace
 from reconciler.metrics import Metrics
 from reconciler.settings import ElectionSettings
-from reconciler.store import Created, EtcdStore, Fence, KeyValue, StoreError, StoreUnavailableError
+from reconciler.store import Created, EtcdStore, Fence, KeyValue, StoreAccessError, StoreError, StoreUnavailableError
 
 log = structlog.get_logger("setpoint.election")
 
@@ -214,6 +214,11 @@ class Election:
             outcome: Campaign | None = None
             try:
                 outcome = await self._round(started)
+            except StoreAccessError as e:
+                # This daemon's etcd user may not write `leader` or `members/`: it could never lead, and standing by
+                # for ever would look healthy. Like a user that may not read desired/, it stops the daemon (exit 1).
+                log.error("election.refused", error=str(e)[:500], member=self.member_id)
+                raise
             except (TimeoutError, StoreUnavailableError, StoreError) as e:
                 log.warning("election.unavailable", error=str(e)[:300] or type(e).__name__, leading=self.leading)
                 if self._eligible.is_set() and self._term is None:

@@ -100,7 +100,7 @@ class EtcdSettings(_Group):
     )
     insecure: bool = Field(
         default=False,
-        description="Allow plain text (no etcd.tls) to an endpoint that is not on this host. Defaults to false.",
+        description="Allow plain text (no etcd.tls) to an endpoint that is not a loopback address. Defaults to false.",
     )
     prefix: str = Field(default="/setpoint", description="Root of setpoint's key space. Defaults to /setpoint.")
     request_timeout_seconds: float = Field(
@@ -140,8 +140,8 @@ class EtcdSettings(_Group):
             for endpoint in self.endpoints:
                 if not is_loopback(endpoint.rpartition(":")[0]):
                     raise ValueError(
-                        f"endpoint {endpoint} is not on this host and would be sent plain text: set etcd.tls.ca_file "
-                        f"(README: Securing etcd), or etcd.insecure: true to send plain text anyway"
+                        f"endpoint {endpoint} is not a loopback address and would be sent plain text: set "
+                        f"etcd.tls.ca_file (README: Securing etcd), or etcd.insecure: true to send plain text anyway"
                     )
         return self
 

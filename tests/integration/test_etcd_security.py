@@ -574,6 +574,18 @@ async def test_the_daemon_keeps_working_with_simple_tokens_after_quiet_spells_an
         assert await h.stop() == 0
 
 
+async def test_a_daemon_user_that_may_not_write_the_leader_key_stops_instead_of_standing_by_for_ever(
+    simple_etcd: SecureEtcd, tmp_path: Path, root_of: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    team = Team(simple_etcd, tmp_path)
+    role = f"setpoint-daemon-{team.prefix[5:]}"
+    simple_etcd.etcdctl("role", "revoke-permission", role, f"{team.prefix}/leader")
+    h = await harness_for(team, await root_of(simple_etcd), tmp_path)
+    with pytest.raises(AssertionError, match="did not become ready: 1"):  # exit code 1, never "ready: standby"
+        await h.start()
+    assert f"not permitted to run a transaction on {team.prefix}/leader" in capsys.readouterr().err
+
+
 def test_the_settings_refuse_plain_text_to_another_host_in_the_command_line(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("etcd: {endpoints: ['etcd.example.internal:2379']}\n")
@@ -581,7 +593,7 @@ def test_the_settings_refuse_plain_text_to_another_host_in_the_command_line(tmp_
     said = one_sentence(run_cli("status", "-c", str(config), check=False))
 
     assert said == (
-        f"setpoint: settings file {config} line 1: etcd: endpoint etcd.example.internal:2379 is not on this host "
-        f"and would be sent plain text: set etcd.tls.ca_file (README: Securing etcd), or etcd.insecure: true to "
-        f"send plain text anyway"
+        f"setpoint: settings file {config} line 1: etcd: endpoint etcd.example.internal:2379 is not a loopback "
+        f"address and would be sent plain text: set etcd.tls.ca_file (README: Securing etcd), or etcd.insecure: "
+        f"true to send plain text anyway"
     )

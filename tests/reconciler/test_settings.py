@@ -113,9 +113,9 @@ def test_the_reference_config_lists_every_setting() -> None:
     ("etcd", "message"),
     [
         ("{endpoints: ['etcd-1.example:2379']}",
-         "endpoint etcd-1.example:2379 is not on this host and would be sent plain text: set etcd.tls.ca_file"),
-        ("{endpoints: ['127.0.0.1:2379', '10.0.0.7:2379']}", "endpoint 10.0.0.7:2379 is not on this host"),
-        ("{endpoints: ['[::1]:2379', '[fd00::7]:2379']}", "endpoint [fd00::7]:2379 is not on this host"),
+         "endpoint etcd-1.example:2379 is not a loopback address and would be sent plain text: set etcd.tls.ca_file"),
+        ("{endpoints: ['127.0.0.1:2379', '10.0.0.7:2379']}", "endpoint 10.0.0.7:2379 is not a loopback address"),
+        ("{endpoints: ['[::1]:2379', '[fd00::7]:2379']}", "endpoint [fd00::7]:2379 is not a loopback address"),
         ("{endpoints: ['localhost:2379'], tls: {cert_file: c.crt, key_file: c.key}}", "cert_file needs ca_file"),
         ("{endpoints: ['localhost:2379'], tls: {server_name: etcd.example}}", "server_name needs ca_file"),
         ("{endpoints: ['localhost:2379'], tls: {ca_file: ca.crt, cert_file: c.crt}}",
