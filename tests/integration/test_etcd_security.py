@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from harness import Harness, eventually, make_settings
 from pki import Authority, jwt_keys
 from secure_etcd import ROOT_PASSWORD, SecureEtcd, readme_roles, unique
+from structlog.testing import capture_logs
 from test_cli import SETPOINT, run_cli
 
 from reconciler.connect import CredentialsError, open_store
@@ -575,15 +576,16 @@ async def test_the_daemon_keeps_working_with_simple_tokens_after_quiet_spells_an
 
 
 async def test_a_daemon_user_that_may_not_write_the_leader_key_stops_instead_of_standing_by_for_ever(
-    simple_etcd: SecureEtcd, tmp_path: Path, root_of: Any, capsys: pytest.CaptureFixture[str]
+    simple_etcd: SecureEtcd, tmp_path: Path, root_of: Any
 ) -> None:
     team = Team(simple_etcd, tmp_path)
     role = f"setpoint-daemon-{team.prefix[5:]}"
     simple_etcd.etcdctl("role", "revoke-permission", role, f"{team.prefix}/leader")
     h = await harness_for(team, await root_of(simple_etcd), tmp_path)
-    with pytest.raises(AssertionError, match="did not become ready: 1"):  # exit code 1, never "ready: standby"
+    with capture_logs() as logs, pytest.raises(AssertionError, match="did not become ready: 1"):  # never standby
         await h.start()
-    assert f"not permitted to run a transaction on {team.prefix}/leader" in capsys.readouterr().err
+    refused = [entry for entry in logs if entry["event"] == "election.refused"]
+    assert refused and f"not permitted to run a transaction on {team.prefix}/leader" in refused[0]["error"]
 
 
 def test_the_settings_refuse_plain_text_to_another_host_in_the_command_line(tmp_path: Path) -> None:
