@@ -108,8 +108,8 @@ class EtcdSettings(_Group):
     )
     retry_attempts: int = Field(
         default=3, ge=1, le=20,
-        description="Attempts for one etcd read on UNAVAILABLE / DEADLINE_EXCEEDED (a write is sent once). "
-        "Defaults to 3.",
+        description="Attempts for one etcd request on UNAVAILABLE / DEADLINE_EXCEEDED (a guarded write whose answer "
+        "was lost and that is then refused fails as unknown). Defaults to 3.",
     )  # fmt: skip
     embedded: EmbeddedEtcdSettings = Field(default_factory=EmbeddedEtcdSettings)
 

@@ -89,11 +89,12 @@ __all__ = ["Credentials", "TlsMaterial"]  # re-exported: what an EtcdStore is bu
 
 log = structlog.get_logger("setpoint.store")
 
-# A write is sent again only when it provably never reached etcd (`_write`). etcd answers UNAVAILABLE ("request
-# timed out", "leader changed", a member dying after the commit) for writes that may have been applied; sent again,
-# a guarded one would find its own write and answer "refused", a definite no where the truth is "it landed".
-# StoreUnavailableError says "unknown" instead, which every caller already handles. Reads are retried
-# (`retry_attempts`) whatever the failure. clientv3 draws the same line (isSafeRetryMutableRPC).
+# Writes are retried by `_write`, not by etcd3aio, which cannot tell what a resent write's answer means. etcd
+# answers UNAVAILABLE ("request timed out", "leader changed", a member dying after the commit) for writes that may
+# have been applied; sent again, a guarded one would find its own write and answer "refused", a definite no where
+# the truth is "it landed". So a guarded write resent after such an answer, and then refused, is
+# StoreUnavailableError ("unknown"), which every caller already handles. A refusal that proves the write never
+# went out (NEVER_SENT, as clientv3's isSafeRetryMutableRPC) leaves no doubt.
 ONCE = 1
 # gRPC's and etcd's words for a request that was refused before it was sent or proposed.
 NEVER_SENT = (
@@ -260,6 +261,12 @@ def _text(key: bytes) -> str:
     return repr(key)[2:-1]
 
 
+def _unknown(what: str) -> StoreUnavailableError:
+    return StoreUnavailableError(
+        f"etcd's answer to {what} was lost, and sent again it was refused: the first may have been applied"
+    )
+
+
 def _never_sent(error: BaseException) -> bool:
     """True when `error` (or what caused it) is a gRPC UNAVAILABLE saying the request never reached etcd, or
     that etcd refused it before proposing it."""
@@ -360,19 +367,23 @@ class EtcdStore:
             raise StoreError("etcd client is not connected")
         return self._client.kv
 
-    async def _write(self, request: Callable[[], Awaitable[Any]], *, what: str) -> Any:
-        """`_call` for a write: sent again, on another member, only while etcd's refusal proves it was never sent
-        (NEVER_SENT), up to `retry_attempts` times; any other UNAVAILABLE is StoreUnavailableError (unknown)."""
+    async def _write(self, request: Callable[[], Awaitable[Any]], *, what: str) -> tuple[Any, bool]:
+        """`_call` for a write, tried up to `retry_attempts` times on UNAVAILABLE; the answer, and whether an
+        earlier try may have been applied (its answer was lost after it was sent: anything but NEVER_SENT). The
+        caller decides what a resent write's answer means: the same put again is harmless, but a guarded one would
+        find its own write and answer "refused"."""
         delay = 0.05
-        for _ in range(self._retry_attempts - 1):
+        resent = False
+        for attempt in range(self._retry_attempts):
             try:
-                return await self._call(request, what=what)
+                return await self._call(request, what=what), resent
             except StoreUnavailableError as e:
-                if not _never_sent(e):
+                if attempt + 1 == self._retry_attempts:
                     raise
+                resent = resent or not _never_sent(e)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
-        return await self._call(request, what=what)
+        raise AssertionError("unreachable")
 
     async def _call(self, request: Callable[[], Awaitable[Any]], *, what: str = "") -> Any:
         """`request()`'s answer, errors mapped to ours. With credentials the token goes along; a token etcd
@@ -515,30 +526,34 @@ class EtcdStore:
     async def put(self, key: str, value: bytes) -> int:
         fence = self._fence_now()
         if fence is None:
-            resp = await self._write(
+            resp, _ = await self._write(  # the same value again, if the first try landed: harmless
                 lambda: self._kvs.put(key.encode(), value, timeout=self._timeout, max_attempts=ONCE),
                 what=f"write {key}",
             )
             return int(resp.header.revision)
-        _, revision = await self._commit([], self._ops([Put(key, value)]), [], fence=fence, keys=[key])
+        _, revision, _ = await self._commit([], self._ops([Put(key, value)]), [], fence=fence, keys=[key])
         return revision
 
     async def delete(self, key: str) -> bool:
         fence = self._fence_now()
         if fence is None:
-            resp = await self._write(
+            resp, resent = await self._write(
                 lambda: self._kvs.delete(key.encode(), timeout=self._timeout, max_attempts=ONCE), what=f"delete {key}"
             )
-            return int(resp.deleted) > 0
-        inner, _ = await self._commit([], self._ops([Delete(key)]), [], fence=fence, keys=[key])
-        return int(inner.responses[0].response_delete_range.deleted) > 0
+            deleted = int(resp.deleted) > 0
+        else:
+            inner, _, resent = await self._commit([], self._ops([Delete(key)]), [], fence=fence, keys=[key])
+            deleted = int(inner.responses[0].response_delete_range.deleted) > 0
+        if resent and not deleted:  # gone now, but maybe by the try whose answer was lost
+            raise _unknown(f"delete {key}")
+        return deleted
 
     async def put_all(self, items: Sequence[tuple[str, bytes]]) -> int:
         """Write every item in one transaction (so all or none land); at most MAX_TXN_OPS items."""
         if len(items) > MAX_TXN_OPS:
             raise StoreError(f"{len(items)} writes exceed etcd's {MAX_TXN_OPS} operations per transaction")
         ops = self._ops([Put(key, value) for key, value in items])
-        _, revision = await self._commit([], ops, [], fence=self._fence_now(), keys=[key for key, _ in items])
+        _, revision, _ = await self._commit([], ops, [], fence=self._fence_now(), keys=[key for key, _ in items])
         return revision
 
     async def txn(
@@ -555,28 +570,30 @@ class EtcdStore:
             for g in guards
         ]
         keys = [g.key for g in guards] + [op.key for op in (*then, *otherwise)]
-        inner, _ = await self._commit(
+        inner, _, resent = await self._commit(
             compare, self._ops(then), self._ops(otherwise), fence=self._fence_now(), keys=keys
         )
+        if resent and guards and not inner.succeeded:  # refused, maybe because the try whose answer was lost landed
+            raise _unknown(_txn_what([(key, b"") for key in keys]))
         return bool(inner.succeeded)
 
     async def _commit(
         self, compare: list[Any], then: list[Any], otherwise: list[Any], *, fence: Fence | None, keys: Sequence[str]
-    ) -> tuple[Any, int]:
+    ) -> tuple[Any, int, bool]:
         """Send one transaction, nested inside `fence`'s comparison unless it is None; the response of the
-        caller's transaction and the store's revision after it. `keys` (those it compares and writes) name the
-        transaction in errors."""
+        caller's transaction, the store's revision after it, and whether it was resent after a lost answer
+        (`_write`). `keys` (those it compares and writes) name the transaction in errors."""
         what = _txn_what([(key, b"") for key in keys])
         if fence is None:
-            resp = await self._write(
+            resp, resent = await self._write(
                 lambda: self._kvs.txn(compare, then, otherwise, timeout=self._timeout, max_attempts=ONCE), what=what
             )
-            return resp, int(resp.header.revision)
+            return resp, int(resp.header.revision), resent
         held = Compare(
             result=Compare.EQUAL, target=Compare.CREATE, key=fence.key.encode(), create_revision=fence.create_revision
         )
         nested = RequestOp(request_txn=TxnRequest(compare=compare, success=then, failure=otherwise))
-        resp = await self._write(
+        resp, resent = await self._write(
             lambda: self._kvs.txn([held], [nested], [], timeout=self._timeout, max_attempts=ONCE), what=what
         )
         if not resp.succeeded:
@@ -585,7 +602,7 @@ class EtcdStore:
                 f"etcd refused the write of {written}: {fence.key} is no longer the key this daemon created at "
                 f"revision {fence.create_revision}, so another daemon leads or none does"
             )
-        return resp.responses[0].response_txn, int(resp.header.revision)
+        return resp.responses[0].response_txn, int(resp.header.revision), resent
 
     def _ops(self, ops: Sequence[Op]) -> list[Any]:
         kvs = self._kvs
@@ -645,7 +662,7 @@ class EtcdStore:
 
     async def put_leased(self, key: str, value: bytes, *, lease: int) -> int:
         """Put `key` attached to `lease` (it goes when the lease does); never fenced. The store's revision."""
-        resp = await self._write(
+        resp, _ = await self._write(
             lambda: self._kvs.put(key.encode(), value, lease=lease, timeout=self._timeout, max_attempts=ONCE),
             what=f"write {key}",
         )
@@ -657,7 +674,9 @@ class EtcdStore:
         absent = Compare(result=Compare.EQUAL, target=Compare.CREATE, key=key.encode(), create_revision=0)
         read = kvs.txn_op_get(key.encode())
         then = [kvs.txn_op_put(key.encode(), value, lease=lease), read]
-        resp = await self._write(
+        # Resent after a lost answer, a create this try made shows as not created with the caller's lease: the
+        # election tells them apart by the lease.
+        resp, _ = await self._write(
             lambda: kvs.txn([absent], then, [read], timeout=self._timeout, max_attempts=ONCE),
             what=f"run a transaction on {key}",
         )

@@ -1,7 +1,7 @@
-"""A write whose answer is lost may have been applied: the store says so (StoreUnavailableError) instead of sending
-it again. etcd reports "request timed out", "leader changed" and a member dying after the commit as UNAVAILABLE;
-a guarded transaction sent twice would then find its own write and answer "refused", a definite no where the
-truth is "it landed". clientv3 does not retry mutations either."""
+"""A write whose answer is lost may have been applied. etcd reports "request timed out", "leader changed" and a
+member dying after the commit as UNAVAILABLE. The store sends it again, but a guarded transaction sent twice
+finds its own write and answers "refused", a definite no where the truth is "it landed": then the store says
+"unknown" (StoreUnavailableError). A plain put sent twice is harmless."""
 
 from __future__ import annotations
 
@@ -43,22 +43,42 @@ def lose_first_answer(store: EtcdStore, method: str) -> list[int]:
     return calls
 
 
-async def test_a_guarded_write_whose_answer_is_lost_is_not_sent_again(store: EtcdStore) -> None:
+async def test_a_guarded_write_whose_answer_is_lost_and_that_is_then_refused_is_unknown(store: EtcdStore) -> None:
     key = f"/answers-{uuid.uuid4().hex[:8]}/k"
     calls = lose_first_answer(store, "Txn")
-    with pytest.raises(StoreUnavailableError):
+    with pytest.raises(StoreUnavailableError, match="may have been applied"):
         await store.txn(guard=Guard(key, 0), then=[Put(key, b"v")])
-    assert calls == [1], "the write was sent again after its answer was lost"
+    assert calls == [2]
     kv = await store.get(key)
     assert kv is not None and kv.value == b"v"  # it did land: "refused" would have been a lie
 
 
-async def test_a_put_whose_answer_is_lost_is_not_sent_again(store: EtcdStore) -> None:
+async def test_a_guarded_write_whose_answer_is_lost_and_that_then_holds_is_done_once(store: EtcdStore) -> None:
+    # etcd refused the first try before applying it ("no leader"): the second is the only one.
+    key = f"/answers-{uuid.uuid4().hex[:8]}/k"
+    stub = store._client.kv._stub  # type: ignore[union-attr]
+    real, calls = stub.Txn, [0]
+
+    async def refuse_first(request: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details="etcdserver: no leader"
+            )
+        return await real(request, **kwargs)
+
+    stub.Txn = refuse_first
+    assert await store.txn(guard=Guard(key, 0), then=[Put(key, b"v")]) is True
+    assert calls == [2]
+
+
+async def test_a_put_whose_answer_is_lost_is_sent_again(store: EtcdStore) -> None:
     key = f"/answers-{uuid.uuid4().hex[:8]}/k"
     calls = lose_first_answer(store, "Put")
-    with pytest.raises(StoreUnavailableError):
-        await store.put(key, b"v")
-    assert calls == [1]
+    revision = await store.put(key, b"v")
+    assert calls == [2]
+    kv = await store.get(key)
+    assert kv is not None and kv.value == b"v" and kv.mod_revision == revision
 
 
 async def test_reads_are_still_retried(store: EtcdStore) -> None:
