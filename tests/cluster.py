@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.embedded import EmbeddedEtcd, free_port
+from reconciler.embedded import EmbeddedEtcd, EmbeddedEtcdError, free_port
 
 
 class EtcdCluster:
@@ -123,12 +123,25 @@ def _post(member: EmbeddedEtcd, path: str, body: dict[str, Any]) -> dict[str, An
 @pytest.fixture
 def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
     """A fresh 3-member etcd cluster for this test (members get killed, so it is never shared)."""
-    cluster = EtcdCluster(tmp_path / "cluster")
+    for attempt in range(3):
+        # A free port is free when picked, not when etcd binds it: another process may take it in between.
+        cluster = EtcdCluster(tmp_path / f"cluster{attempt}")
+        try:
+            cluster.start()
+            break
+        except EmbeddedEtcdError:
+            cluster.stop()
+            if attempt == 2 or not _port_taken(tmp_path / f"cluster{attempt}"):
+                raise
     try:
-        cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+def _port_taken(base: Path) -> bool:
+    """True when a member of the cluster under `base` failed to start because its port was in use."""
+    return any("address already in use" in log.read_text(errors="replace") for log in base.glob("*/etcd.log"))
 
 
 async def wait_for_leader(cluster: EtcdCluster, *, timeout: float = 15.0) -> EmbeddedEtcd:
