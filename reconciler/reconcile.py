@@ -333,7 +333,11 @@ class Reconciler:
                 await self._observer.record(observed)
             if verdict.check in (Check.INVALID_PLAN, Check.TOO_LARGE, Check.SHADOW):  # it will never run
                 await self._approvals.void(entry.key, record, f"cannot run: {verdict.message}", review.consume)
-                return await self._act(entry, snapshot, verdict)
+                if verdict.check is Check.SHADOW:
+                    return await self._act(entry, snapshot, verdict)
+                # Planned afresh at once: acting on the old plan's verdict would hold the resource Failed for a
+                # plan nobody waits for any more (an upgrade renamed its tool, say), until its value changed.
+                return Outcome(Result.SUPERSEDED, requeue_after=0)
             return await self._held_back(entry, verdict)
         return await self._run(entry, record, verdict.steps, consume=review.consume)
 
