@@ -166,6 +166,8 @@ class Election:
 
     async def campaign(self) -> Campaign:
         """Let this daemon lead from now on, and wait for its next try: the term it won, or who leads."""
+        if self._term is not None:  # already leading (a standby's watch saw the leader go): nothing to wait for
+            return Campaign(term=self._term, leader=self.member_id)
         outcome: asyncio.Future[Campaign] = asyncio.get_running_loop().create_future()
         self._outcomes.append(outcome)
         self._eligible.set()
