@@ -374,15 +374,19 @@ class EtcdStore:
         find its own write and answer "refused"."""
         delay = 0.05
         resent = False
-        for attempt in range(self._retry_attempts):
-            try:
-                return await self._call(request, what=what), resent
-            except StoreUnavailableError as e:
-                if attempt + 1 == self._retry_attempts:
-                    raise
-                resent = resent or not _never_sent(e)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        try:
+            async with asyncio.timeout(self._timeout):  # `timeout` bounds the request, its retries included
+                for attempt in range(self._retry_attempts):
+                    try:
+                        return await self._call(request, what=what), resent
+                    except StoreUnavailableError as e:
+                        if attempt + 1 == self._retry_attempts:
+                            raise
+                        resent = resent or not _never_sent(e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+        except TimeoutError as e:
+            raise StoreUnavailableError(f"etcd at {self._where} did not answer within {self._timeout:g} s") from e
         raise AssertionError("unreachable")
 
     async def _call(self, request: Callable[[], Awaitable[Any]], *, what: str = "") -> Any:

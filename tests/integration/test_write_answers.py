@@ -5,6 +5,7 @@ finds its own write and answers "refused", a definite no where the truth is "it 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -85,3 +86,23 @@ async def test_reads_are_still_retried(store: EtcdStore) -> None:
     calls = lose_first_answer(store, "Range")
     assert await store.get(f"/answers-{uuid.uuid4().hex[:8]}/absent") is None
     assert calls == [2]
+
+
+async def test_the_request_timeout_bounds_a_write_with_its_retries(etcd: EmbeddedEtcd) -> None:
+    # `timeout` bounds one request, retries included (as etcd3aio bounds a read's): each try here takes 0.6 of it
+    # and then fails, so a second try is cut off and a third never starts.
+    async with EtcdStore([etcd.endpoint], timeout=1.0, retry_attempts=3) as store:
+        stub = store._client.kv._stub  # type: ignore[union-attr]
+        calls = [0]
+
+        async def slow_failure(request: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            await asyncio.sleep(0.6)
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details="etcdserver: no leader"
+            )
+
+        stub.Put = slow_failure
+        with pytest.raises(StoreUnavailableError, match="did not answer within 1 s"):
+            await store.put(f"/answers-{uuid.uuid4().hex[:8]}/k", b"v")
+        assert calls == [2]
