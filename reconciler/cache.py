@@ -29,6 +29,7 @@ from reconciler.store import KeyValue
 
 MAX_ERROR_CHARS = 300
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape in U+D800..U+DFFF
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,17 @@ M = TypeVar("M", Resource, Observed)
 
 def _parse(model: type[M], key: ResourceKey, value: bytes, *, what: str) -> tuple[M | None, str | None]:
     """`value` as a `model` stored under `key`, or the reason it is not one (never raises)."""
+    if _SURROGATE_ESCAPE_BYTES.search(value) is None:
+        # The common case in one pass of pydantic's own JSON parser (2.7 us against 7.5 us for json.loads and a
+        # validation of the dict). Whatever it refuses goes the long way below, which says why in our words; it
+        # accepts nothing the long way refuses but integers past Python's 4,300 digits, which it refuses too.
+        try:
+            parsed = model.model_validate_json(value)
+        except Exception:  # whatever it is, the long way gives the reason
+            pass
+        else:
+            if parsed.kind == key.kind and parsed.name == key.name:
+                return parsed, None
     data, error = _decode(value)
     if error is not None:
         return None, _truncate(error)
@@ -147,7 +159,7 @@ def _parse(model: type[M], key: ResourceKey, value: bytes, *, what: str) -> tupl
         return None, _truncate(f"invalid {what} value: {describe_validation_error(e)}")
     except RecursionError:
         return None, f"invalid {what} value: nested too deeply"
-    if parsed.key != key:
+    if parsed.kind != key.kind or parsed.name != key.name:
         return None, f"value names {parsed.key} but is stored under {key}"
     return parsed, None
 

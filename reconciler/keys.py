@@ -36,9 +36,17 @@ class ParsedKey:
     issue_id: str = ""  # for issues/<kind>/<name>/<id>
 
 
+_NAME = NAME_PATTERN.pattern
+# The common key, `<section>/<kind>/<name>` of a resource, in one match (the general parse below says what is wrong
+# with any other): parsing is on the path of every watch event.
+_RESOURCE_KEY = re.compile(rf"(desired|actual|status)/({_NAME})/({_NAME})")
+_SECTIONS = {section.value: section for section in Section}
+
+
 class KeySpace:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix.rstrip("/")
+        self._head = self.prefix + "/"
 
     def section(self, section: Section) -> str:
         return f"{self.prefix}/{section.value}/"
@@ -87,14 +95,18 @@ class KeySpace:
             text = key.decode("utf-8")
         except UnicodeDecodeError:
             return None
-        head = self.prefix + "/"
+        head = self._head
         if not text.startswith(head):
             return None
+        match = _RESOURCE_KEY.fullmatch(text, len(head))
+        if match is not None:
+            kind, name = match[2], match[3]
+            return ParsedKey(_SECTIONS[match[1]], ResourceKey(kind=kind, name=name), kind=kind, name=name)
         parts = text[len(head):].split("/")
-        try:
-            section = Section(parts[0])
-        except ValueError:
+        found = _SECTIONS.get(parts[0])
+        if found is None:
             return None
+        section = found
         if section is Section.APPROVALS:
             if len(parts) != 2 or PLAN_ID_PATTERN.fullmatch(parts[1]) is None:
                 return ParsedKey(section, None, error="key is not approvals/<plan-id>")
