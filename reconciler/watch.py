@@ -154,16 +154,20 @@ class Reflector:
                 self._failures = 0  # the stream works: the next failure starts the backoff over
                 self._metrics.watch_last_response.set(time.time())  # wall-clock time, for alerting on its age
                 last = self._cache.revision
+                counts: dict[tuple[str, str], int] = {}  # the metric is updated once per response, not per event
                 for event in batch.events:
-                    section = self._section_label(event.kv.key)
-                    self._metrics.events.labels(section=section, type=event.type).inc()
+                    label = (self._section_label(event.kv.key), event.type)
+                    counts[label] = counts.get(label, 0) + 1
                     if event.type == "put":
                         change = self._cache.apply_put(event.kv)
                     else:
                         change = self._cache.apply_delete(event.kv.key, event.kv.mod_revision)
                     if change is not None:
                         self._emit(change)
-                    last = max(last, event.kv.mod_revision)
+                    if event.kv.mod_revision > last:
+                        last = event.kv.mod_revision
+                for (section, kind), count in counts.items():
+                    self._metrics.events.labels(section=section, type=kind).inc(count)
                 # A batch's header revision may run ahead of events still to come;
                 # only a progress notification vouches for it (see EtcdStore.watch).
                 if batch.progress:
