@@ -39,11 +39,22 @@ from pydantic import JsonValue
 
 from agents import AgentRegistry, ObservingAgent
 from plans import InvalidResourceError, Observed, Resource, ResourceKey, TemporaryError
-from reconciler.cache import Cache
+from reconciler.cache import Cache, DesiredEntry
 from reconciler.keys import KeySpace
-from reconciler.store import Delete, EtcdStore, Put, StoreError, StoreUnavailableError
+from reconciler.store import (
+    MAX_REQUEST_BYTES,
+    MAX_TXN_OPS,
+    Delete,
+    EtcdStore,
+    Put,
+    StoreError,
+    StoreUnavailableError,
+    request_bytes,
+)
 
 log = structlog.get_logger("setpoint.observer")
+
+PASS_CONCURRENCY = 32  # observations a poll pass has under way at once
 
 
 class Observer:
@@ -160,28 +171,53 @@ class Observer:
         agent = self.observing_agent(kind)
         assert agent is not None
         taken: dict[ResourceKey, tuple[int, Observed]] = {}
-        for entry in list(self._cache.desired.values()):
-            if entry.key.kind != kind or entry.resource is None or not entry.valid or entry.deleted:
-                continue
+
+        async def take(entry: DesiredEntry, resource: Resource) -> None:
             epoch = self._epoch.get(entry.key, 0)
             try:
-                state = await self._observe(agent, entry.resource)
+                state = await self._observe(agent, resource)
             except InvalidResourceError:
-                continue  # the reconcile reports it as Invalid
+                return  # the reconcile reports it as Invalid
             except Exception as e:  # an agent's bug costs this one observation
                 log.warning("observe.failed", key=str(entry.key), error_type=type(e).__name__, error=str(e)[:300])
-                continue
+                return
             observed = Observed(kind=kind, name=entry.key.name, state=state, observed_at=datetime.now(UTC))
             taken[entry.key] = (epoch, observed)
+
+        # A few observations at a time: one after the other, each waited for a thread hop (240 us a file).
+        todo = [
+            (entry, entry.resource) for entry in list(self._cache.desired.values())
+            if entry.key.kind == kind and entry.resource is not None and entry.valid and not entry.deleted
+        ]  # fmt: skip
+        for start in range(0, len(todo), PASS_CONCURRENCY):
+            await asyncio.gather(*(take(entry, resource) for entry, resource in todo[start : start + PASS_CONCURRENCY]))
         fresh = {key: observed for key, (epoch, observed) in taken.items() if self._epoch.get(key, 0) == epoch}
         self._drifted[kind] = {
             key for key, observed in fresh.items() if key in self._baseline and self._baseline[key] != observed.state
         }
+        # Written in transactions of many (one put after the other took 1.45 ms each: 100,000 resources, 145 s).
+        batch: list[Put] = []
+        size = 0
         for key, observed in fresh.items():
             if self._epoch.get(key, 0) != taken[key][0]:
                 continue  # observed again (by a plan) while this pass was writing
-            try:
-                await self.record(observed)
-            except (StoreUnavailableError, StoreError) as e:
-                log.warning("observe.write_failed", key=str(key), error=str(e)[:300])
-                return  # etcd is down or refusing writes: the next pass tries again
+            put = self.record_put(observed)
+            if put is None:
+                continue
+            batch.append(put)
+            size += request_bytes([put])
+            if len(batch) == MAX_TXN_OPS or size > MAX_REQUEST_BYTES // 2:
+                if not await self._write(batch):
+                    return
+                batch, size = [], 0
+        if batch:
+            await self._write(batch)
+
+    async def _write(self, batch: list[Put]) -> bool:
+        """Write a pass's observations in one transaction; False (logged) when etcd refused or did not answer."""
+        try:
+            await self._store.put_all([(put.key, put.value) for put in batch])
+        except (StoreUnavailableError, StoreError) as e:
+            log.warning("observe.write_failed", keys=len(batch), first=batch[0].key, error=str(e)[:300])
+            return False  # etcd is down or refusing writes: the next pass tries again
+        return True
