@@ -55,6 +55,9 @@ from reconciler.store import (
 log = structlog.get_logger("setpoint.observer")
 
 PASS_CONCURRENCY = 32  # observations a poll pass has under way at once
+# Puts per transaction of a pass: the daemon's fence nests it in its own transaction, which takes one of the
+# operations etcd allows (--max-txn-ops counts a nested transaction's against what its parent leaves).
+PASS_BATCH = MAX_TXN_OPS - 1
 
 
 class Observer:
@@ -206,7 +209,7 @@ class Observer:
                 continue
             batch.append(put)
             size += request_bytes([put])
-            if len(batch) == MAX_TXN_OPS or size > MAX_REQUEST_BYTES // 2:
+            if len(batch) == PASS_BATCH or size > MAX_REQUEST_BYTES // 2:
                 if not await self._write(batch):
                     return
                 batch, size = [], 0

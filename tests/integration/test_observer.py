@@ -14,9 +14,9 @@ from agents import AgentRegistry
 from plans import ExecutionPlan, Resource, ResourceKey
 from reconciler.cache import Cache, DesiredEntry
 from reconciler.embedded import EmbeddedEtcd
-from reconciler.keys import KeySpace
+from reconciler.keys import KeySpace, Section
 from reconciler.observer import Observer
-from reconciler.store import EtcdStore
+from reconciler.store import MAX_TXN_OPS, EtcdStore, Fence
 from tools import Tool
 
 
@@ -90,3 +90,31 @@ async def test_an_observation_taken_before_a_plan_ran_is_not_written_after_it(st
     finally:
         poller.cancel()
         await asyncio.gather(poller, return_exceptions=True)
+
+
+async def test_a_poll_pass_writes_every_observation_under_the_fence_however_many_there_are(
+    store: EtcdStore,
+) -> None:
+    """The pass writes in transactions of many puts, each nested inside the fence's transaction, which takes one of
+    the operations etcd allows a transaction: more resources than that must still all be written."""
+    keys = KeySpace(f"/obs-{uuid.uuid4().hex[:8]}")
+    await store.put(keys.leader(), b"me")
+    leader = await store.get(keys.leader())
+    assert leader is not None
+    fence = Fence(keys.leader(), leader.create_revision)
+    cache = Cache(keys)
+    probe = Probe()
+    names = [f"r{i:03d}" for i in range(MAX_TXN_OPS * 2 + 5)]
+    for i, name in enumerate(names, start=1):
+        key = ResourceKey(kind="probe", name=name)
+        cache.desired[key] = DesiredEntry(key=key, mod_revision=i, resource=_resource(name))
+        probe.world[name] = f"seen-{name}"
+    observer = Observer(
+        store=store.fenced(lambda: fence), keys=keys, cache=cache, agents=AgentRegistry([probe]),
+        poll_seconds={"probe": 3600},
+    )  # fmt: skip
+
+    await observer.poll_all()
+
+    written, _ = await store.get_prefix(keys.section(Section.ACTUAL))
+    assert sorted(json.loads(kv.value)["state"]["v"] for kv in written) == sorted(f"seen-{n}" for n in names)
