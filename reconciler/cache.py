@@ -250,6 +250,15 @@ class Cache:
             del self.issues[key]
         return Change(resource=key)
 
+    def _canonical(self, key: ResourceKey) -> ResourceKey:
+        """The key object the cache already holds for `key`, else `key`: one object per resource, shared by the
+        cache, the claims, the queue and whoever keeps it from a change (a key costs 200 bytes)."""
+        entry = self.desired.get(key)
+        if entry is not None:
+            return entry.key
+        actual = self.actual.get(key)
+        return actual.key if actual is not None else key
+
     def apply_put(self, kv: KeyValue) -> Change | None:
         parsed = self._keys.parse(kv.key)
         if parsed is None:
@@ -262,7 +271,7 @@ class Cache:
             return Change(resource=None, plan_id=parsed.plan_id)
         if parsed.resource is None:
             return self._rejected(kv.key, parsed)
-        key = parsed.resource
+        key = self._canonical(parsed.resource)
         if parsed.issue_id:
             return self._put_issue(key, parsed.issue_id, kv)
         if parsed.section is Section.DESIRED:

@@ -8,6 +8,7 @@ is reported as such and the caller decides what to do with it.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -100,7 +101,7 @@ class KeySpace:
             return None
         match = _RESOURCE_KEY.fullmatch(text, len(head))
         if match is not None:
-            kind, name = match[2], match[3]
+            kind, name = sys.intern(match[2]), match[3]  # a few kinds, each shared by thousands of keys
             return ParsedKey(_SECTIONS[match[1]], ResourceKey(kind=kind, name=name), kind=kind, name=name)
         parts = text[len(head):].split("/")
         found = _SECTIONS.get(parts[0])
