@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import random
 from collections.abc import Awaitable, Coroutine
 from importlib.metadata import PackageNotFoundError
@@ -81,6 +82,19 @@ T = TypeVar("T")
 async def _done(step: Awaitable[None]) -> bool:
     await step
     return True
+
+
+async def _without_gc(step: Awaitable[None]) -> None:
+    """Run `step` with the cyclic garbage collector off, then leave what exists out of later collections: for the
+    start-up pass, which builds an observation of every resource (they live on in the cache, and form no cycles)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        await step
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def setpoint_version() -> str:
@@ -376,7 +390,7 @@ class Daemon:
         rt.lead()  # every key, the unfinished ones among them
         # What has drifted is known before the first plan, so a mass failure is seen as one.
         self._systemd.status(f"observing {len(rt.cache.desired)} resources")
-        if not await self._unless_stopped(_done(rt.observer.poll_all()), stop, watched, ended=term.ended):
+        if not await self._unless_stopped(_done(_without_gc(rt.observer.poll_all())), stop, watched, ended=term.ended):
             return self._why(stop, term)
         own += [
             asyncio.create_task(rt.controller.run(), name="workers"),
