@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import random
 from collections.abc import Awaitable, Coroutine
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -69,6 +68,7 @@ from reconciler.errors import StartupError
 from reconciler.http import AlertApi, ApprovalApi, HttpServer
 from reconciler.keys import KeySpace, Section
 from reconciler.metrics import Metrics
+from reconciler.resync import Resync
 from reconciler.settings import Settings
 from reconciler.store import EtcdStore, Fence, StoreAccessError, StoreError, StoreUnavailableError
 from reconciler.systemd import Notifier
@@ -485,15 +485,12 @@ class Daemon:
         log.error("daemon.component_stopped", component=task.get_name(), error=repr(error))
 
     async def _resync(self, rt: Runtime) -> None:
-        period = self.settings.reconciler.resync_seconds
-        while True:
-            # Jitter spreads resyncs of many daemons sharing one etcd.
-            await asyncio.sleep(period * random.uniform(0.9, 1.1))
-            keys = list(rt.cache.resource_keys())
-            for key in keys:
-                rt.enqueue(key)
-            log.info("resync", keys=len(keys))
-            self._systemd.status(self._ready_status())
+        resync = Resync(
+            keys=rt.cache.resource_keys, enqueue=rt.enqueue, queue=rt.queue,
+            period=self.settings.reconciler.resync_seconds,
+            on_pass=lambda keys: self._systemd.status(self._ready_status()),
+        )  # fmt: skip
+        await resync.run()
 
     def _ready_status(self) -> str:
         return f"ready: leading, {self._resources()}, {self.settings.reconciler.workers} workers"

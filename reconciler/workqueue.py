@@ -103,6 +103,7 @@ class WorkQueue(Generic[K]):
         self._dirty: set[K] = set()
         self._processing: dict[K, float] = {}  # each key being processed, and when it was taken
         self._getters: deque[asyncio.Future[None]] = deque()
+        self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []  # see `wait_below`
         self._waiting: dict[K, float] = {}
         self._heap: list[tuple[float, int, K]] = []
         self._seq = itertools.count()
@@ -169,6 +170,8 @@ class WorkQueue(Generic[K]):
                     self._notify()
                 raise
         key = self._queue.popleft()
+        if self._drain_waiters:
+            self._wake_drained()
         now = self._clock.now()
         self._processing[key] = now
         self._dirty.discard(key)
@@ -179,6 +182,19 @@ class WorkQueue(Generic[K]):
         self._processing.pop(key, None)
         if key in self._dirty and not self._shutting_down:
             self._enqueue(key, self._clock.now())
+
+    async def wait_below(self, depth: int) -> None:
+        """Return once fewer than `depth` keys can be taken (at once if that is so already, or the queue is
+        shut down): for a producer of many keys that must not bury the keys others add (the resync)."""
+        while len(self._queue) >= depth and not self._shutting_down:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (depth, waiter)
+            self._drain_waiters.append(entry)
+            try:
+                await waiter
+            finally:
+                if entry in self._drain_waiters:
+                    self._drain_waiters.remove(entry)
 
     # -- state ------------------------------------------------------------------
 
@@ -214,6 +230,7 @@ class WorkQueue(Generic[K]):
             waiter = self._getters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+        self._wake_drained()
 
     # -- internals --------------------------------------------------------------
 
@@ -221,6 +238,17 @@ class WorkQueue(Generic[K]):
         self._queue.append(key)
         self._ready_since[key] = ready_since
         self._notify()
+
+    def _wake_drained(self) -> None:
+        depth = len(self._queue)
+        waiting = []
+        for depth_wanted, waiter in self._drain_waiters:
+            if depth < depth_wanted or self._shutting_down:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((depth_wanted, waiter))
+        self._drain_waiters = waiting
 
     def _notify(self) -> None:
         while self._getters:

@@ -266,3 +266,18 @@ async def test_after_shutdown_adds_are_ignored_and_get_fails(queue: WorkQueue[st
     assert (len(queue), queue.waiting) == (0, 0)
     with pytest.raises(ShutDownError):
         await queue.get()
+
+
+async def test_wait_below_returns_once_workers_took_the_queue_below_the_depth(queue: WorkQueue[str]) -> None:
+    for key in "abcd":
+        queue.add(key)
+    waiting = asyncio.create_task(queue.wait_below(3))
+    await settle()
+    assert not waiting.done()
+    await queue.get()  # 3 left: not below 3
+    await settle()
+    assert not waiting.done()
+    await queue.get()
+    await settle()
+    assert waiting.done()
+    await queue.wait_below(3)  # at once when it is so already
