@@ -27,7 +27,7 @@ class Sizes:
     throughput_start_rate: float = 50.0
     throughput_bisections: int = 3
     resync_resources: int = 10_000
-    resync_seconds: float = 30.0  # reconciler.resync_seconds in that scenario
+    resync_seconds: float = 60.0  # reconciler.resync_seconds in that scenario: one pass at a time
     cold_start_keys: int = 100_000
     memory_small: int = 10_000
     memory_large: int = 100_000

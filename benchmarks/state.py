@@ -43,20 +43,21 @@ async def resync(ctx: Context, out: Figures) -> None:
         expected = await put_files(rig, "r", n)
         await start_converged(ctx, rig, watch, expected, "resync")
         out.details["idle_before"] = await idle(rig, timeout=ctx.measure_cap(n))  # a pass during setup ends
-        before = await rig.metric("setpoint_reconcile_total")
         revision_before = await rig.revision()
         offset = rig.log_path.stat().st_size
-        samples = [(time.time(), rig.cpu())]
         ctx.say("resync", f"waiting for the next pass (reconciler.resync_seconds {s.resync_seconds:g})")
+        # (wall clock, daemon CPU, reconciles) every 0.1 s until the pass's log line is seen; its baseline is the
+        # last sample taken before that line's timestamp.
+        samples: list[tuple[float, float, float]] = []
         deadline = time.perf_counter() + s.resync_seconds * 1.2 + 10
         began: float | None = None
         while began is None:
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"no resync pass began within {s.resync_seconds * 1.2 + 10:g} s")
-            await asyncio.sleep(0.05)
-            samples.append((time.time(), rig.cpu()))
+            samples.append((time.time(), rig.cpu(), await rig.metric("setpoint_reconcile_total")))
+            await asyncio.sleep(0.1)
             offset, began = _resync_logged(rig.log_path, offset)
-        cpu_before = max((sample for sample in samples if sample[0] <= began), default=samples[0])[1]
+        _, cpu_before, before = max((x for x in samples if x[0] <= began), default=samples[0])
         ended: float | None = None
         reconciles = 0.0
         pass_deadline = time.perf_counter() + ctx.measure_cap(n)
