@@ -102,7 +102,7 @@ async def start_converged(ctx: Context, rig: Rig, watch: StatusWatch, expected: 
     watch.start(1)
     await rig.start_daemon()
     await rig.wait_ready(120)
-    ctx.say(what, f"the daemon is ready; converging {len(expected):,} resources")
+    ctx.say(what, f"the daemon (pid {rig.pid}) is ready; converging {len(expected):,} resources")
     done, _ = await watch.wait(expected, timeout=ctx.setup_cap(len(expected)))
     if not done:
         missing = watch.missing(expected)

@@ -133,12 +133,13 @@ async def run_scenario(name: str, ctx: Context, cap: float) -> Figures:
     out = Figures(name)
     started = time.perf_counter()
     ctx.say(name, "starting")
+    limit = asyncio.timeout(cap)
     try:
-        async with asyncio.timeout(cap):
+        async with limit:
             await SCENARIOS[name](ctx, out)
     except Exception as e:  # the scenario's boundary: reported in its rows, the next one runs
         out.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        if isinstance(e, TimeoutError):
+        if limit.expired():
             out.error = f"stopped after {cap:g} s"
         out.details["traceback"] = traceback.format_exc()[-4000:]
     out.seconds = time.perf_counter() - started
