@@ -58,10 +58,13 @@ How each figure is measured:
   the same span. Target <= 2 s. Also the etcd revisions the pass wrote (target 0: a
   resync of converged keys writes nothing).
 - cold start: 100,000 desired file resources in etcd before the daemon
-  starts; the time from spawning `setpoint run` to `/readyz` 200 (target
-  <= 10 s) and to every status `Converged` at its revision.
+  starts; the time from spawning `setpoint run` to `/readyz` 200 (polled
+  every 20 ms; target <= 10 s) and to every status `Converged` at its
+  revision.
 - memory: the daemon's VmRSS 2 s after 10,000 resources converged, and
-  again after 90,000 more were added and converged (target <= 150 MB).
+  again after 90,000 more were added and converged, or the wait for them
+  ended (then the row below says how many had; target <= 150 MB, all
+  converged).
 - llm_flapping: one resource of a kind planned by the language model
   (`llm.kinds`), its model a fake OpenAI-compatible server
   (`benchmarks/fakellm.py`) answering every call with one read-only plan.
@@ -72,7 +75,13 @@ How each figure is measured:
 
 Waits are capped, so a daemon far from the targets still finishes: what did
 not converge in time is reported (None in the JSON, "-" in the table,
-with the count that did).
+with the count that did). A measured convergence of n resources is waited
+for 30 s + n / 300 s, `/readyz` at cold start 60 s + n / 250 s.
+
+To profile the daemon of a scenario, attach to the pid its progress line
+gives (stderr), e.g. `py-spy record --rate 200 --format speedscope -o
+/tmp/x.json --pid <pid> --duration 20`; `--keep` keeps each daemon's log,
+config and etcd data under the printed work directory.
 """
 
 from __future__ import annotations
