@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= setpoint.yaml
 STATE := .setpoint
 
-.PHONY: venv servers run stop test lint clean prometheusrule bench-supervise
+.PHONY: venv servers run stop test lint clean prometheusrule bench bench-supervise
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: venv servers
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The engine against etcd on this machine: ingest, coalescing, latency, throughput, resync, cold start, memory,
+## LLM flapping; a table and JSON (15 to 25 minutes; BENCH_ARGS=--quick: under 2 minutes, e.g.
+## "--quick --only latency,resync --json out.json").
+bench: venv
+	$(PY) -m benchmarks.engine $(BENCH_ARGS)
 
 ## setpoint's process agent side by side with supervisord: restart time after SIGKILL (p50/p99) and idle CPU
 ## while supervising 100 processes (BENCH_ARGS, e.g. "--processes 20 --kills 20 --json").
