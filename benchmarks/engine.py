@@ -105,6 +105,7 @@ from typing import Any
 from benchmarks import changes, state
 from benchmarks.context import FULL, QUICK, Context, scaled
 from benchmarks.figures import Figures, table
+from reconciler.cli.run import event_loop_factory
 from reconciler.embedded import etcd_version, find_etcd_binary
 from reconciler.logs import configure_logging
 
@@ -204,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     head = {"machine": machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command.strip(),
             "workers": args.workers, "sizes": sizes.__dict__}  # fmt: skip
     try:
-        results = asyncio.run(run(names, ctx, fail_fast=args.fail_fast))
+        # On the daemon's own event loop (uvloop when installed), so ingest's in-process replay runs as it would.
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            results = runner.run(run(names, ctx, fail_fast=args.fail_fast))
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -33,11 +33,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGHUP, daemon.reload_policies)
         return await daemon.run(stop)
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(main())
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when it is installed (measured: 7-14% less CPU to start with 10,000 resources, and a
     higher share of etcd's watch replay rate), else asyncio's own."""
     try:
