@@ -115,14 +115,21 @@ class Observer:
             ) from None
 
     def record_put(self, observed: Observed) -> Put | None:
-        """The write that records `observed`, or None when the cache already holds that state."""
+        """The write that records `observed` for the reconcile that acted on it, or None when the cache already
+        holds that state. Its event from the watch queues no second reconcile (`Cache.expect_echo`)."""
+        put = self._put(observed)
+        if put is not None:
+            self._cache.expect_echo(observed, put.value)
+        return put
+
+    def _put(self, observed: Observed) -> Put | None:
         cached = self._cache.actual.get(observed.key)
         if cached is not None and cached.observed is not None and cached.observed.state == observed.state:
             return None
         return Put(self._keys.actual(observed.key), json.dumps(observed.model_dump(mode="json")).encode())
 
     async def record(self, observed: Observed) -> None:
-        """Write `observed` to actual/ unless the cache already holds that state."""
+        """Write `observed`, which a reconcile acted on, to actual/ unless the cache already holds that state."""
         put = self.record_put(observed)
         if put is not None:
             await self._store.put(put.key, put.value)
@@ -180,8 +187,10 @@ class Observer:
         for key, observed in fresh.items():
             if self._epoch.get(key, 0) != taken[key][0]:
                 continue  # observed again (by a plan) while this pass was writing
+            put = self._put(observed)
             try:
-                await self.record(observed)
+                if put is not None:  # its event from the watch is what queues the key's reconcile
+                    await self._store.put(put.key, put.value)
             except (StoreUnavailableError, StoreError) as e:
                 log.warning("observe.write_failed", key=str(key), error=str(e)[:300])
                 return  # etcd is down or refusing writes: the next pass tries again
