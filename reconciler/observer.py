@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 import structlog
 from pydantic import JsonValue
 
-from agents import AgentRegistry, ObservingAgent
+from agents import Agent, AgentRegistry, ObservingAgent
 from plans import InvalidResourceError, Observed, Resource, ResourceKey, TemporaryError
 from reconciler.cache import Cache
 from reconciler.keys import KeySpace
@@ -67,6 +67,7 @@ class Observer:
         self._baseline: dict[ResourceKey, dict[str, JsonValue]] = {}
         self._drifted: dict[str, set[ResourceKey]] = {}
         self._epoch: dict[ResourceKey, int] = {}
+        self._observing: dict[str, tuple[Agent | None, ObservingAgent | None]] = {}  # by kind
 
     def _move_epoch(self, key: ResourceKey) -> None:
         self._epoch[key] = self._epoch.get(key, 0) + 1
@@ -94,7 +95,10 @@ class Observer:
 
     def observing_agent(self, kind: str) -> ObservingAgent | None:
         agent = self._agents.for_kind(kind)
-        return agent if isinstance(agent, ObservingAgent) else None
+        known = self._observing.get(kind)
+        if known is None or known[0] is not agent:  # a Protocol's isinstance is slow, and asked often
+            known = self._observing[kind] = (agent, agent if isinstance(agent, ObservingAgent) else None)
+        return known[1]
 
     async def observe(self, resource: Resource) -> Observed | None:
         """Observe `resource` now (without writing); None when its agent cannot observe."""
