@@ -279,9 +279,13 @@ def _never_sent(error: BaseException) -> bool:
     return False
 
 
-def _txn_what(items: Sequence[tuple[str, bytes]]) -> str:
+# What a request is, for an error about it: a text, or what makes one (only called when there is an error).
+What = str | Callable[[], str]
+
+
+def _txn_what(written: Sequence[str]) -> str:
     """A transaction named by its keys, for a permission error."""
-    keys = list(dict.fromkeys(key for key, _ in items))
+    keys = list(dict.fromkeys(written))
     if not keys:
         return "run a transaction"
     more = f" and {len(keys) - 1} more keys" if len(keys) > 1 else ""
@@ -367,7 +371,7 @@ class EtcdStore:
             raise StoreError("etcd client is not connected")
         return self._client.kv
 
-    async def _write(self, request: Callable[[], Awaitable[Any]], *, what: str) -> tuple[Any, bool]:
+    async def _write(self, request: Callable[[], Awaitable[Any]], *, what: What) -> tuple[Any, bool]:
         """`_call` for a write, tried up to `retry_attempts` times on UNAVAILABLE; the answer, and whether an
         earlier try may have been applied (its answer was lost after it was sent: anything but NEVER_SENT). The
         caller decides what a resent write's answer means: the same put again is harmless, but a guarded one would
@@ -389,7 +393,7 @@ class EtcdStore:
             raise StoreUnavailableError(f"etcd at {self._where} did not answer within {self._timeout:g} s") from e
         raise AssertionError("unreachable")
 
-    async def _call(self, request: Callable[[], Awaitable[Any]], *, what: str = "") -> Any:
+    async def _call(self, request: Callable[[], Awaitable[Any]], *, what: What = "") -> Any:
         """`request()`'s answer, errors mapped to ours. With credentials the token goes along; a token etcd
         calls invalid is renewed and the request made once more. `what` (e.g. "read /setpoint/x") names the
         request in a permission error."""
@@ -406,7 +410,7 @@ class EtcdStore:
             user = who(self._credentials, self._tls)
             raise StoreAccessError(f"etcd at {self._where} refused the new auth token of {user}: {e.details}") from e
 
-    async def _call_once(self, request: Callable[[], Awaitable[Any]], what: str, token: str | None = None) -> Any:
+    async def _call_once(self, request: Callable[[], Awaitable[Any]], what: What, token: str | None = None) -> Any:
         if token is not None:
             self._use_token(token)
         try:
@@ -434,8 +438,10 @@ class EtcdStore:
     def _where(self) -> str:
         return ",".join(self.endpoints)
 
-    def _refusal(self, details: str, what: str) -> Exception:
+    def _refusal(self, details: str, what: What) -> Exception:
         """What etcd's refusal `details` means: a token to renew, or a StoreAccessError saying what to fix."""
+        if not isinstance(what, str):
+            what = what()
         if asks_new_token(details) and self._credentials is not None:
             return _TokenRefused(details)
         user = who(self._credentials, self._tls)
@@ -578,7 +584,7 @@ class EtcdStore:
             compare, self._ops(then), self._ops(otherwise), fence=self._fence_now(), keys=keys
         )
         if resent and guards and not inner.succeeded:  # refused, maybe because the try whose answer was lost landed
-            raise _unknown(_txn_what([(key, b"") for key in keys]))
+            raise _unknown(_txn_what(keys))
         return bool(inner.succeeded)
 
     async def _commit(
@@ -587,19 +593,16 @@ class EtcdStore:
         """Send one transaction, nested inside `fence`'s comparison unless it is None; the response of the
         caller's transaction, the store's revision after it, and whether it was resent after a lost answer
         (`_write`). `keys` (those it compares and writes) name the transaction in errors."""
-        what = _txn_what([(key, b"") for key in keys])
+        what = functools.partial(_txn_what, keys)  # built only for an error: not on every write
         if fence is None:
-            resp, resent = await self._write(
-                lambda: self._kvs.txn(compare, then, otherwise, timeout=self._timeout, max_attempts=ONCE), what=what
-            )
+            resp, resent = await self._write(self._send_txn(TxnRequest(compare=compare, success=then,
+                                                                      failure=otherwise)), what=what)  # fmt: skip
             return resp, int(resp.header.revision), resent
         held = Compare(
             result=Compare.EQUAL, target=Compare.CREATE, key=fence.key.encode(), create_revision=fence.create_revision
         )
         nested = RequestOp(request_txn=TxnRequest(compare=compare, success=then, failure=otherwise))
-        resp, resent = await self._write(
-            lambda: self._kvs.txn([held], [nested], [], timeout=self._timeout, max_attempts=ONCE), what=what
-        )
+        resp, resent = await self._write(self._send_txn(TxnRequest(compare=[held], success=[nested])), what=what)
         if not resp.succeeded:
             written = next(iter(keys), "nothing")
             raise LeadershipLostError(
@@ -607,6 +610,20 @@ class EtcdStore:
                 f"revision {fence.create_revision}, so another daemon leads or none does"
             )
         return resp.responses[0].response_txn, int(resp.header.revision), resent
+
+    def _send_txn(self, request: Any) -> Callable[[], Awaitable[Any]]:
+        """A request sending `request` once, as etcd3aio's `txn(..., max_attempts=ONCE)` would, errors mapped as it
+        maps them, without its retry loop and the timer it sets around every call: `_write` bounds the request and
+        its retries with a timer of its own, and gRPC's deadline bounds each try. One timer a write, not two."""
+        kvs = self._kvs
+
+        async def send() -> Any:
+            try:
+                return await kvs._stub.Txn(request, metadata=kvs._metadata or None, timeout=self._timeout)
+            except grpc.aio.AioRpcError as e:
+                kvs._raise_rpc_exception(e, "KV.Txn", attempts=ONCE)
+
+        return send
 
     def _ops(self, ops: Sequence[Op]) -> list[Any]:
         kvs = self._kvs
