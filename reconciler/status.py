@@ -306,6 +306,13 @@ class StatusWriter:
             and previous.baseline is not None
         )
 
+    async def converged_as(self, key: ResourceKey, revision: int) -> dict[str, JsonValue] | None:
+        """What `key` looked like when it converged at desired `revision`, when its stored status says it did."""
+        previous = await self._previous(key)
+        if previous is None or previous.phase is not Phase.CONVERGED or previous.observed_revision != revision:
+            return None
+        return previous.baseline
+
     async def applied(self, key: ResourceKey) -> Resource | None:
         """The last desired value `key` converged to, as recorded in its status."""
         previous = await self._previous(key)
