@@ -41,6 +41,7 @@ test: venv servers
 ## LLM flapping; a table and JSON (15 to 25 minutes; BENCH_ARGS=--quick: under 2 minutes, e.g.
 ## "--quick --only latency,resync --json out.json").
 bench: venv
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m benchmarks.engine $(BENCH_ARGS)
 
 ## setpoint's process agent side by side with supervisord: restart time after SIGKILL (p50/p99) and idle CPU
