@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ MAX_REQUEST_BYTES = 1_500_000  # etcd's default --max-request-bytes (1.5 MiB)
 # alone is larger (it then goes alone, as it would have).
 MAX_BATCH = 64
 MAX_BATCH_BYTES = MAX_REQUEST_BYTES // 2
+SHARED_MAX_OPS = MAX_TXN_OPS - MAX_BATCH - 1  # a write of more goes alone: etcd leaves a nested one 128 - its parent's
 _PAGE = 500
 # A page or watch response may carry many values of up to 1.5 MiB each; gRPC's
 # default 4 MiB receive limit would turn a large but valid key space into an error.
@@ -609,8 +611,7 @@ class EtcdStore:
                                                                       failure=otherwise)), what=what)  # fmt: skip
             return resp, int(resp.header.revision), resent
         nested = RequestOp(request_txn=TxnRequest(compare=compare, success=then, failure=otherwise))
-        written = {op.request_put.key or op.request_delete_range.key for op in (*then, *otherwise)}
-        return await self._batches.send(self, fence, nested, keys=keys, written=written, what=what)
+        return await self._batches.send(self, fence, nested, keys=keys, what=what)
 
     async def _send_fenced(self, fence: Fence, batch: Sequence[_Batched], *, timeout: float) -> tuple[Any, bool]:
         """Send the transactions of `batch` in one request, each nested in `fence`'s comparison; etcd's answer,
@@ -862,7 +863,9 @@ class _Batched:
 
     nested: Any  # the caller's transaction, as a RequestOp
     keys: Sequence[str]  # those it compares and writes, to name it in an error
-    written: set[bytes]  # those it puts or deletes: no two transactions in one request share one
+    reads: set[bytes]  # the keys it compares
+    writes: set[bytes]  # the keys it puts or deletes
+    alone: bool  # too many operations to share a request (etcd counts a nested one's against what its parent leaves)
     what: What
     size: int
     deadline: float  # loop time by which its answer is due (the store's request timeout)
@@ -876,26 +879,43 @@ class _Batches:
     others inside the fence's comparison; etcd answers each one's `succeeded`, and applies them all at one
     revision. With one write at a time nothing waits: it goes at once, alone, as before. Under load, the
     workers' begin and settle writes share requests (and etcd's proposals) instead of each paying a gRPC
-    call. A request fails or is refused as a whole (etcd unavailable, the fence gone), and then every write in
-    it fails alike. Two writes that put or delete one key never share a request, since etcd refuses a
-    transaction that writes one key twice (comparing one is fine). A write whose caller gave up while it
-    waited is not sent; one whose request timeout passed while it waited fails as never sent; a request's own
-    timeout is its earliest write's."""
+    call. What one after the other would guarantee still holds:
+
+    - two writes never share a request when one writes a key the other compares or writes: etcd evaluates
+      every nested transaction's guards before applying any, so sharing would let both of two guarded writes
+      that read what the other writes succeed (and etcd refuses a request that writes one key twice);
+    - no write overtakes one queued before it that touches one of its keys: a write left for a later request
+      holds back every later write on its keys;
+    - a write of more than SHARED_MAX_OPS operations goes alone, as do the writes queued after it meanwhile:
+      etcd allows a nested transaction only the operations its parent leaves;
+    - a request etcd refuses (a write too large, a permission one key lacks) was applied in nothing, and its
+      writes are sent again one by one, so that only the write at fault fails;
+    - a request that fails otherwise (etcd unavailable, the fence gone) fails every write in it alike.
+
+    A write whose caller gave up while it waited is not sent; one whose request timeout passed while it
+    waited fails as never sent; a request's own timeout is its earliest write's."""
 
     def __init__(self) -> None:
         self._queues: dict[Fence, list[_Batched]] = {}
         self._drains: dict[Fence, asyncio.Task[None]] = {}
 
     async def send(
-        self, store: EtcdStore, fence: Fence, nested: Any, *, keys: Sequence[str], written: set[bytes], what: What
+        self, store: EtcdStore, fence: Fence, nested: Any, *, keys: Sequence[str], what: What
     ) -> tuple[Any, int, bool]:
         loop = asyncio.get_running_loop()
+        txn = nested.request_txn
+        reads = {c.key for c in txn.compare}
+        writes = {op.request_put.key or op.request_delete_range.key for op in (*txn.success, *txn.failure)}
+        ops = max(len(txn.compare), len(txn.success), len(txn.failure))
         item = _Batched(
-            nested, keys, written, what, nested.ByteSize(), loop.time() + store._timeout, loop.create_future()
-        )
+            nested, keys, reads, writes, ops > SHARED_MAX_OPS, what, nested.ByteSize(), loop.time() + store._timeout,
+            loop.create_future(),
+        )  # fmt: skip
         self._queues.setdefault(fence, []).append(item)
-        if fence not in self._drains:
-            self._drains[fence] = loop.create_task(self._drain(store, fence), name="etcd-writes")
+        if fence not in self._drains:  # in a context of its own: not the log context of the write that started it
+            self._drains[fence] = loop.create_task(
+                self._drain(store, fence), name="etcd-writes", context=contextvars.Context()
+            )
         return await item.future
 
     async def close(self) -> None:
@@ -909,19 +929,7 @@ class _Batches:
         batch: list[_Batched] = []
         try:
             while queue:
-                batch, left, size = [], [], 0
-                keys: set[bytes] = set()
-                for item in queue:
-                    if item.future.done():
-                        continue  # its caller gave up before it was sent
-                    fits = not batch or (len(batch) < MAX_BATCH and size + item.size <= MAX_BATCH_BYTES)
-                    if fits and keys.isdisjoint(item.written):
-                        batch.append(item)
-                        size += item.size
-                        keys.update(item.written)
-                    else:
-                        left.append(item)
-                queue[:] = left
+                batch, queue[:] = self._next(queue)
                 await self._flush(store, fence, batch)
         except asyncio.CancelledError:
             closed = StoreUnavailableError("the etcd client was closed before this write was answered")
@@ -935,7 +943,36 @@ class _Batches:
                 del self._queues[fence]
 
     @staticmethod
-    async def _flush(store: EtcdStore, fence: Fence, batch: list[_Batched]) -> None:
+    def _next(queue: list[_Batched]) -> tuple[list[_Batched], list[_Batched]]:
+        """The writes of the next request, in the order they were queued, and those left for later."""
+        batch: list[_Batched] = []
+        left: list[_Batched] = []
+        reads: set[bytes] = set()  # keys the batch compares
+        writes: set[bytes] = set()  # keys it writes
+        held_reads: set[bytes] = set()  # the same, of the writes left for later: a write after them that
+        held_writes: set[bytes] = set()  # conflicts with one of them waits too
+        after_alone = False  # a write that goes alone was left for later: every write after it waits
+        size = 0
+        for item in queue:
+            if item.future.done():
+                continue  # its caller gave up before it was sent
+            shares = not batch or (
+                not item.alone and not batch[0].alone and len(batch) < MAX_BATCH and size + item.size <= MAX_BATCH_BYTES
+            )
+            if shares and not after_alone and not _conflict(item, reads, writes, held_reads, held_writes):
+                batch.append(item)
+                size += item.size
+                reads |= item.reads
+                writes |= item.writes
+            else:
+                left.append(item)
+                held_reads |= item.reads
+                held_writes |= item.writes
+                after_alone = after_alone or item.alone
+        return batch, left
+
+    @classmethod
+    async def _flush(cls, store: EtcdStore, fence: Fence, batch: list[_Batched]) -> None:
         now = asyncio.get_running_loop().time()
         for item in batch:
             if item.deadline <= now and not item.future.done():
@@ -947,15 +984,36 @@ class _Batches:
             return
         try:
             resp, resent = await store._send_fenced(fence, batch, timeout=min(i.deadline for i in batch) - now)
+        except StoreError as e:
+            if len(batch) > 1 and type(e) is not LeadershipLostError:  # refused whole, applied in nothing
+                for item in batch:
+                    await cls._flush(store, fence, [item])
+                return
+            cls._fail(batch, e)
+            return
         except Exception as e:  # the request failed: every write in it did
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(_alike(e, item))
+            cls._fail(batch, e)
             return
         revision = int(resp.header.revision)
         for i, item in enumerate(batch):
             if not item.future.done():
                 item.future.set_result((resp.responses[i].response_txn, revision, resent))
+
+    @staticmethod
+    def _fail(batch: list[_Batched], error: Exception) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(_alike(error, item))
+
+
+def _conflict(item: _Batched, *key_sets: set[bytes]) -> bool:
+    """Whether `item` touches what others read or write (`key_sets`: reads, writes, then again for more): a key
+    it writes that one of them reads or writes, or a key it reads that one of them writes. Reading one key is no
+    conflict."""
+    for reads, writes in zip(key_sets[::2], key_sets[1::2], strict=True):
+        if not item.writes.isdisjoint(reads) or not item.writes.isdisjoint(writes) or not item.reads.isdisjoint(writes):
+            return True
+    return False
 
 
 def _alike(error: Exception, item: _Batched) -> Exception:
