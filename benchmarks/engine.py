@@ -52,7 +52,7 @@ How each figure is measured:
   generator with the same concurrency, to keys outside the daemon's prefix.
 - resync: 10,000 file resources converged, `reconciler.resync_seconds` 60
   (the file poll set to an hour, so the resync is all that runs). Once the
-  daemon is idle, the pass starts at its `resync` log line's timestamp and
+  daemon is idle, the pass starts at its `resync.began` log line's timestamp and
   ends when `setpoint_reconcile_total` has gone up by 10,000 since (read
   every 0.1 s); the daemon's CPU (user + system, `/proc/<pid>/stat`) over
   the same span. Target <= 2 s. Also the etcd revisions the pass wrote (target 0: a

@@ -20,15 +20,15 @@ MB = 1024 * 1024
 
 def _resync_logged(path: Path, offset: int) -> tuple[int, float | None]:
     """Read the daemon's log from `offset`: (the offset after its last whole line, the wall-clock time of the
-    first `resync` line, if any)."""
+    first `resync.began` line, if any)."""
     with path.open("rb") as f:
         f.seek(offset)
         data = f.read()
     end = data.rfind(b"\n") + 1
     for line in data[:end].splitlines():
-        if b'"resync"' in line:
+        if b'"resync.began"' in line:
             record = json.loads(line)
-            if record.get("event") == "resync":
+            if record.get("event") == "resync.began":
                 stamp = datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
                 return offset + end, stamp.timestamp()
     return offset + end, None

@@ -12,6 +12,7 @@ daemons sharing one etcd do not resync in step.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -62,9 +63,12 @@ class Resync:
     async def pass_once(self) -> int:
         """Queue every key, a slice at a time; the number of keys."""
         keys = list(self._keys())
+        began = time.monotonic()
+        log.info("resync.began", keys=len(keys))
         for start in range(0, len(keys), self._slice):
             await self._queue.wait_below(self._slice)
             for key in keys[start : start + self._slice]:
                 self._enqueue(key)
-        log.info("resync", keys=len(keys))
+        # The last slice is queued: its reconciles are still to come.
+        log.info("resync", keys=len(keys), queued_in=round(time.monotonic() - began, 3))
         return len(keys)
