@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import random
 import time
 from typing import Any
 
@@ -32,8 +32,12 @@ class Step(BaseModel):
 
 
 def new_plan_id() -> str:
-    """A unique, time-ordered plan id: 13 hex digits of milliseconds, then 8 random hex digits."""
-    return f"{time.time_ns() // 1_000_000:013x}-{os.urandom(4).hex()}"
+    """A unique, time-ordered plan id: 13 hex digits of milliseconds, then 8 random hex digits.
+
+    The random part tells apart plans made in one millisecond; it guards nothing (an approval is bound to the
+    plan's hash), so it comes from `random`, seeded from the OS at start, not from `os.urandom`: a system call
+    on the event loop at every plan, which lets a busy thread take the GIL from the loop."""
+    return f"{time.time_ns() // 1_000_000:013x}-{random.getrandbits(32):08x}"
 
 
 class ExecutionPlan(BaseModel):

@@ -203,6 +203,7 @@ class Cache:
         self.approvals: dict[str, ApprovalEntry] = {}  # by plan id
         self.issues: dict[ResourceKey, dict[str, IssueEntry]] = {}  # open issues, by resource and id
         self._issue_revisions: dict[tuple[ResourceKey, str], int] = {}  # last put, also of ignored values
+        self._echoes: dict[ResourceKey, tuple[bytes, Observed]] = {}  # see `expect_echo`
         self.revision = 0
 
     def resource_keys(self) -> Iterator[ResourceKey]:
@@ -283,10 +284,22 @@ class Cache:
             current_actual = self.actual.get(key)
             if current_actual is not None and current_actual.mod_revision >= kv.mod_revision:
                 return None
+            echo = self._echoes.get(key)
+            if echo is not None and echo[0] == kv.value:
+                del self._echoes[key]
+                self.actual[key] = ActualEntry(key=key, mod_revision=kv.mod_revision, observed=echo[1])
+                return None
             self.actual[key] = parse_actual(key, kv)
         else:
             return None
         return Change(resource=key)
+
+    def expect_echo(self, observed: Observed, value: bytes) -> None:
+        """A reconcile is writing `observed` (as `value`) to actual/, having acted on that very state: when the
+        watch brings the write back, the cache takes it in as no change, so it queues no second reconcile of the
+        key. Only the same bytes match (a stale expectation, left by a write that never landed, cannot match a
+        later observation, which carries its own `observed_at`); the next expectation for the key replaces it."""
+        self._echoes[observed.key] = (value, observed)
 
     def apply_delete(self, key_bytes: bytes, revision: int) -> Change | None:
         parsed = self._keys.parse(key_bytes)

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiolimiter import AsyncLimiter
@@ -70,6 +71,7 @@ class Controller:
         self._count = workers
         self._rate = rate_limiter(rate_limit_per_second)
         self._workers: list[asyncio.Task[None]] = []
+        self._counted: dict[tuple[str, Result], tuple[Any, Any]] = {}  # the metrics' children, by kind and result
 
     async def run(self) -> None:
         """Run the workers until `shutdown`; raises WorkerDiedError if one of them dies.
@@ -144,5 +146,11 @@ class Controller:
                 if outcome.requeue_after is not None:
                     self._queue.add_after(key, outcome.requeue_after)
                 log.info("reconcile.done", result=outcome.result.value)
-        self._metrics.reconciles.labels(kind=key.kind, result=outcome.result.value).inc()
-        self._metrics.reconcile_duration.labels(kind=key.kind).observe(time.monotonic() - started)
+        counted = self._counted.get((key.kind, outcome.result))
+        if counted is None:  # `labels()` takes a lock and builds its key at every call: once per pair is enough
+            counted = self._counted[(key.kind, outcome.result)] = (
+                self._metrics.reconciles.labels(kind=key.kind, result=outcome.result.value),
+                self._metrics.reconcile_duration.labels(kind=key.kind),
+            )
+        counted[0].inc()
+        counted[1].observe(time.monotonic() - started)

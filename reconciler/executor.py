@@ -55,12 +55,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, wait_random_exponential
 
 from llm_router.redact import Redactor
 from plans import (
@@ -299,29 +299,29 @@ class Executor:
 
     async def _run(self, validated: ValidatedStep, record: PlanRecord) -> ToolResult:
         """Call the step's tool, retrying what may be retried; the step is counted, and its time (every
-        attempt and the waits between them) observed, under its final result."""
-        r = self._retries
-
-        def log_retry(state: RetryCallState) -> None:
-            self._metrics.tool_retries.labels(tool=validated.tool.name).inc()
-            result = state.outcome.result() if state.outcome is not None else None
-            log.warning(
-                "step.retrying", tool=validated.tool.name, attempt=state.attempt_number,
-                error=result.error if isinstance(result, ToolResult) else None,
-            )  # fmt: skip
-
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(r.retry_attempts),
-            wait=wait_random_exponential(multiplier=r.retry_backoff_base_seconds, max=r.retry_backoff_max_seconds),
-            retry=retry_if_result(lambda result: not result.ok and result.retryable),
-            before_sleep=log_retry,
-            retry_error_callback=lambda state: state.outcome.result() if state.outcome is not None else None,
-        )
+        attempt and the waits between them) observed, under its final result. The first try is a plain call:
+        the retry machinery is built only for a step that needs another try."""
         started = time.monotonic()
-        result: ToolResult = await retrying(self._call, validated, record)
+        result = await self._call(validated, record)
+        if not result.ok and result.retryable and self._retries.retry_attempts > 1:
+            result = await self._retry(validated, record, result)
         labels = {"tool": validated.tool.name, "result": result.status.value}
         self._metrics.steps.labels(**labels).inc()
         self._metrics.step_duration.labels(**labels).observe(time.monotonic() - started)
+        return result
+
+    async def _retry(self, validated: ValidatedStep, record: PlanRecord, failed: ToolResult) -> ToolResult:
+        """The tries after a first that `failed` and may be retried, up to `retry_attempts` in all, each after a
+        random wait of up to base * 2^(tries so far - 1) seconds, capped at the maximum (full jitter)."""
+        r = self._retries
+        result, attempt = failed, 1
+        while not result.ok and result.retryable and attempt < r.retry_attempts:
+            self._metrics.tool_retries.labels(tool=validated.tool.name).inc()
+            log.warning("step.retrying", tool=validated.tool.name, attempt=attempt, error=result.error)
+            ceiling = min(r.retry_backoff_max_seconds, r.retry_backoff_base_seconds * 2 ** (attempt - 1))
+            await asyncio.sleep(random.uniform(0, ceiling))
+            attempt += 1
+            result = await self._call(validated, record)
         return result
 
     async def _call(self, validated: ValidatedStep, record: PlanRecord) -> ToolResult:

@@ -10,7 +10,10 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure_logging(level: str = "info", *, json: bool = True) -> None:
+def configure_logging(level: str = "info", *, json: bool = True, cache: bool = False) -> None:
+    """Log at `level` and above. `cache`: each module's logger is assembled once, at its first use, instead of
+    at every call (a filtered-out `log.info` then costs next to nothing); for a process that configures logging
+    once (`setpoint run`), never where it is configured again later (tests: the first level would stick)."""
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -24,5 +27,5 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache,
     )

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 import structlog
 from pydantic import JsonValue
 
-from agents import AgentRegistry, ObservingAgent
+from agents import Agent, AgentRegistry, ObservingAgent
 from plans import InvalidResourceError, Observed, Resource, ResourceKey, TemporaryError
 from reconciler.cache import Cache, DesiredEntry
 from reconciler.keys import KeySpace
@@ -81,6 +81,7 @@ class Observer:
         self._baseline: dict[ResourceKey, dict[str, JsonValue]] = {}
         self._drifted: dict[str, set[ResourceKey]] = {}
         self._epoch: dict[ResourceKey, int] = {}
+        self._observing: dict[str, tuple[Agent | None, ObservingAgent | None]] = {}  # by kind
 
     def _move_epoch(self, key: ResourceKey) -> None:
         self._epoch[key] = self._epoch.get(key, 0) + 1
@@ -108,7 +109,10 @@ class Observer:
 
     def observing_agent(self, kind: str) -> ObservingAgent | None:
         agent = self._agents.for_kind(kind)
-        return agent if isinstance(agent, ObservingAgent) else None
+        known = self._observing.get(kind)
+        if known is None or known[0] is not agent:  # a Protocol's isinstance is slow, and asked often
+            known = self._observing[kind] = (agent, agent if isinstance(agent, ObservingAgent) else None)
+        return known[1]
 
     async def observe(self, resource: Resource) -> Observed | None:
         """Observe `resource` now (without writing); None when its agent cannot observe."""
@@ -129,14 +133,21 @@ class Observer:
             ) from None
 
     def record_put(self, observed: Observed) -> Put | None:
-        """The write that records `observed`, or None when the cache already holds that state."""
+        """The write that records `observed` for the reconcile that acted on it, or None when the cache already
+        holds that state. Its event from the watch queues no second reconcile (`Cache.expect_echo`)."""
+        put = self._put(observed)
+        if put is not None:
+            self._cache.expect_echo(observed, put.value)
+        return put
+
+    def _put(self, observed: Observed) -> Put | None:
         cached = self._cache.actual.get(observed.key)
         if cached is not None and cached.observed is not None and cached.observed.state == observed.state:
             return None
         return Put(self._keys.actual(observed.key), json.dumps(observed.model_dump(mode="json")).encode())
 
     async def record(self, observed: Observed) -> None:
-        """Write `observed` to actual/ unless the cache already holds that state."""
+        """Write `observed`, which a reconcile acted on, to actual/ unless the cache already holds that state."""
         put = self.record_put(observed)
         if put is not None:
             await self._store.put(put.key, put.value)
@@ -204,7 +215,7 @@ class Observer:
         for key, observed in fresh.items():
             if self._epoch.get(key, 0) != taken[key][0]:
                 continue  # observed again (by a plan) while this pass was writing
-            put = self.record_put(observed)
+            put = self._put(observed)  # its event from the watch is what queues the key's reconcile
             if put is None:
                 continue
             batch.append(put)

@@ -131,9 +131,16 @@ class Reconciler:
         self._status = status
         self._approvals = approvals
         self._journal = journal
+        # Resources whose last reconcile in this runtime ended Converged: their agent was asked, here and now,
+        # about the value and state their status records (see `_still_converged`).
+        self._asked: set[ResourceKey] = set()
 
     async def reconcile(self, key: ResourceKey) -> Outcome:
         outcome = await self._reconcile(key)
+        if outcome.result is Result.CONVERGED:
+            self._asked.add(key)
+        else:
+            self._asked.discard(key)
         if outcome.result is Result.REMOVED:
             self._claims.update(key)  # its tombstone is gone from the cache, and so are its claims
         elif outcome.result is not Result.ABSENT:
@@ -184,6 +191,10 @@ class Reconciler:
             review = await self._approvals.review(entry, snapshot, approvers)
             if review.outcome is not None or review.approved is not None:
                 return await self._reviewed(entry, snapshot, review, observed)
+            if waiting is None and observed is not None and await self._still_converged(entry, observed):
+                await self._observer.record(observed)
+                self._observer.mark_converged(key, observed.state)
+                return Outcome(Result.CONVERGED)
             agent = self._agents.for_kind(key.kind)
             assert agent is not None
             heals_drift = not entry.deleted and await self._status.applied(key) == entry.resource
@@ -215,6 +226,15 @@ class Reconciler:
         if untouched and outcome.result is Result.CONVERGED:  # the next open issue, in a reconcile of its own
             return Outcome(outcome.result, requeue_after=0)
         return outcome
+
+    async def _still_converged(self, entry: DesiredEntry, observed: Observed) -> bool:
+        """Whether `entry` converged at its current revision, its agent was asked about it in this runtime, no
+        issue is open on it, and it still looks exactly as it did when it converged: then the agent, asked
+        about this value and this state, already said there is nothing to do, so it is not asked again. A
+        resync of a converged resource observes it and plans, validates, serialises and writes nothing."""
+        if entry.deleted or entry.key not in self._asked or entry.key in self._cache.issues:
+            return False
+        return await self._status.converged_as(entry.key, entry.mod_revision) == observed.state
 
     async def _give_up(self, entry: DesiredEntry, error: GaveUp) -> None:
         """`Failed` with why the agent gave up, and its issue reported unless it is open already: both or none."""

@@ -122,7 +122,10 @@ class Runner:
                 if stored:
                     self._unfinished.keep(key, record)  # settled once the cache shows where the value went
                 log.info("plan.stale")
-                return Outcome(Result.STALE, requeue_after=STALE_RECHECK_SECONDS)
+                # Once the watch has brought the change that made it stale, that change has queued the key again
+                # itself: a recheck would be one more reconcile (with writes coming fast, one per change).
+                caught_up = self._cache.desired.get(key) is not entry
+                return Outcome(Result.STALE, requeue_after=None if caught_up else STALE_RECHECK_SECONDS)
             if not execution.begun and not stored:  # stopped before its first write: nothing to settle
                 result = Result.SUPERSEDED if record.state is PlanState.SUPERSEDED else Result.INTERRUPTED
                 return Outcome(result, requeue_after=0 if result is Result.SUPERSEDED else None)

@@ -108,6 +108,11 @@ NEVER_SENT = (
 )
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 MAX_REQUEST_BYTES = 1_500_000  # etcd's default --max-request-bytes (1.5 MiB)
+# Fenced writes sent together in one request (`_Batches`): at most this many (etcd counts a transaction's
+# operations at each level of nesting against --max-txn-ops), of at most this many bytes in all, unless one
+# alone is larger (it then goes alone, as it would have).
+MAX_BATCH = 64
+MAX_BATCH_BYTES = MAX_REQUEST_BYTES // 2
 _PAGE = 500
 # A page or watch response may carry many values of up to 1.5 MiB each; gRPC's
 # default 4 MiB receive limit would turn a large but valid key space into an error.
@@ -279,9 +284,13 @@ def _never_sent(error: BaseException) -> bool:
     return False
 
 
-def _txn_what(items: Sequence[tuple[str, bytes]]) -> str:
+# What a request is, for an error about it: a text, or what makes one (only called when there is an error).
+What = str | Callable[[], str]
+
+
+def _txn_what(written: Sequence[str]) -> str:
     """A transaction named by its keys, for a permission error."""
-    keys = list(dict.fromkeys(key for key, _ in items))
+    keys = list(dict.fromkeys(written))
     if not keys:
         return "run a transaction"
     more = f" and {len(keys) - 1} more keys" if len(keys) > 1 else ""
@@ -331,6 +340,7 @@ class EtcdStore:
             ]
         )
         self._connected = False
+        self._batches = _Batches()
 
     async def __aenter__(self) -> EtcdStore:
         await self.connect()
@@ -352,6 +362,7 @@ class EtcdStore:
             self._renewer = asyncio.create_task(self._token.run(), name="etcd-token")
 
     async def close(self) -> None:
+        await self._batches.close()
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -367,15 +378,18 @@ class EtcdStore:
             raise StoreError("etcd client is not connected")
         return self._client.kv
 
-    async def _write(self, request: Callable[[], Awaitable[Any]], *, what: str) -> tuple[Any, bool]:
+    async def _write(
+        self, request: Callable[[], Awaitable[Any]], *, what: What, timeout: float | None = None
+    ) -> tuple[Any, bool]:
         """`_call` for a write, tried up to `retry_attempts` times on UNAVAILABLE; the answer, and whether an
         earlier try may have been applied (its answer was lost after it was sent: anything but NEVER_SENT). The
         caller decides what a resent write's answer means: the same put again is harmless, but a guarded one would
         find its own write and answer "refused"."""
         delay = 0.05
         resent = False
+        timeout = self._timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(self._timeout):  # `timeout` bounds the request, its retries included
+            async with asyncio.timeout(timeout):  # `timeout` bounds the request, its retries included
                 for attempt in range(self._retry_attempts):
                     try:
                         return await self._call(request, what=what), resent
@@ -389,7 +403,7 @@ class EtcdStore:
             raise StoreUnavailableError(f"etcd at {self._where} did not answer within {self._timeout:g} s") from e
         raise AssertionError("unreachable")
 
-    async def _call(self, request: Callable[[], Awaitable[Any]], *, what: str = "") -> Any:
+    async def _call(self, request: Callable[[], Awaitable[Any]], *, what: What = "") -> Any:
         """`request()`'s answer, errors mapped to ours. With credentials the token goes along; a token etcd
         calls invalid is renewed and the request made once more. `what` (e.g. "read /setpoint/x") names the
         request in a permission error."""
@@ -406,7 +420,7 @@ class EtcdStore:
             user = who(self._credentials, self._tls)
             raise StoreAccessError(f"etcd at {self._where} refused the new auth token of {user}: {e.details}") from e
 
-    async def _call_once(self, request: Callable[[], Awaitable[Any]], what: str, token: str | None = None) -> Any:
+    async def _call_once(self, request: Callable[[], Awaitable[Any]], what: What, token: str | None = None) -> Any:
         if token is not None:
             self._use_token(token)
         try:
@@ -434,8 +448,10 @@ class EtcdStore:
     def _where(self) -> str:
         return ",".join(self.endpoints)
 
-    def _refusal(self, details: str, what: str) -> Exception:
+    def _refusal(self, details: str, what: What) -> Exception:
         """What etcd's refusal `details` means: a token to renew, or a StoreAccessError saying what to fix."""
+        if not isinstance(what, str):
+            what = what()
         if asks_new_token(details) and self._credentials is not None:
             return _TokenRefused(details)
         user = who(self._credentials, self._tls)
@@ -578,7 +594,7 @@ class EtcdStore:
             compare, self._ops(then), self._ops(otherwise), fence=self._fence_now(), keys=keys
         )
         if resent and guards and not inner.succeeded:  # refused, maybe because the try whose answer was lost landed
-            raise _unknown(_txn_what([(key, b"") for key in keys]))
+            raise _unknown(_txn_what(keys))
         return bool(inner.succeeded)
 
     async def _commit(
@@ -587,26 +603,47 @@ class EtcdStore:
         """Send one transaction, nested inside `fence`'s comparison unless it is None; the response of the
         caller's transaction, the store's revision after it, and whether it was resent after a lost answer
         (`_write`). `keys` (those it compares and writes) name the transaction in errors."""
-        what = _txn_what([(key, b"") for key in keys])
+        what = functools.partial(_txn_what, keys)  # built only for an error: not on every write
         if fence is None:
-            resp, resent = await self._write(
-                lambda: self._kvs.txn(compare, then, otherwise, timeout=self._timeout, max_attempts=ONCE), what=what
-            )
+            resp, resent = await self._write(self._send_txn(TxnRequest(compare=compare, success=then,
+                                                                      failure=otherwise)), what=what)  # fmt: skip
             return resp, int(resp.header.revision), resent
+        nested = RequestOp(request_txn=TxnRequest(compare=compare, success=then, failure=otherwise))
+        written = {op.request_put.key or op.request_delete_range.key for op in (*then, *otherwise)}
+        return await self._batches.send(self, fence, nested, keys=keys, written=written, what=what)
+
+    async def _send_fenced(self, fence: Fence, batch: Sequence[_Batched], *, timeout: float) -> tuple[Any, bool]:
+        """Send the transactions of `batch` in one request, each nested in `fence`'s comparison; etcd's answer,
+        and whether it was resent (`_write`). LeadershipLostError, naming the first one's first key, when the
+        fence does not hold."""
         held = Compare(
             result=Compare.EQUAL, target=Compare.CREATE, key=fence.key.encode(), create_revision=fence.create_revision
         )
-        nested = RequestOp(request_txn=TxnRequest(compare=compare, success=then, failure=otherwise))
-        resp, resent = await self._write(
-            lambda: self._kvs.txn([held], [nested], [], timeout=self._timeout, max_attempts=ONCE), what=what
-        )
+        request = TxnRequest(compare=[held], success=[item.nested for item in batch])
+        resp, resent = await self._write(self._send_txn(request, timeout=timeout), what=batch[0].what, timeout=timeout)
         if not resp.succeeded:
-            written = next(iter(keys), "nothing")
+            written = next(iter(batch[0].keys), "nothing")
             raise LeadershipLostError(
                 f"etcd refused the write of {written}: {fence.key} is no longer the key this daemon created at "
                 f"revision {fence.create_revision}, so another daemon leads or none does"
             )
-        return resp.responses[0].response_txn, int(resp.header.revision), resent
+        return resp, resent
+
+    def _send_txn(self, request: Any, *, timeout: float | None = None) -> Callable[[], Awaitable[Any]]:
+        """A request sending `request` once, as etcd3aio's `txn(..., max_attempts=ONCE)` would, errors mapped as it
+        maps them, without its retry loop and the timer it sets around every call: `_write` bounds the request and
+        its retries with a timer of its own, and gRPC's deadline bounds each try. One timer a write, not two."""
+        kvs = self._kvs
+
+        deadline = self._timeout if timeout is None else timeout
+
+        async def send() -> Any:
+            try:
+                return await kvs._stub.Txn(request, metadata=kvs._metadata or None, timeout=deadline)
+            except grpc.aio.AioRpcError as e:
+                kvs._raise_rpc_exception(e, "KV.Txn", attempts=ONCE)
+
+        return send
 
     def _ops(self, ops: Sequence[Op]) -> list[Any]:
         kvs = self._kvs
@@ -817,6 +854,119 @@ class EtcdStore:
         #   only proves the stream is alive.
         progress = not events and watch_id is not None and int(resp.watch_id) == watch_id
         return WatchBatch(events=events, revision=int(resp.header.revision), progress=progress)
+
+
+@dataclass(slots=True)
+class _Batched:
+    """A fenced transaction waiting in `_Batches` for its request."""
+
+    nested: Any  # the caller's transaction, as a RequestOp
+    keys: Sequence[str]  # those it compares and writes, to name it in an error
+    written: set[bytes]  # those it puts or deletes: no two transactions in one request share one
+    what: What
+    size: int
+    deadline: float  # loop time by which its answer is due (the store's request timeout)
+    future: asyncio.Future[tuple[Any, int, bool]]
+
+
+class _Batches:
+    """Group commit of the fenced writes: those that arrive while a request is out go together in the next.
+
+    Each write is still its own transaction, with its own guards and both its branches, nested beside the
+    others inside the fence's comparison; etcd answers each one's `succeeded`, and applies them all at one
+    revision. With one write at a time nothing waits: it goes at once, alone, as before. Under load, the
+    workers' begin and settle writes share requests (and etcd's proposals) instead of each paying a gRPC
+    call. A request fails or is refused as a whole (etcd unavailable, the fence gone), and then every write in
+    it fails alike. Two writes that put or delete one key never share a request, since etcd refuses a
+    transaction that writes one key twice (comparing one is fine). A write whose caller gave up while it
+    waited is not sent; one whose request timeout passed while it waited fails as never sent; a request's own
+    timeout is its earliest write's."""
+
+    def __init__(self) -> None:
+        self._queues: dict[Fence, list[_Batched]] = {}
+        self._drains: dict[Fence, asyncio.Task[None]] = {}
+
+    async def send(
+        self, store: EtcdStore, fence: Fence, nested: Any, *, keys: Sequence[str], written: set[bytes], what: What
+    ) -> tuple[Any, int, bool]:
+        loop = asyncio.get_running_loop()
+        item = _Batched(
+            nested, keys, written, what, nested.ByteSize(), loop.time() + store._timeout, loop.create_future()
+        )
+        self._queues.setdefault(fence, []).append(item)
+        if fence not in self._drains:
+            self._drains[fence] = loop.create_task(self._drain(store, fence), name="etcd-writes")
+        return await item.future
+
+    async def close(self) -> None:
+        drains = list(self._drains.values())
+        for task in drains:
+            task.cancel()
+        await asyncio.gather(*drains, return_exceptions=True)
+
+    async def _drain(self, store: EtcdStore, fence: Fence) -> None:
+        queue = self._queues[fence]
+        batch: list[_Batched] = []
+        try:
+            while queue:
+                batch, left, size = [], [], 0
+                keys: set[bytes] = set()
+                for item in queue:
+                    if item.future.done():
+                        continue  # its caller gave up before it was sent
+                    fits = not batch or (len(batch) < MAX_BATCH and size + item.size <= MAX_BATCH_BYTES)
+                    if fits and keys.isdisjoint(item.written):
+                        batch.append(item)
+                        size += item.size
+                        keys.update(item.written)
+                    else:
+                        left.append(item)
+                queue[:] = left
+                await self._flush(store, fence, batch)
+        except asyncio.CancelledError:
+            closed = StoreUnavailableError("the etcd client was closed before this write was answered")
+            for item in [*batch, *queue]:
+                if not item.future.done():
+                    item.future.set_exception(closed)
+            raise
+        finally:
+            del self._drains[fence]
+            if not queue:
+                del self._queues[fence]
+
+    @staticmethod
+    async def _flush(store: EtcdStore, fence: Fence, batch: list[_Batched]) -> None:
+        now = asyncio.get_running_loop().time()
+        for item in batch:
+            if item.deadline <= now and not item.future.done():
+                item.future.set_exception(
+                    StoreUnavailableError(f"etcd at {store._where} did not answer within {store._timeout:g} s")
+                )
+        batch = [item for item in batch if not item.future.done()]
+        if not batch:
+            return
+        try:
+            resp, resent = await store._send_fenced(fence, batch, timeout=min(i.deadline for i in batch) - now)
+        except Exception as e:  # the request failed: every write in it did
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(_alike(e, item))
+            return
+        revision = int(resp.header.revision)
+        for i, item in enumerate(batch):
+            if not item.future.done():
+                item.future.set_result((resp.responses[i].response_txn, revision, resent))
+
+
+def _alike(error: Exception, item: _Batched) -> Exception:
+    """`error`, as raised for one write of a failed request: an exception of its own (one object raised in many
+    tasks would gather all their tracebacks), saying what it said, with the same cause."""
+    try:
+        copy = type(error)(*error.args)
+    except Exception:
+        return error
+    copy.__cause__ = error.__cause__
+    return copy
 
 
 class _FencedStore(EtcdStore):

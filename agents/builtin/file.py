@@ -11,7 +11,9 @@ file differs; otherwise no rule covers it: with a language-model planner
 delete it, and may write only the desired content and mode (`in_scope`).
 Paths must lie inside `allowed_roots`; anything else is an invalid
 resource and nothing is planned. The path is checked (it resolves symlinks)
-in a thread, never on the event loop.
+in a thread, never on the event loop: in the same thread hop as the
+observation, whose result the plan made next from that observation takes
+(`_parsed`), so a reconcile costs one hop before its plan, not two.
 
 A valid file resource claims its path as written (`file:` + the normalised
 path), so two resources that name one file are both reported; two spellings
@@ -30,13 +32,16 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from agents.llm import ModelPlanner
-from plans import ExecutionPlan, InvalidResourceError, Issue, Resource, Snapshot, Step
+from plans import ExecutionPlan, InvalidResourceError, Issue, Resource, ResourceKey, Snapshot, Step
 from plans.errors import describe_validation_error
 from tools import Tool
 from tools.builtin.files import MODE_PATTERN, FileDelete, FileWrite, file_tools, parse_mode, stat_file
 from tools.paths import PathNotAllowedError, confine
 
 NO_RULE = "no rule covers this issue"
+# Parsed resources an observation left for the plan made from it, kept for a plan that never comes (a poll
+# pass observes without planning) until this many newer ones push them out.
+PARSED_KEPT = 256
 
 
 class FileSpec(BaseModel):
@@ -76,6 +81,7 @@ class FileAgent:
         self._roots = tuple(allowed_roots)
         self._tools = file_tools(allowed_roots=self._roots)
         self._fallback = fallback
+        self._parsed: dict[ResourceKey, tuple[Resource, FileSpec, Path]] = {}
 
     def tools(self) -> Sequence[Tool]:
         return self._tools
@@ -111,10 +117,26 @@ class FileAgent:
         return frozenset({f"file:{normal}"})
 
     async def observe(self, desired: Resource) -> dict[str, JsonValue]:
-        return await asyncio.to_thread(lambda: stat_file(self.parse(desired)[1]))
+        spec, path, state = await asyncio.to_thread(self._observe, desired)
+        if len(self._parsed) >= PARSED_KEPT:
+            del self._parsed[next(iter(self._parsed))]
+        self._parsed[desired.key] = (desired, spec, path)
+        return state
+
+    def _observe(self, desired: Resource) -> tuple[FileSpec, Path, dict[str, JsonValue]]:
+        spec, path = self.parse(desired)
+        return spec, path, stat_file(path)
+
+    async def _parse(self, desired: Resource) -> tuple[FileSpec, Path]:
+        """`parse`, taken from the observation of this very value just made when there was one (its path was
+        checked a moment ago, in that observation's thread), else in a thread of its own."""
+        kept = self._parsed.pop(desired.key, None)
+        if kept is not None and kept[0] is desired:
+            return kept[1], kept[2]
+        return await asyncio.to_thread(self.parse, desired)
 
     async def reconcile(self, snapshot: Snapshot) -> ExecutionPlan:
-        spec, path = await asyncio.to_thread(self.parse, snapshot.desired)
+        spec, path = await self._parse(snapshot.desired)
         return self._repair(snapshot, spec, path)
 
     def _repair(self, snapshot: Snapshot, spec: FileSpec, path: Path) -> ExecutionPlan:
@@ -135,7 +157,7 @@ class FileAgent:
         return snapshot.plan(agent=self.name, steps=steps, reasoning=reasoning)
 
     async def retire(self, snapshot: Snapshot) -> ExecutionPlan:
-        _, path = await asyncio.to_thread(self.parse, snapshot.desired)
+        _, path = await self._parse(snapshot.desired)
         if snapshot.actual is not None and snapshot.actual.state.get("exists") is False:
             return snapshot.plan(agent=self.name, reasoning="file is already absent")
         step = Step(
@@ -158,7 +180,7 @@ class FileAgent:
         """Drift is all the rules repair: the plan that restores the desired content and mode, if the file
         (observed afresh by the reconcile the issue started) differs. Else the model, when there is one, is
         asked; else no plan, saying so."""
-        spec, path = await asyncio.to_thread(self.parse, snapshot.desired)
+        spec, path = await self._parse(snapshot.desired)
         plan = self._repair(snapshot, spec, path)
         if not plan.is_empty:
             return plan.model_copy(update={"reasoning": f"{issue.summary}: {plan.reasoning}"})

@@ -15,7 +15,7 @@ from reconciler.systemd import Notifier
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
-    configure_logging(settings.log.level)
+    configure_logging(settings.log.level, cache=True)  # configured once for the process's life
     # Taken out of the environment before anything is started, so that no child (the embedded etcd) inherits it.
     systemd = Notifier.from_environment()
 

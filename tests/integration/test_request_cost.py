@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from harness import Harness
+from harness import Harness, eventually
 
 from reconciler.store import EtcdStore
 
@@ -64,3 +64,33 @@ async def test_a_change_that_needs_one_file_write_costs_two_etcd_requests(
     assert (harness.root / "cost").read_text() == "v2\n"
     assert changed == 2, counted
     assert created == 2, counted
+
+
+async def test_a_change_costs_one_reconcile_the_daemons_own_observation_does_not_come_back_as_another(
+    harness: Harness,
+) -> None:
+    """The settle writes actual/; the watch brings that write back, and it must not queue the key again (it
+    did, before issue 12: every change cost a second, idle reconcile). One worker takes keys in the order their
+    events came, so when the last of three files has converged, every reconcile queued before it has run."""
+    reconciler = harness.settings.reconciler.model_copy(update={"workers": 1})
+    file = harness.settings.agents.file.model_copy(update={"poll_seconds": 3600})
+    harness.settings = harness.settings.model_copy(
+        update={"reconciler": reconciler, "agents": harness.settings.agents.model_copy(update={"file": file})}
+    )
+    await harness.start()
+    await harness.put_desired(harness.resource("warm", "w\n"))
+    await harness.wait_status("warm", "Converged")
+    sample = 'setpoint_reconcile_total{kind="file",result="converged"}'
+    before = await eventually(lambda: harness.metric(sample), what="the first reconcile counted")
+
+    for name in ("one", "two", "three"):
+        revision = await harness.put_desired(harness.resource(name, f"{name}\n"))
+        await harness.wait_status(name, "Converged", revision=revision)
+
+    async def three() -> bool:
+        return (await harness.metric(sample) or 0.0) - before >= 3
+
+    await eventually(three, what="three reconciles counted")
+    reconciles = (await harness.metric(sample) or 0.0) - before
+    print(f"\nreconciles for three changes: {reconciles:g}")
+    assert reconciles == 3
