@@ -118,3 +118,45 @@ async def test_a_poll_pass_writes_every_observation_under_the_fence_however_many
 
     written, _ = await store.get_prefix(keys.section(Section.ACTUAL))
     assert sorted(json.loads(kv.value)["state"]["v"] for kv in written) == sorted(f"seen-{n}" for n in names)
+
+
+class BatchProbe(Probe):
+    """A Probe that can observe many at once; a batch holding a key in `hold` hangs (a dead mount)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
+    async def observe_many(self, desired: Sequence[Resource]) -> list[dict[str, JsonValue] | Exception]:
+        self.batches += 1
+        if any(resource.name in self.hold for resource in desired):
+            await asyncio.Event().wait()
+        return [
+            {"v": self.world[r.name]} if r.name != "broken" else RuntimeError("the agent's bug") for r in desired
+        ]
+
+
+async def test_a_pass_observes_a_batching_agent_in_batches_and_one_by_one_when_a_batch_hangs(
+    store: EtcdStore,
+) -> None:
+    """One answer each, in batches: a resource whose observation failed costs only itself; a batch that outlives the
+    observation timeout is observed again one resource at a time, each with its own timeout."""
+    keys = KeySpace(f"/obs-{uuid.uuid4().hex[:8]}")
+    cache = Cache(keys)
+    probe = BatchProbe()
+    names = ["broken"] + [f"r{i:03d}" for i in range(600)]  # broken's batch answers; r599's hangs
+    for i, name in enumerate(names, start=1):
+        key = ResourceKey(kind="probe", name=name)
+        cache.desired[key] = DesiredEntry(key=key, mod_revision=i, resource=_resource(name))
+        probe.world[name] = f"seen-{name}"
+    probe.hold = {"r599"}  # its batch hangs; alone, its observation times out
+    probe.release.set()  # ...but `observe` of r599 alone would wait for this: let it answer
+    observer = Observer(
+        store=store, keys=keys, cache=cache, agents=AgentRegistry([probe]), poll_seconds={"probe": 3600}, timeout=0.5,
+    )  # fmt: skip
+
+    await observer.poll_all()
+
+    written, _ = await store.get_prefix(keys.section(Section.ACTUAL))
+    assert sorted(json.loads(kv.value)["state"]["v"] for kv in written) == sorted(f"seen-{n}" for n in names[1:])
+    assert probe.batches < len(names) // 100, "observed in batches, not one call each"
