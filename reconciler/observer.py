@@ -84,6 +84,8 @@ class Observer:
         self._drifted: dict[str, set[ResourceKey]] = {}
         self._epoch: dict[ResourceKey, int] = {}
         self._observing: dict[str, tuple[Agent | None, ObservingAgent | None]] = {}  # by kind
+        # By kind, what the start-up pass saw and left for `run` to write: the epoch each was taken at, and each.
+        self._unwritten: dict[str, tuple[dict[ResourceKey, tuple[int, Observed]], dict[ResourceKey, Observed]]] = {}
 
     def _move_epoch(self, key: ResourceKey) -> None:
         self._epoch[key] = self._epoch.get(key, 0) + 1
@@ -154,14 +156,17 @@ class Observer:
         if put is not None:
             await self._store.put(put.key, put.value)
 
-    async def poll_all(self) -> None:
-        """One poll pass over every observing kind (at start-up, before any worker plans)."""
+    async def poll_all(self, *, write_later: bool = False) -> None:
+        """One poll pass over every observing kind (at start-up, before any worker plans). `write_later` (the
+        leader's start-up pass, after every key was queued): what drifted is known when this returns, but the
+        observations are written by `run`, first thing, while the workers already plan; their echoes from the
+        watch queue nothing (every key is queued already), and one a plan observed again meanwhile is dropped."""
         for kind in self._kinds():
-            await self._poll_guarded(kind)
+            await self._poll_guarded(kind, write_later=write_later)
 
     async def run(self, *, wait_first: bool = False) -> None:
         """Poll every observing kind on its interval until cancelled (idle when there is none);
-        `wait_first` when a pass has just been made."""
+        `wait_first` when a pass has just been made (what it left to write is written at once)."""
         loops = [self._poll_kind(kind, self._poll[kind], wait_first=wait_first) for kind in self._kinds()]
         if not loops:
             await asyncio.Event().wait()
@@ -172,18 +177,30 @@ class Observer:
 
     async def _poll_kind(self, kind: str, interval: float, *, wait_first: bool) -> None:
         if wait_first:
+            left = self._unwritten.pop(kind, None)
+            if left is not None:
+                await self._write_guarded(kind, *left, echo=False)
             await asyncio.sleep(interval)
         while True:
             await self._poll_guarded(kind)
             await asyncio.sleep(interval)
 
-    async def _poll_guarded(self, kind: str) -> None:
+    async def _poll_guarded(self, kind: str, *, write_later: bool = False) -> None:
         try:
-            await self._poll_once(kind)
+            await self._poll_once(kind, write_later=write_later)
         except Exception as e:  # the pass's boundary: the next pass tries again
             log.error("observe.pass_failed", kind=kind, error_type=type(e).__name__, error=str(e)[:300])
 
-    async def _poll_once(self, kind: str) -> None:
+    async def _write_guarded(
+        self, kind: str, taken: dict[ResourceKey, tuple[int, Observed]], fresh: dict[ResourceKey, Observed], *,
+        echo: bool,
+    ) -> None:  # fmt: skip
+        try:
+            await self._write_pass(taken, fresh, echo=echo)
+        except Exception as e:  # the pass's boundary: the next pass tries again
+            log.error("observe.pass_failed", kind=kind, error_type=type(e).__name__, error=str(e)[:300])
+
+    async def _poll_once(self, kind: str, *, write_later: bool = False) -> None:
         agent = self.observing_agent(kind)
         assert agent is not None
         taken: dict[ResourceKey, tuple[int, Observed]] = {}
@@ -232,18 +249,29 @@ class Observer:
             for start in range(0, len(todo), PASS_CONCURRENCY):
                 chunk = todo[start : start + PASS_CONCURRENCY]
                 await asyncio.gather(*(take(entry, resource) for entry, resource in chunk))
-        observed_in = time.perf_counter() - began
         fresh = {key: observed for key, (epoch, observed) in taken.items() if self._epoch.get(key, 0) == epoch}
         self._drifted[kind] = {
             key for key, observed in fresh.items() if key in self._baseline and self._baseline[key] != observed.state
         }
+        log.info("observe.pass", kind=kind, observed=len(taken), seconds=round(time.perf_counter() - began, 3),
+                 written="later" if write_later else "now")  # fmt: skip
+        if write_later:
+            self._unwritten[kind] = (taken, fresh)
+        else:
+            await self._write_pass(taken, fresh, echo=True)
+
+    async def _write_pass(
+        self, taken: dict[ResourceKey, tuple[int, Observed]], fresh: dict[ResourceKey, Observed], *, echo: bool
+    ) -> None:
+        """Write what a pass saw and the cache does not hold, but not what a plan observed again since. `echo`: the
+        watch's event of each write queues its key's reconcile; else the cache takes it in as no change."""
         # Written in transactions of many (one put after the other took 1.45 ms each: 100,000 resources, 145 s).
         batch: list[Put] = []
         size = 0
         for key, observed in fresh.items():
             if self._epoch.get(key, 0) != taken[key][0]:
                 continue  # observed again (by a plan) while this pass was writing
-            put = self._put(observed)  # its event from the watch is what queues the key's reconcile
+            put = self._put(observed) if echo else self.record_put(observed)
             if put is None:
                 continue
             batch.append(put)
@@ -254,8 +282,6 @@ class Observer:
                 batch, size = [], 0
         if batch:
             await self._write(batch)
-        log.info("observe.pass", kind=kind, observed=len(taken), observe_seconds=round(observed_in, 3),
-                 seconds=round(time.perf_counter() - began, 3))
 
     async def _write(self, batch: list[Put]) -> bool:
         """Write a pass's observations in one transaction; False (logged) when etcd refused or did not answer."""
