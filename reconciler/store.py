@@ -113,7 +113,12 @@ MAX_REQUEST_BYTES = 1_500_000  # etcd's default --max-request-bytes (1.5 MiB)
 # alone is larger (it then goes alone, as it would have).
 MAX_BATCH = 64
 MAX_BATCH_BYTES = MAX_REQUEST_BYTES // 2
-_PAGE = 500
+# A range is read in pages sized by what the last one weighed: PAGE_BYTES a page, PAGE_KEYS at most (etcd
+# counts the rest of the range for every page, so 500-key pages made a list of 100,000 keys quadratic: 4.4 to 6.1 s
+# against 1.0 to 1.35 s in pages of 5,000). The first page is PAGE_FIRST keys, as before.
+PAGE_FIRST = 500
+PAGE_KEYS = 10_000
+PAGE_BYTES = 8 * 1024 * 1024
 # A page or watch response may carry many values of up to 1.5 MiB each; gRPC's
 # default 4 MiB receive limit would turn a large but valid key space into an error.
 MAX_RECEIVE_BYTES = 256 * 1024 * 1024
@@ -506,9 +511,10 @@ class EtcdStore:
         """Every key in [start, end) at one revision (the current one when 0), read in pages."""
         items: list[KeyValue] = []
         key = start
+        limit = PAGE_FIRST
         while True:
             resp = await self._call(
-                functools.partial(self._kvs.get, key, end, revision=revision, limit=_PAGE, timeout=self._timeout),
+                functools.partial(self._kvs.get, key, end, revision=revision, limit=limit, timeout=self._timeout),
                 what=f"read {_text(start)} to {_text(end)}",
             )
             if revision == 0:
@@ -517,6 +523,8 @@ class EtcdStore:
             if not resp.more or not resp.kvs:
                 return items, revision
             key = bytes(resp.kvs[-1].key) + b"\x00"
+            per_key = max(1, resp.ByteSize() // len(resp.kvs))
+            limit = max(1, min(PAGE_KEYS, PAGE_BYTES // per_key))
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         start = prefix.encode()
