@@ -232,7 +232,6 @@ def request_bytes(ops: Sequence[Op]) -> int:
 class WatchEvent:
     type: Literal["put", "delete"]
     kv: KeyValue
-    prev: KeyValue | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -753,7 +752,8 @@ class EtcdStore:
         progress_after: float | None = None,
         stall_after: float | None = None,
     ) -> AsyncGenerator[WatchBatch, None]:
-        """Stream changes to [start, end) from `start_revision`, with prev_kv and progress notifications.
+        """Stream changes to [start, end) from `start_revision`, with progress notifications. Without the
+        previous values (prev_kv): nothing reads them, and etcd would fetch and send one for every event.
 
         After `progress_after` seconds without a response a progress request
         is sent (and again after each further such silence); after
@@ -772,7 +772,7 @@ class EtcdStore:
         if self._token is not None:
             await self._token.ensure()  # the first token, or the StoreError saying why there is none
         create = WatchCreateRequest(
-            key=start, range_end=end, start_revision=start_revision, prev_kv=True, progress_notify=True
+            key=start, range_end=end, start_revision=start_revision, progress_notify=True
         )
         heard = asyncio.Event()  # set on every response; the request side times its progress requests by it
         call = WatchStub(member.channel).Watch(
@@ -844,7 +844,6 @@ class EtcdStore:
             WatchEvent(
                 type="delete" if ev.type == 1 else "put",
                 kv=_kv(ev.kv),
-                prev=_kv(ev.prev_kv) if ev.HasField("prev_kv") else None,
             )
             for ev in resp.events
         )
