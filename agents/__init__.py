@@ -8,6 +8,7 @@ what they return. Agents and their tools are assembled explicitly at start-up
 from agents.base import (
     Agent,
     AgentRegistry,
+    BatchObservingAgent,
     ClaimingAgent,
     DiffingAgent,
     NotifyingAgent,
@@ -21,6 +22,7 @@ from agents.base import (
 __all__ = [
     "Agent",
     "AgentRegistry",
+    "BatchObservingAgent",
     "ClaimingAgent",
     "DiffingAgent",
     "NotifyingAgent",

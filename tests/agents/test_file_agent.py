@@ -172,3 +172,14 @@ async def test_an_unquoted_mode_says_to_quote_it(agent: FileAgent, root: Path) -
     """YAML reads an unquoted 0644 as the number 420: the message must say what to do."""
     with pytest.raises(InvalidResourceError, match=r'spec\.mode must be a quoted octal string such as "0644"'):
         await agent.reconcile(snap(desired({"path": str(root / "motd"), "content": "x", "mode": 420}), None))
+
+
+async def test_observe_many_answers_each_as_observe_does(agent: FileAgent, root: Path) -> None:
+    on_disk(root, content="hello\n", mode=0o600)
+    present = motd(root)
+    absent = Resource(kind="file", name="gone", spec={"path": str(root / "gone"), "content": "x"})
+    outside = Resource(kind="file", name="etc", spec={"path": "/etc/passwd", "content": "x"})
+    states = await agent.observe_many([present, outside, absent])
+    assert states[0] == await agent.observe(present)
+    assert isinstance(states[1], InvalidResourceError), "a resource observe refuses is that resource's answer"
+    assert states[2] == await agent.observe(absent) == {"exists": False, "sha256": None, "mode": None}

@@ -118,3 +118,89 @@ async def test_a_poll_pass_writes_every_observation_under_the_fence_however_many
 
     written, _ = await store.get_prefix(keys.section(Section.ACTUAL))
     assert sorted(json.loads(kv.value)["state"]["v"] for kv in written) == sorted(f"seen-{n}" for n in names)
+
+
+class BatchProbe(Probe):
+    """A Probe that can observe many at once; a batch holding a key in `hold` hangs (a dead mount)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
+    async def observe_many(self, desired: Sequence[Resource]) -> list[dict[str, JsonValue] | Exception]:
+        self.batches += 1
+        if any(resource.name in self.hold for resource in desired):
+            await asyncio.Event().wait()
+        return [
+            {"v": self.world[r.name]} if r.name != "broken" else RuntimeError("the agent's bug") for r in desired
+        ]
+
+
+async def test_a_pass_observes_a_batching_agent_in_batches_and_one_by_one_when_a_batch_hangs(
+    store: EtcdStore,
+) -> None:
+    """One answer each, in batches: a resource whose observation failed costs only itself; a batch that outlives the
+    observation timeout is observed again one resource at a time, each with its own timeout."""
+    keys = KeySpace(f"/obs-{uuid.uuid4().hex[:8]}")
+    cache = Cache(keys)
+    probe = BatchProbe()
+    names = ["broken"] + [f"r{i:03d}" for i in range(600)]  # broken's batch answers; r599's hangs
+    for i, name in enumerate(names, start=1):
+        key = ResourceKey(kind="probe", name=name)
+        cache.desired[key] = DesiredEntry(key=key, mod_revision=i, resource=_resource(name))
+        probe.world[name] = f"seen-{name}"
+    probe.hold = {"r599"}  # its batch hangs; alone, its observation times out
+    probe.release.set()  # ...but `observe` of r599 alone would wait for this: let it answer
+    observer = Observer(
+        store=store, keys=keys, cache=cache, agents=AgentRegistry([probe]), poll_seconds={"probe": 3600}, timeout=0.5,
+    )  # fmt: skip
+
+    await observer.poll_all()
+
+    written, _ = await store.get_prefix(keys.section(Section.ACTUAL))
+    assert sorted(json.loads(kv.value)["state"]["v"] for kv in written) == sorted(f"seen-{n}" for n in names[1:])
+    assert probe.batches < len(names) // 100, "observed in batches, not one call each"
+
+
+async def test_the_start_up_pass_writes_later_nothing_a_plan_observed_since_and_its_echoes_queue_nothing(
+    store: EtcdStore,
+) -> None:
+    """`poll_all(write_later=True)` knows what drifted at once and writes nothing; `run` writes it first thing,
+    leaving out a resource a plan observed meanwhile; the watch's events of those writes change nothing in the
+    cache's eyes (every key was queued already)."""
+    keys = KeySpace(f"/obs-{uuid.uuid4().hex[:8]}")
+    cache = Cache(keys)
+    probe = Probe()
+    names = [f"r{i:03d}" for i in range(300)]
+    for i, name in enumerate(names, start=1):
+        key = ResourceKey(kind="probe", name=name)
+        cache.desired[key] = DesiredEntry(key=key, mod_revision=i, resource=_resource(name))
+        probe.world[name] = f"seen-{name}"
+    agents = AgentRegistry([probe])
+    observer = Observer(store=store, keys=keys, cache=cache, agents=agents, poll_seconds={"probe": 3600})
+    drifting = ResourceKey(kind="probe", name="r007")
+    observer.mark_converged(drifting, {"v": "as it was"})
+
+    await observer.poll_all(write_later=True)
+
+    assert observer.drifted("probe") == {drifting}, "what drifted is known before anything is written"
+    assert (await store.get_prefix(keys.section(Section.ACTUAL)))[0] == []
+    probe.world["r001"] = "after the plan"
+    await observer.observe(_resource("r001"))  # a plan's observation, newer than the pass's
+    writer = asyncio.create_task(observer.run(wait_first=True))
+    try:
+        for _ in range(200):
+            written, _ = await store.get_prefix(keys.section(Section.ACTUAL))
+            if len(written) == len(names) - 1:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    by_key = {kv.key: kv for kv in written}
+    planned = keys.actual(ResourceKey(kind="probe", name="r001")).encode()
+    assert planned not in by_key, "written over a plan's observation"
+    assert len(by_key) == len(names) - 1
+    assert all(cache.apply_put(kv) is None for kv in written), "an echo of the start-up pass queues nothing"
+    assert cache.actual[drifting].observed is not None
+    assert cache.actual[drifting].observed.state == {"v": "seen-r007"}

@@ -46,9 +46,8 @@ Attempt = tuple[list[WatchBatch], BaseException | None]
 
 def put(name: str, revision: int) -> WatchEvent:
     value = json.dumps({"kind": "file", "name": name, "spec": {"path": f"/r/{name}", "content": "x"}}).encode()
-    return WatchEvent(
-        type="put", kv=KeyValue(key=KEYS.desired(file(name)).encode(), value=value, mod_revision=revision), prev=None
-    )
+    kv = KeyValue(key=KEYS.desired(file(name)).encode(), value=value, mod_revision=revision)
+    return WatchEvent(type="put", kv=kv)
 
 
 def file(name: str) -> ResourceKey:
