@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 from collections.abc import Awaitable, Coroutine
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -66,6 +65,7 @@ from reconciler.connect import CredentialsError, open_store
 from reconciler.election import Election, Term, member_value
 from reconciler.embedded import EmbeddedEtcd, StateDirLock, etcd_version, older_than_supported, remove_endpoint_file
 from reconciler.errors import StartupError
+from reconciler.heap import building
 from reconciler.http import AlertApi, ApprovalApi, HttpServer
 from reconciler.keys import KeySpace, Section
 from reconciler.metrics import Metrics
@@ -86,16 +86,9 @@ async def _done(step: Awaitable[None]) -> bool:
 
 
 async def _without_gc(step: Awaitable[None]) -> None:
-    """Run `step` with the cyclic garbage collector off, then leave what exists out of later collections: for the
-    start-up pass, which builds an observation of every resource (they live on in the cache, and form no cycles)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    """Run `step`, the start-up pass, which builds an observation of every resource (`heap.building`)."""
+    with building():
         await step
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
 
 
 def setpoint_version() -> str:
