@@ -38,7 +38,7 @@ test: venv servers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## The engine against etcd on this machine: ingest, coalescing, latency, throughput, resync, cold start, memory,
-## LLM flapping; a table and JSON (15 to 25 minutes; BENCH_ARGS=--quick: under 2 minutes, e.g.
+## LLM flapping; a table and JSON (about 30 minutes on 2 cores; BENCH_ARGS=--quick: under 2 minutes, e.g.
 ## "--quick --only latency,resync --json out.json").
 bench: venv
 	$(PY) -m pip install --quiet -e '.[dev,bench]'

@@ -1,7 +1,7 @@
 """setpoint's engine against the physical limit (etcd on the same machine), in one run: issue 12's benchmark.
 
     python -m benchmarks.engine [--quick] [--only ingest,coalescing,...] [--workers 4] [--json PATH|-] [--keep]
-    make bench                        # the full run (15 to 25 minutes)
+    make bench                        # the full run (about 30 minutes on 2 cores)
     make bench BENCH_ARGS=--quick     # every scenario at tiny sizes, under 2 minutes
 
 Each scenario starts its own etcd (data on the temporary directory's disk,
