@@ -52,6 +52,7 @@ from typing import Any
 
 import yaml
 
+from benchmarks.rig import LIFTED_POLICIES, PREFIX, TICKS
 from plans import ResourceKey
 from reconciler.embedded import EmbeddedEtcd
 from reconciler.keys import KeySpace
@@ -61,14 +62,6 @@ from tools.proc import cmdline, identity
 SLEEP = os.path.realpath(shutil.which("sleep") or "/usr/bin/sleep")
 # In every argv, so a process left by another run (or anyone's `sleep`) is never taken for, or killed as, ours.
 RUN = f"{os.getpid() % 100000:05d}"
-PREFIX = "/bench"
-TICKS = os.sysconf("SC_CLK_TCK")
-LIFTED = {
-    "limits": {
-        "flap_max_plans": 1_000_000, "max_mutating_steps_per_minute": 1_000_000, "max_unhealthy_fraction": 1.0,
-        "max_unhealthy_min_count": 1_000_000,
-    },
-}  # fmt: skip
 
 
 @dataclass
@@ -224,7 +217,7 @@ def start_setpoint(base: Path, n: int) -> tuple[subprocess.Popen[bytes], Embedde
     etcd = EmbeddedEtcd(base / "etcd" / "data", log_path=base / "etcd" / "etcd.log")
     etcd.start()
     policies = base / "policies.yaml"
-    policies.write_text(yaml.safe_dump(LIFTED))
+    policies.write_text(yaml.safe_dump(LIFTED_POLICIES))
     settings = {
         "etcd": {"endpoints": [etcd.endpoint], "prefix": PREFIX},
         "http": {"listen": f"127.0.0.1:{_free_port()}"},
